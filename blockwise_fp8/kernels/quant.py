@@ -1,0 +1,152 @@
+"""Triton kernels for blockwise quantization and dequantization.
+
+Layout (every tensor here is 2-D, strides passed explicitly, so views need no copy):
+    x, q:   (M, K)                         high precision in / FP8 out
+    scale:  (ceil(M / GROUP_M), ceil(K / BLOCK_K)) float32
+One scale block is GROUP_M x BLOCK_K elements: GROUP_M = 1 for activations (1 x 128),
+GROUP_M = BLOCK_M for weights (128 x 128). A program covers BLOCK_M rows and GROUPS_K scale
+blocks along K, so activation programs move enough bytes to keep the memory system busy.
+
+The launchers validate, allocate, launch, in that order; argument checking of user input
+happens in ``blockwise_fp8.ops`` and is only asserted here.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .rounding import FloatFormat, cast_rtne, output_format_constexprs, round_to_format
+
+SCALE_FLOOR = float(torch.finfo(torch.float32).tiny)
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def quantize_kernel(
+    # pointers
+    x_ptr, q_ptr, scale_ptr,
+    # sizes
+    M, K,
+    # strides
+    stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sk,
+    # meta-parameters
+    FP8_MAX: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+    SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * (GROUPS_K * BLOCK_K) + tl.arange(0, GROUPS_K * BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    x = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS_K, BLOCK_K))
+
+    # NaN must win the amax (tl.max would drop it), so that a NaN block gets a NaN scale.
+    amax = tl.reduce(tl.abs(x), 2, _max_keep_nan)  # (BLOCK_M, GROUPS_K)
+    if GROUP_M > 1:
+        amax = tl.reduce(amax, 0, _max_keep_nan, keep_dims=True)  # (1, GROUPS_K)
+    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+
+    y = tl.math.div_rn(x, scale[:, :, None])
+    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = round_to_format(y, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+    q = tl.reshape(y, (BLOCK_M, GROUPS_K * BLOCK_K)).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=mask)
+
+    kblocks = pid_k * GROUPS_K + tl.arange(0, GROUPS_K)
+    if GROUP_M > 1:
+        srows = pid_m + tl.arange(0, 1)
+        smask = kblocks[None, :] * BLOCK_K < K
+    else:
+        srows = rows
+        smask = (rows[:, None] < M) & (kblocks[None, :] * BLOCK_K < K)
+    tl.store(scale_ptr + srows[:, None] * stride_sm + kblocks[None, :] * stride_sk, scale, mask=smask)
+
+
+@triton.jit
+def dequantize_kernel(
+    # pointers
+    q_ptr, scale_ptr, out_ptr,
+    # sizes
+    M, K,
+    # strides
+    stride_qm, stride_qk, stride_sm, stride_sk, stride_om, stride_ok,
+    # meta-parameters
+    OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+    OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * (GROUPS_K * BLOCK_K) + tl.arange(0, GROUPS_K * BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, mask=mask, other=0.0)
+    s = tl.load(
+        scale_ptr + (rows // GROUP_M)[:, None] * stride_sm + (cols // BLOCK_K)[None, :] * stride_sk,
+        mask=mask,
+        other=0.0,
+    )
+    x = q.to(tl.float32) * s
+    x = cast_rtne(
+        x, out_ptr.dtype.element_ty,
+        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND,
+    )
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, x, mask=mask)
+
+
+def _tiling(M: int, K: int, group_m: int, block_k: int) -> tuple[int, int]:
+    """(BLOCK_M, GROUPS_K): weights take one scale block per program; activations take several
+    rows and up to 4 blocks along K so each program moves ~64 KB of bf16."""
+    if group_m > 1:
+        return group_m, 1
+    groups_k = min(4, triton.next_power_of_2(triton.cdiv(K, block_k)))
+    block_m = max(1, min(32, 64 * 1024 // (2 * block_k * groups_k)))
+    return min(block_m, triton.next_power_of_2(max(M, 1))), groups_k
+
+
+def quantize(x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the 2-D ``x`` in ``group_m x block_k`` blocks. Returns ``(q, scale)``."""
+    assert x.dim() == 2
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=dtype, device=x.device)
+    scale = torch.empty((triton.cdiv(M, group_m), triton.cdiv(K, block_k)), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, scale
+    block_m, groups_k = _tiling(M, K, group_m, block_k)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k * groups_k))
+    quantize_kernel[grid](
+        x, q, scale,
+        M, K,
+        x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
+        FP8_MAX=float(torch.finfo(dtype).max),
+        **FloatFormat(dtype).constexprs(),
+        BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k,
+    )
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize the 2-D ``q`` with per-block ``scale`` into ``dtype``."""
+    assert q.dim() == 2 and scale.dim() == 2
+    M, K = q.shape
+    out = torch.empty((M, K), dtype=dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    # Scales are gathered per element (row // GROUP_M), so any tiling works: use the wide one.
+    block_m, groups_k = _tiling(M, K, 1, block_k)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k * groups_k))
+    dequantize_kernel[grid](
+        q, scale, out,
+        M, K,
+        q.stride(0), q.stride(1), scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
+        **output_format_constexprs(dtype),
+        BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k,
+    )
+    return out

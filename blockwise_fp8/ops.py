@@ -1,0 +1,425 @@
+"""The functional API: input checks, backend choice, and the ``torch.library`` custom ops.
+
+Every public function here validates user input with real exceptions, resolves ``backend`` to
+a concrete implementation, and calls a custom op (``torch.ops.blockwise_fp8.*``). The custom ops
+have fake implementations, so ``torch.compile`` traces through them without graph breaks and
+treats the kernels as opaque.
+
+Backends:
+    "auto"       Triton on CUDA tensors, the reference on CPU tensors.
+    "triton"     our Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    "reference"  ``blockwise_fp8.reference`` (pure torch; float64 GEMM), any device.
+An explicit backend that cannot run raises :class:`BackendUnavailableError`; nothing falls
+back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "BackendUnavailableError",
+    "BACKENDS",
+    "FP8_DTYPES",
+    "OUTPUT_DTYPES",
+    "SUPPORTED_BLOCK_SIZES",
+    "GEMM_BLOCK_SIZE",
+    "quantize_activation",
+    "quantize_weight",
+    "dequantize",
+    "gemm",
+    "linear",
+    "resolve_backend",
+]
+
+FP8_DTYPES = reference.FP8_DTYPES
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_BLOCK_SIZES = (32, 64, 128)  # powers of two: Triton tiles must be
+GEMM_BLOCK_SIZE = 128  # the GEMM's K loop steps exactly one scale block
+BACKENDS = ("auto", "triton", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run for these inputs on this machine."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d) for d in dtypes)
+
+
+def _check_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_input_dtype(x: torch.Tensor, name: str) -> None:
+    _check_tensor(x, name)
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name} must be one of {_names(INPUT_DTYPES)}, got {x.dtype}")
+
+
+def _check_fp8_dtype(dtype, name: str = "dtype") -> None:
+    if dtype not in FP8_DTYPES:
+        raise ValueError(f"{name} must be one of the supported FP8 dtypes {_names(FP8_DTYPES)}, got {dtype}")
+
+
+def _check_fp8_tensor(q: torch.Tensor, name: str) -> None:
+    _check_tensor(q, name)
+    if q.dtype not in FP8_DTYPES:
+        if q.dtype.is_floating_point and q.dtype.itemsize == 1:
+            raise ValueError(f"{name} has unsupported FP8 dtype {q.dtype}; supported: {_names(FP8_DTYPES)}")
+        raise TypeError(f"{name} must be an FP8 tensor ({_names(FP8_DTYPES)}), got {q.dtype}")
+
+
+def _check_scale(scale: torch.Tensor, expected: tuple, name: str, of: str, of_shape) -> None:
+    _check_tensor(scale, name)
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {scale.dtype}")
+    if tuple(scale.shape) != tuple(expected):
+        raise ValueError(
+            f"{name} has shape {tuple(scale.shape)}, but {of} of shape {tuple(of_shape)} needs "
+            f"{tuple(expected)}"
+        )
+
+
+def _check_block_size(block_size, name: str = "block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    return block_size
+
+
+def _check_out_dtype(dtype, name: str = "out_dtype") -> None:
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"{name} must be one of {_names(OUTPUT_DTYPES)}, got {dtype}")
+
+
+def _check_same_device(**tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    return first
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` into "triton" or "reference" for tensors on ``device``, or raise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"
+        if not _triton_importable():
+            raise BackendUnavailableError(
+                "backend='auto' on CUDA uses Triton, which is not installed; install triton or pass "
+                "backend='reference'"
+            )
+        return "triton"
+    if backend == "triton":
+        if not _triton_importable():
+            raise BackendUnavailableError("backend='triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not _interpreting():
+            raise BackendUnavailableError(
+                f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
+                "before importing triton to run the kernels on CPU (slowly), or use backend='reference'"
+            )
+    return backend
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("blockwise_fp8::quantize", mutates_args=())
+def _quantize_op(
+    x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "reference":
+        return reference.quantize(x, (group_m, block_k), dtype)
+    from .kernels import quant
+
+    with _on_device(x):
+        return quant.quantize(x, group_m, block_k, dtype)
+
+
+@_quantize_op.register_fake
+def _(x, group_m, block_k, dtype, backend):
+    M, K = x.shape
+    q = x.new_empty((M, K), dtype=dtype)
+    return q, x.new_empty((_cdiv(M, group_m), _cdiv(K, block_k)), dtype=torch.float32)
+
+
+@torch.library.custom_op("blockwise_fp8::dequantize", mutates_args=())
+def _dequantize_op(
+    q: torch.Tensor, scale: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, backend: str
+) -> torch.Tensor:
+    if backend == "reference":
+        return reference.dequantize(q, scale, (group_m, block_k), dtype)
+    from .kernels import quant
+
+    with _on_device(q):
+        return quant.dequantize(q, scale, group_m, block_k, dtype)
+
+
+@_dequantize_op.register_fake
+def _(q, scale, group_m, block_k, dtype, backend):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.custom_op("blockwise_fp8::gemm", mutates_args=())
+def _gemm_op(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "reference":
+        return reference.gemm(a_q, a_scale, w_q, w_scale, block_size=GEMM_BLOCK_SIZE, out_dtype=out_dtype, bias=bias)
+    from .kernels import gemm as gemm_kernels
+
+    with _on_device(a_q):
+        return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+
+
+@_gemm_op.register_fake
+def _(a_q, a_scale, w_q, w_scale, bias, out_dtype, backend):
+    return a_q.new_empty((a_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("blockwise_fp8::linear", mutates_args=())
+def _linear_op(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    # One op for quantize + GEMM, so that a compiled graph holds one node per linear and the
+    # kernels are free to fuse the activation quantization into the GEMM.
+    if backend == "reference":
+        return reference.linear(
+            x, w_q, w_scale, bias, activation_dtype=activation_dtype, block_size=GEMM_BLOCK_SIZE, out_dtype=out_dtype
+        )
+    from .kernels import gemm as gemm_kernels
+    from .kernels import quant
+
+    with _on_device(x):
+        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype)
+        return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+
+
+@_linear_op.register_fake
+def _(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend):
+    return x.new_empty((x.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    block_size: int = GEMM_BLOCK_SIZE,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (any leading shape, last dim K) in 1 x ``block_size`` blocks.
+
+    Returns ``(q, scale)``: ``q`` has x's shape in ``dtype``; ``scale`` is float32 of shape
+    ``(*x.shape[:-1], ceil(K / block_size))`` with ``x ~= q.float() * scale`` per block.
+    """
+    _check_input_dtype(x, "x")
+    _check_fp8_dtype(dtype)
+    block_size = _check_block_size(block_size)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    backend = resolve_backend(backend, x.device)
+    K = x.shape[-1]
+    q, scale = _quantize_op(x.reshape(-1, K), 1, block_size, dtype, backend)
+    return q.view(x.shape), scale.view(*x.shape[:-1], scale.shape[-1])
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    block_size: int = GEMM_BLOCK_SIZE,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the 2-D weight ``w`` (N, K) in ``block_size`` x ``block_size`` blocks.
+
+    Returns ``(q, scale)`` with ``scale`` float32 of shape ``(ceil(N/b), ceil(K/b))``.
+    Raises ValueError if ``w`` holds NaN or Inf: a non-finite weight would poison whole blocks.
+    """
+    _check_input_dtype(w, "w")
+    _check_fp8_dtype(dtype)
+    block_size = _check_block_size(block_size)
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (N, K), got shape {tuple(w.shape)}")
+    backend = resolve_backend(backend, w.device)
+    q, scale = _quantize_op(w, block_size, block_size, dtype, backend)
+    # A block holding NaN/Inf has a non-finite scale: checking the (small) scale is enough.
+    bad = ~torch.isfinite(scale)
+    if bool(bad.any()):
+        rows, cols = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"w has NaN or Inf values (first in the block at rows {rows * block_size}.., columns "
+            f"{cols * block_size}..); non-finite weights cannot be quantized"
+        )
+    return q, scale
+
+
+def _normalize_block(block_size) -> tuple[int, int]:
+    if not (isinstance(block_size, (tuple, list)) and len(block_size) == 2):
+        raise TypeError(f"block_size must be a pair (rows, cols) such as (1, 128) or (128, 128), got {block_size!r}")
+    rows, cols = block_size
+    if isinstance(rows, bool) or not isinstance(rows, int) or (rows != 1 and rows not in SUPPORTED_BLOCK_SIZES):
+        raise ValueError(f"block_size rows must be 1 or one of {SUPPORTED_BLOCK_SIZES}, got {rows!r}")
+    return rows, _check_block_size(cols, "block_size cols")
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block_size,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``q.float() * scale`` per block, rounded once to ``dtype``.
+
+    ``block_size`` is ``(rows, cols)`` over the last two dims: ``(1, 128)`` for activations
+    (``q`` of any leading shape), ``(128, 128)`` for weights (``q`` 2-D).
+    """
+    _check_fp8_tensor(q, "q")
+    rows, cols = _normalize_block(block_size)
+    _check_out_dtype(dtype, "dtype")
+    if rows == 1:
+        if q.dim() == 0:
+            raise ValueError("q must have at least one dimension, got a 0-d tensor")
+        expected = (*q.shape[:-1], _cdiv(q.shape[-1], cols))
+    else:
+        if q.dim() != 2:
+            raise ValueError(f"with block_size {(rows, cols)} q must be 2-D, got shape {tuple(q.shape)}")
+        expected = (_cdiv(q.shape[0], rows), _cdiv(q.shape[1], cols))
+    _check_scale(scale, expected, "scale", "q", q.shape)
+    _check_same_device(q=q, scale=scale)
+    backend = resolve_backend(backend, q.device)
+    K = q.shape[-1]
+    q2 = q.reshape(-1, K)
+    s2 = scale.reshape(-1, expected[-1])
+    return _dequantize_op(q2, s2, rows, cols, dtype, backend).view(q.shape)
+
+
+def gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``dequantize(a) @ dequantize(w).T + bias`` with 1 x 128 activation and 128 x 128 weight
+    scales, accumulated in float32 and written as ``out_dtype``. Shape ``(*a_q.shape[:-1], N)``.
+    """
+    _check_fp8_tensor(a_q, "a_q")
+    _check_out_dtype(out_dtype)
+    if a_q.dim() == 0:
+        raise ValueError("a_q must have at least one dimension, got a 0-d tensor")
+    K = a_q.shape[-1]
+    N = _check_weight_operand(w_q, w_scale, K, f"a_q of shape {tuple(a_q.shape)}", bias)
+    _check_scale(a_scale, (*a_q.shape[:-1], _cdiv(K, GEMM_BLOCK_SIZE)), "a_scale", "a_q", a_q.shape)
+    device = _check_same_device(a_q=a_q, a_scale=a_scale, w_q=w_q, w_scale=w_scale, bias=bias)
+    backend = resolve_backend(backend, device)
+    a2 = a_q.reshape(-1, K)
+    s2 = a_scale.reshape(-1, a_scale.shape[-1])
+    out = _gemm_op(a2, s2, w_q, w_scale, bias, out_dtype, backend)
+    return out.view(*a_q.shape[:-1], N)
+
+
+def _check_weight_operand(w_q: torch.Tensor, w_scale: torch.Tensor, K: int, k_of: str, bias) -> int:
+    """Checks shared by :func:`gemm` and :func:`linear`; returns N."""
+    _check_fp8_tensor(w_q, "w_q")
+    if w_q.dim() != 2:
+        raise ValueError(f"w_q must be 2-D (N, K), got shape {tuple(w_q.shape)}")
+    N = w_q.shape[0]
+    if w_q.shape[1] != K:
+        raise ValueError(f"{k_of} and w_q disagree on K: w_q has shape {tuple(w_q.shape)}")
+    b = GEMM_BLOCK_SIZE
+    _check_scale(w_scale, (_cdiv(N, b), _cdiv(K, b)), "w_scale", "w_q", w_q.shape)
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(
+                f"bias must have shape ({N},) to match w_q of shape {tuple(w_q.shape)}, got {tuple(bias.shape)}"
+            )
+    return N
+
+
+def linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation_dtype: torch.dtype = torch.float8_e4m3fn,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.linear`` with a pre-quantized weight: ``x`` (any leading shape, high precision) is
+    quantized in 1 x 128 blocks to ``activation_dtype`` and multiplied by the blockwise weight.
+    ``out_dtype`` defaults to ``x.dtype``.
+    """
+    _check_input_dtype(x, "x")
+    _check_fp8_dtype(activation_dtype, "activation_dtype")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _check_out_dtype(out_dtype)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    K = x.shape[-1]
+    N = _check_weight_operand(w_q, w_scale, K, f"x of shape {tuple(x.shape)}", bias)
+    device = _check_same_device(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
+    backend = resolve_backend(backend, device)
+    out = _linear_op(x.reshape(-1, K), w_q, w_scale, bias, activation_dtype, out_dtype, backend)
+    return out.view(*x.shape[:-1], N)

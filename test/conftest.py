@@ -1,0 +1,33 @@
+"""Test setup shared by the whole suite.
+
+Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors. The
+interpreter is chosen when triton is imported, so the variable is set here, first.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "dev": random examples each run; "ci": derandomized, so a CI failure reproduces exactly.
+settings.register_profile(
+    "dev", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", deadline=None, max_examples=30, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# Where the Triton kernels run in this session: CUDA when present, else the interpreter on CPU.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    return KERNEL_DEVICE
