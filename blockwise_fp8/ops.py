@@ -6,8 +6,12 @@ have fake implementations, so ``torch.compile`` traces through them without grap
 treats the kernels as opaque.
 
 Backends:
-    "auto"       Triton on CUDA tensors, the reference on CPU tensors.
+    "auto"       the reference on CPU tensors. On CUDA: Triton for (de)quantization; for gemm and
+                 linear, per call, the fastest supporting path of the table in
+                 :func:`choose_gemm_backend` (our Triton kernels or cuBLAS).
     "triton"     our Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    "cublas"     gemm/linear only: ``torch.nn.functional.scaled_mm`` with BlockWise1x128 /
+                 BlockWise128x128 scales (cuBLAS >= 12.9, sm_90, e4m3 only, M >= 2).
     "reference"  ``blockwise_fp8.reference`` (pure torch; float64 GEMM), any device.
 An explicit backend that cannot run raises :class:`BackendUnavailableError`; nothing falls
 back silently.
@@ -38,6 +42,9 @@ __all__ = [
     "gemm",
     "linear",
     "resolve_backend",
+    "choose_gemm_backend",
+    "cublas_supports",
+    "cublas_blockwise_available",
 ]
 
 FP8_DTYPES = reference.FP8_DTYPES
@@ -45,7 +52,7 @@ INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_BLOCK_SIZES = (32, 64, 128)  # powers of two: Triton tiles must be
 GEMM_BLOCK_SIZE = 128  # the GEMM's K loop steps exactly one scale block
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cublas", "reference")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -131,10 +138,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``backend`` into "triton" or "reference" for tensors on ``device``, or raise."""
+def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize") -> str:
+    """Check ``backend`` for tensors on ``device`` and an ``op`` ("quantize", "dequantize", "gemm"
+    or "linear"); return what the custom op receives, or raise.
+
+    "auto" on CPU is "reference". "auto" on CUDA is "triton" for (de)quantization and stays
+    "auto" for gemm/linear: those pick per call, by shape, in :func:`choose_gemm_backend`.
+    "cublas" serves only gemm/linear, and only where :func:`cublas_blockwise_available`.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    gemm_like = op in ("gemm", "linear")
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
@@ -143,7 +157,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "backend='auto' on CUDA uses Triton, which is not installed; install triton or pass "
                 "backend='reference'"
             )
-        return "triton"
+        return "auto" if gemm_like else "triton"
+    if backend == "cublas":
+        if not gemm_like:
+            raise BackendUnavailableError(f"backend='cublas' serves gemm and linear only, not {op}")
+        if device.type != "cuda" or not cublas_blockwise_available(device):
+            raise BackendUnavailableError(
+                "backend='cublas' needs torch's blockwise torch._scaled_mm (torch.nn.functional.scaled_mm "
+                f"with ScalingType.BlockWise1x128/BlockWise128x128, cuBLAS >= 12.9) on a Hopper (sm_90) GPU; "
+                f"got tensors on {device}"
+            )
     if backend == "triton":
         if not _triton_importable():
             raise BackendUnavailableError("backend='triton' needs the triton package, which is not installed")
@@ -153,6 +176,97 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "before importing triton to run the kernels on CPU (slowly), or use backend='reference'"
             )
     return backend
+
+
+# The per-call choice for gemm/linear under backend="auto" on CUDA.
+#
+# cuBLAS's blockwise kernel (torch._scaled_mm with 1x128 / 128x128 float32 scales) exists only on
+# sm_90 with cuBLAS >= 12.9, takes only e4m3 operands, needs 16-byte aligned leading dimensions
+# and refuses M = 1. Where it runs, whether it is faster than our Triton kernels depends on M:
+# the skinny (weight-streaming) Triton kernel wins the decode range, the persistent TMA kernel and
+# cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
+# (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
+CUBLAS_MIN_M = 128  # auto uses cuBLAS for M >= this where cuBLAS supports the call
+CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
+FUSED_QUANT_MAX_M = 16  # linear: quantize inside the skinny GEMM for M <= this
+
+
+def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Shape/dtype rules of cuBLAS's blockwise FP8 GEMM (pure logic, no device query)."""
+    return (
+        a_dtype == torch.float8_e4m3fn
+        and w_dtype == torch.float8_e4m3fn
+        and out_dtype in CUBLAS_OUT_DTYPES
+        and M >= 2
+        and K % 128 == 0
+        and N % 16 == 0
+    )
+
+
+def choose_gemm_backend(
+    M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, *, cublas_available: bool
+) -> str:
+    """The "auto" table: "cublas" where cuBLAS runs the call and was measured faster, else "triton"."""
+    if cublas_available and M >= CUBLAS_MIN_M and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype):
+        return "cublas"
+    return "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_blockwise_available(device_index: int) -> bool:
+    F = torch.nn.functional
+    if not (torch.cuda.is_available() and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
+        return False
+    if not hasattr(F.ScalingType, "BlockWise1x128") or torch.version.cuda is None:
+        return False
+    major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
+    return torch.cuda.get_device_capability(device_index) == (9, 0) and (major, minor) >= (12, 9)
+
+
+def cublas_blockwise_available(device: torch.device) -> bool:
+    """Whether this torch build and GPU offer the blockwise cuBLAS GEMM."""
+    return device.type == "cuda" and _cublas_blockwise_available(device.index or 0)
+
+
+def _m_major(a_scale: torch.Tensor) -> torch.Tensor:
+    """cuBLAS wants the activation scales with strides (1, M)."""
+    M = a_scale.shape[0]
+    if a_scale.stride(0) == 1 and (a_scale.stride(1) == M or a_scale.shape[1] == 1):
+        return a_scale
+    return a_scale.t().contiguous().t()
+
+
+def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
+    F = torch.nn.functional
+    M, K = a_q.shape
+    N = w_q.shape[0]
+    if not cublas_supports(M, N, K, a_q.dtype, w_q.dtype, out_dtype):
+        raise BackendUnavailableError(
+            f"backend='cublas' cannot run M={M}, N={N}, K={K}, {a_q.dtype} x {w_q.dtype} -> {out_dtype}: "
+            f"cuBLAS blockwise needs e4m3 operands, M >= 2, K % 128 == 0, N % 16 == 0 and out_dtype in "
+            f"{_names(CUBLAS_OUT_DTYPES)}"
+        )
+    kb = _cdiv(K, 128)
+    kb4 = _cdiv(kb, 4) * 4
+    # weight scales as (round_up(Kb, 4), Nb) with strides (1, round_up(Kb, 4))
+    ws = w_scale.new_zeros((w_scale.shape[0], kb4))
+    ws[:, :kb] = w_scale
+    out = F.scaled_mm(
+        a_q, w_q.t(), _m_major(a_scale), F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
+        output_dtype=out_dtype,
+    )
+    if bias is not None:
+        out += bias.to(out_dtype)
+    return out
+
+
+def _gemm_backend_for_call(backend: str, a_q, w_q, out_dtype) -> str:
+    if backend != "auto":
+        return backend
+    M, K = a_q.shape
+    return choose_gemm_backend(
+        M, w_q.shape[0], K, a_q.dtype, w_q.dtype, out_dtype, cublas_available=cublas_blockwise_available(a_q.device)
+    )
 
 
 def _on_device(t: torch.Tensor):
@@ -213,6 +327,8 @@ def _gemm_op(
     from .kernels import gemm as gemm_kernels
 
     with _on_device(a_q):
+        if _gemm_backend_for_call(backend, a_q, w_q, out_dtype) == "cublas":
+            return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
@@ -240,8 +356,15 @@ def _linear_op(
     from .kernels import gemm as gemm_kernels
     from .kernels import quant
 
+    M = x.shape[0]
     with _on_device(x):
-        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype)
+        if backend == "auto" and M <= FUSED_QUANT_MAX_M and activation_dtype == w_q.dtype:
+            # decode: quantize inside the skinny GEMM, one launch (bit-identical to the two-step path)
+            return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
+        # scales written M-major (strides (1, M)): what cuBLAS wants and what our kernels read best
+        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=True)
+        if _gemm_backend_for_call(backend, a_q, w_q, out_dtype) == "cublas":
+            return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
@@ -369,7 +492,7 @@ def gemm(
     N = _check_weight_operand(w_q, w_scale, K, f"a_q of shape {tuple(a_q.shape)}", bias)
     _check_scale(a_scale, (*a_q.shape[:-1], _cdiv(K, GEMM_BLOCK_SIZE)), "a_scale", "a_q", a_q.shape)
     device = _check_same_device(a_q=a_q, a_scale=a_scale, w_q=w_q, w_scale=w_scale, bias=bias)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, op="gemm")
     a2 = a_q.reshape(-1, K)
     s2 = a_scale.reshape(-1, a_scale.shape[-1])
     out = _gemm_op(a2, s2, w_q, w_scale, bias, out_dtype, backend)
@@ -420,6 +543,6 @@ def linear(
     K = x.shape[-1]
     N = _check_weight_operand(w_q, w_scale, K, f"x of shape {tuple(x.shape)}", bias)
     device = _check_same_device(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, op="linear")
     out = _linear_op(x.reshape(-1, K), w_q, w_scale, bias, activation_dtype, out_dtype, backend)
     return out.view(*x.shape[:-1], N)

@@ -2,50 +2,103 @@
 
 Layout (NT, like ``nn.Linear``):
     a:        (M, K)  fp8, activation, one scale per row per 128 columns
-    a_scale:  (M, ceil(K / 128)) float32
+    a_scale:  (M, ceil(K / 128)) float32 (any strides: row-major or "M-major" (1, M))
     w:        (N, K)  fp8, weight, one scale per 128 x 128 block
     w_scale:  (ceil(N / 128), ceil(K / 128)) float32
     bias:     (N,) any float dtype, optional
     out:      (M, N)  bf16 / fp16 / fp32
-The K loop steps one scale block (BLOCK_K = 128) at a time: each partial product of the tensor
-cores is promoted to the float32 accumulator with both scales applied, as DeepSeek-V3 does.
+Every path steps K one scale block (128) at a time: each partial product of the tensor cores is
+promoted to the float32 accumulator with both scales applied, as DeepSeek-V3 does.
+
+Three kernels, chosen by :func:`plan` from the shape:
+
+``skinny`` (M <= SKINNY_MAX_M, decode and small batches)
+    Swapped operands: each program computes a (BLOCK_N x BLOCK_M) tile of out.T = w @ a.T, so
+    the large N dimension fills the MMA's M side (64 rows per warpgroup) and the few tokens sit
+    on its N side (>= 16). The kernel is bound by streaming w once; split-K over a second grid
+    axis adds programs when N alone does not fill the card, and a small deterministic reduction
+    kernel (``_splitk_reduce_kernel``) sums the float32 partials and runs the epilogue. With
+    ``FUSE_QUANT`` the program reads the high-precision activation and quantizes its 1x128 blocks
+    in registers with exactly the arithmetic of ``quant.quantize_kernel`` (same helper), so the
+    decode path is one launch.
+``tma`` (large M, CUDA with tensor descriptors, K % 16 == 0)
+    Persistent grid (one program per SM), grouped tile order so GROUP_M row-tiles share each
+    weight tile in L2, operands fetched by the Hopper bulk-tensor copy engine through host-side
+    tensor descriptors (zero-filled out of bounds, which handles ragged K and N), a flattened
+    tile/K loop so the next tile's loads overlap this tile's epilogue.
+``tiled`` (everything else, and the Triton interpreter)
+    The same math with plain pointer loads and a one-program-per-tile grid.
+
+Bias and the output cast are fused in every epilogue. Rounding to bf16 goes through
+``rounding.cast_rtne`` so results agree between the GPU and the interpreter.
 """
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .rounding import cast_rtne, output_format_constexprs
+from .quant import quantize_rows
+from .rounding import FloatFormat, cast_rtne, output_format_constexprs
 
 SCALE_BLOCK = 128
+SKINNY_MAX_M = 64  # largest M served by the swapped-operand kernel (see plan())
+
+try:  # host-side tensor descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+
+# --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def gemm_1x128_128x128_kernel(
-    # pointers
+def _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on,
+                    HAS_BIAS: tl.constexpr,
+                    OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+                    OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr):
+    """acc is (len(rm), len(rn)) float32: add bias, round to out's dtype, store masked."""
+    m_ok = rm < M
+    n_ok = rn < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = cast_rtne(
+        acc, out_ptr.dtype.element_ty,
+        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND,
+    )
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile index -> (pid_m, pid_n) in grouped order: GROUP_M row-tiles walk the columns together."""
+    tiles_per_group = GROUP_M * num_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_per_group) % group_rows
+    pid_n = (tile % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def gemm_tiled_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
-    # sizes
     M, N, K,
-    # strides
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_wn, stride_wk, stride_wsn, stride_wsk,
     stride_om, stride_on,
-    # meta-parameters
     HAS_BIAS: tl.constexpr,
     OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
     OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
-
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -67,19 +120,204 @@ def gemm_1x128_128x128_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = cast_rtne(
-        acc, out_ptr.dtype.element_ty,
-        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND,
-    )
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out, mask=m_ok[:, None] & n_ok[None, :])
+    _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
+                    OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
 
 
-def _config(M: int, N: int) -> dict:
-    """A simple shape heuristic; tuned configs arrive with the performance work."""
-    block_m = 64 if M <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=SCALE_BLOCK, GROUP_M=8, num_warps=8 if block_m == 128 else 4, num_stages=3)
+@triton.jit
+def gemm_tma_kernel(
+    a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_asm, stride_ask, stride_wsn, stride_wsk,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+    OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+    OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """Persistent blockwise GEMM over tensor descriptors (BLOCK_N <= 128: one weight scale per
+    tile and K block, so the promotion is a row vector times a scalar)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_m * num_n
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rm = off_m + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        a_s_ptrs = a_scale_ptr + rm * stride_asm
+        w_s_ptr = w_scale_ptr + (off_n // BLOCK_K) * stride_wsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(k_blocks):
+            a = a_desc.load([off_m, kb * BLOCK_K])
+            w = w_desc.load([off_n, kb * BLOCK_K])
+            a_s = tl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+            w_s = tl.load(w_s_ptr + kb * stride_wsk)
+            acc += tl.dot(a, w.T) * (a_s * w_s)[:, None]
+        rn = off_n + tl.arange(0, BLOCK_N)
+        _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
+                        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+
+
+@triton.jit
+def gemm_skinny_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+    M, N, K, KB_PER_SPLIT,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_wn, stride_wk, stride_wsn, stride_wsk,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+    OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+    OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
+    FUSE_QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+    SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
+    the high-precision activation and a_scale_ptr is unused."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    m_ok = rm < M
+    kb_start = pid_k * KB_PER_SPLIT
+    kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb_start * BLOCK_K + rk)[None, :] * stride_wk
+    a_ptrs = a_ptr + rm[:, None] * stride_am + (kb_start * BLOCK_K + rk)[None, :] * stride_ak
+    w_s_ptrs = w_scale_ptr + (rn // BLOCK_K) * stride_wsn
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        k_ok = rk < K - kb * BLOCK_K
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w_s = tl.load(w_s_ptrs + kb * stride_wsk, mask=n_ok, other=0.0)
+        if FUSE_QUANT:
+            x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            y, a_s = quantize_rows(x, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+            a = y.to(w_ptr.dtype.element_ty)
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            a_s = tl.load(a_scale_ptr + rm * stride_asm + kb * stride_ask, mask=m_ok, other=0.0)
+        acc += tl.dot(w, tl.trans(a)) * (w_s[:, None] * a_s[None, :])
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+
+    acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
+    if SPLIT_K == 1:
+        _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
+                        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+    else:
+        # partial: (SPLIT_K, M, N) float32, contiguous
+        p_ptrs = partial_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(p_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    partial_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+    OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+    OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sum the split-K partials in a fixed order (deterministic), then the usual epilogue."""
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    ptrs = partial_ptr + rm[:, None] * N + rn[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
+    _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
+                    OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which kernel runs a shape, and its meta-parameters. ``kind`` is "skinny", "tma" or "tiled"."""
+
+    kind: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    group_m: int = 8
+    flatten: bool = False
+    warp_specialize: bool = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device_index: int) -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def tma_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Tensor descriptors need a CUDA Hopper+ device, 16-byte aligned row strides and bases."""
+    if TensorDescriptor is None or _interpreting() or a.device.type != "cuda":
+        return False
+    if not _hopper_or_newer(a.device.index or 0):
+        return False
+    for t in (a, w):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
+    """Enough programs to cover the SMs about twice, each keeping >= 8 K blocks of work."""
+    split = 1
+    while n_tiles * split < 2 * num_sms and k_blocks // (split * 2) >= 8:
+        split *= 2
+    return split
+
+
+def plan(M: int, N: int, K: int, *, tma: bool, num_sms: int = 132) -> Plan:
+    """The shape heuristic: a small, fixed set of configs (no autotuning, so a new shape costs one
+    compile of at most a few configs, not a sweep)."""
+    k_blocks = triton.cdiv(K, SCALE_BLOCK)
+    if M <= SKINNY_MAX_M:
+        block_m = max(16, triton.next_power_of_2(M))
+        block_n = 64
+        split = _skinny_split_k(triton.cdiv(N, block_n), k_blocks, num_sms)
+        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=4 if block_m <= 32 else 3, split_k=split)
+    if tma:
+        if M <= 256:
+            return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True)
+        return Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=True)
+    block_m = 64 if M <= 128 else 128
+    return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _set_tma_allocator() -> None:
+    # Device-side descriptors need scratch memory; host-side ones do not, but Triton asks for an
+    # allocator on some versions whenever descriptors are present. A torch allocation is cheap.
+    if hasattr(triton, "set_allocator"):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def gemm(
@@ -89,9 +327,30 @@ def gemm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    *,
+    plan_override: Plan | None = None,
 ) -> torch.Tensor:
-    """Blockwise GEMM on 2-D operands (shapes checked by ``blockwise_fp8.ops``)."""
+    """Blockwise GEMM on 2-D fp8 operands (shapes checked by ``blockwise_fp8.ops``)."""
     assert a.dim() == 2 and w.dim() == 2 and a.shape[1] == w.shape[1]
+    return _run(a, a_scale, w, w_scale, bias, out_dtype, fuse_quant=False, plan_override=plan_override)
+
+
+def linear_fused(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    *,
+    plan_override: Plan | None = None,
+) -> torch.Tensor:
+    """Quantize ``x`` (M <= SKINNY_MAX_M, high precision) in 1x128 blocks to ``w``'s FP8 dtype
+    inside the skinny GEMM. Bit-identical to quantize-then-gemm with the same plan."""
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1]
+    return _run(x, None, w, w_scale, bias, out_dtype, fuse_quant=True, plan_override=plan_override)
+
+
+def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     M, K = a.shape
     N = w.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
@@ -99,16 +358,64 @@ def gemm(
         return out
     if K == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
-    cfg = _config(M, N)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    gemm_1x128_128x128_kernel[grid](
-        a, a_scale, w, w_scale, bias if bias is not None else a_scale, out,
+    dev = (a.device.index or 0) if a.device.type == "cuda" else 0
+    num_sms = _num_sms(dev)
+    p = plan_override or plan(M, N, K, tma=tma_usable(a, w), num_sms=num_sms)
+    if fuse_quant and p.kind != "skinny":
+        raise ValueError(f"the fused activation quantization runs only in the skinny kernel, not {p.kind!r}")
+    common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
+    bias_arg = bias if bias is not None else w_scale
+    if p.kind == "skinny":
+        k_blocks = triton.cdiv(K, SCALE_BLOCK)
+        split = max(1, min(p.split_k, k_blocks))
+        kb_per = triton.cdiv(k_blocks, split)
+        split = triton.cdiv(k_blocks, kb_per)  # no empty splits
+        n_tiles = triton.cdiv(N, p.block_n)
+        partial = torch.empty((split, M, N), dtype=torch.float32, device=a.device) if split > 1 else out
+        s_arg = a_scale if a_scale is not None else w_scale
+        fmt = FloatFormat(w.dtype).constexprs()
+        gemm_skinny_kernel[(n_tiles, split)](
+            a, s_arg, w, w_scale, bias_arg, out, partial,
+            M, N, K, kb_per,
+            a.stride(0), a.stride(1),
+            s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
+            w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+            out.stride(0), out.stride(1),
+            FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
+            SPLIT_K=split, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
+            num_warps=p.num_warps, num_stages=p.num_stages, **common,
+        )
+        if split > 1:
+            bm = min(16, p.block_m)
+            _splitk_reduce_kernel[(triton.cdiv(N, 256), triton.cdiv(M, bm))](
+                partial, bias_arg, out, M, N, out.stride(0), out.stride(1),
+                SPLIT_K=split, BLOCK_M=bm, BLOCK_N=256, num_warps=4, **common,
+            )
+        return out
+    if p.kind == "tma":
+        _set_tma_allocator()
+        a_desc = TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK])
+        w_desc = TensorDescriptor.from_tensor(w, [p.block_n, SCALE_BLOCK])
+        num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n)
+        programs = min(num_sms, num_tiles)
+        gemm_tma_kernel[(programs,)](
+            a_desc, a_scale, w_desc, w_scale, bias_arg, out,
+            M, N, K,
+            a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=p.group_m,
+            NUM_PROGRAMS=programs, FLATTEN=p.flatten, WARP_SPECIALIZE=p.warp_specialize,
+            num_warps=p.num_warps, num_stages=p.num_stages, **common,
+        )
+        return out
+    grid = (triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n),)
+    gemm_tiled_kernel[grid](
+        a, a_scale, w, w_scale, bias_arg, out,
         M, N, K,
         a.stride(0), a.stride(1), a_scale.stride(0), a_scale.stride(1),
         w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None,
-        **output_format_constexprs(out_dtype),
-        **cfg,
+        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=p.group_m,
+        num_warps=p.num_warps, num_stages=p.num_stages, **common,
     )
     return out

@@ -26,6 +26,24 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
+def quantize_rows(
+    x,
+    FP8_MAX: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+    SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+):
+    """Quantize each row of the float32 tile ``x`` (R, BLOCK_K) as one 1 x BLOCK_K block: returns
+    (the FP8 values, still as exactly representable float32; the (R,) scales). The same operations
+    in the same order as ``quantize_kernel``, so the GEMM's fused quantization is bit-identical."""
+    amax = tl.reduce(tl.abs(x), 1, _max_keep_nan)
+    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.math.div_rn(x, scale[:, None])
+    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = round_to_format(y, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+    return y, scale
+
+
+@triton.jit
 def quantize_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr,
@@ -101,25 +119,39 @@ def dequantize_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, x, mask=mask)
 
 
-def _tiling(M: int, K: int, group_m: int, block_k: int) -> tuple[int, int]:
-    """(BLOCK_M, GROUPS_K): weights take one scale block per program; activations take several
-    rows and up to 4 blocks along K so each program moves ~64 KB of bf16."""
+# Activation tiling (BLOCK_M rows x GROUPS_K blocks of 128, num_warps); tuned on an H100
+# (benchmarks/NOTES.md). Overridable for tuning through ``quantize(..., tiling=...)``.
+ACT_TILING = (32, 4, 8)
+
+
+def _tiling(M: int, K: int, group_m: int, block_k: int, tiling=None) -> tuple[int, int, int]:
+    """(BLOCK_M, GROUPS_K, num_warps): weights take one scale block per program; activations take
+    several rows and up to GROUPS_K blocks along K."""
     if group_m > 1:
-        return group_m, 1
-    groups_k = min(4, triton.next_power_of_2(triton.cdiv(K, block_k)))
-    block_m = max(1, min(32, 64 * 1024 // (2 * block_k * groups_k)))
-    return min(block_m, triton.next_power_of_2(max(M, 1))), groups_k
+        return group_m, 1, 4
+    block_m, groups_k, warps = tiling or ACT_TILING
+    groups_k = min(groups_k, triton.next_power_of_2(triton.cdiv(K, block_k)))
+    return min(block_m, triton.next_power_of_2(max(M, 1))), groups_k, warps
 
 
-def quantize(x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize the 2-D ``x`` in ``group_m x block_k`` blocks. Returns ``(q, scale)``."""
+def quantize(
+    x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, *, scale_m_major: bool = False, tiling=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the 2-D ``x`` in ``group_m x block_k`` blocks. Returns ``(q, scale)``.
+
+    ``scale_m_major`` stores the (same-valued) scale with strides (1, rows): the layout cuBLAS's
+    blockwise GEMM requires, and a contiguous vector per K block for our GEMM kernels."""
     assert x.dim() == 2
     M, K = x.shape
     q = torch.empty((M, K), dtype=dtype, device=x.device)
-    scale = torch.empty((triton.cdiv(M, group_m), triton.cdiv(K, block_k)), dtype=torch.float32, device=x.device)
+    s_shape = (triton.cdiv(M, group_m), triton.cdiv(K, block_k))
+    if scale_m_major:
+        scale = torch.empty(s_shape[::-1], dtype=torch.float32, device=x.device).t()
+    else:
+        scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return q, scale
-    block_m, groups_k = _tiling(M, K, group_m, block_k)
+    block_m, groups_k, warps = _tiling(M, K, group_m, block_k, tiling)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k * groups_k))
     quantize_kernel[grid](
         x, q, scale,
@@ -127,7 +159,7 @@ def quantize(x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype) ->
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         FP8_MAX=float(torch.finfo(dtype).max),
         **FloatFormat(dtype).constexprs(),
-        BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k,
+        BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k, num_warps=warps,
     )
     return q, scale
 
@@ -140,7 +172,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_m: int, block_k: int,
     if q.numel() == 0:
         return out
     # Scales are gathered per element (row // GROUP_M), so any tiling works: use the wide one.
-    block_m, groups_k = _tiling(M, K, 1, block_k)
+    block_m, groups_k, warps = _tiling(M, K, 1, block_k, (32, 4, 4))
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k * groups_k))
     dequantize_kernel[grid](
         q, scale, out,

@@ -1,0 +1,84 @@
+"""The backend choice of ops.py, tested by its logic (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blockwise_fp8 as bf
+from blockwise_fp8 import ops
+
+E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+BF16 = torch.bfloat16
+
+
+def test_cublas_in_backends():
+    assert "cublas" in ops.BACKENDS
+
+
+@pytest.mark.parametrize(
+    "M,N,K,a,w,out,ok",
+    [
+        (2, 8192, 8192, E4, E4, BF16, True),
+        (1, 8192, 8192, E4, E4, BF16, False),  # cuBLAS refuses M = 1
+        (128, 8192, 8192, E5, E5, BF16, False),  # e4m3 only
+        (128, 8192, 8192, E4, E5, BF16, False),
+        (128, 8192, 300, E4, E4, BF16, False),  # K % 128
+        (128, 200, 8192, E4, E4, BF16, False),  # N % 16
+        (128, 8192, 8192, E4, E4, torch.float32, torch.float32 in ops.CUBLAS_OUT_DTYPES),
+    ],
+)
+def test_cublas_supports(M, N, K, a, w, out, ok):
+    assert ops.cublas_supports(M, N, K, a, w, out) == ok
+
+
+def test_choice_table():
+    pick = lambda M, a=E4, avail=True, N=8192, K=8192: ops.choose_gemm_backend(M, N, K, a, a, BF16, cublas_available=avail)
+    # decode range: always our skinny kernel
+    assert pick(1) == "triton"
+    assert pick(ops.CUBLAS_MIN_M - 1) == "triton"
+    # large M: cuBLAS where it runs, Triton otherwise
+    assert pick(ops.CUBLAS_MIN_M) == "cublas"
+    assert pick(8192) == "cublas"
+    assert pick(8192, a=E5) == "triton"
+    assert pick(8192, avail=False) == "triton"
+    assert pick(8192, K=300) == "triton"
+
+
+def test_resolve_backend_rules():
+    cpu = torch.device("cpu")
+    assert ops.resolve_backend("auto", cpu) == "reference"
+    assert ops.resolve_backend("auto", cpu, op="gemm") == "reference"
+    with pytest.raises(bf.BackendUnavailableError):
+        ops.resolve_backend("cublas", cpu, op="gemm")
+    with pytest.raises(bf.BackendUnavailableError):
+        ops.resolve_backend("cublas", cpu, op="quantize")
+    with pytest.raises(ValueError):
+        ops.resolve_backend("cutlass", cpu, op="gemm")
+
+
+def test_auto_on_cuda_defers_gemm_choice(monkeypatch):
+    monkeypatch.setattr(ops, "_triton_importable", lambda: True)
+    cuda = torch.device("cuda", 0)
+    assert ops.resolve_backend("auto", cuda, op="gemm") == "auto"
+    assert ops.resolve_backend("auto", cuda, op="linear") == "auto"
+    assert ops.resolve_backend("auto", cuda, op="quantize") == "triton"
+
+
+def test_explicit_cublas_on_cpu_tensors_raises():
+    x = torch.randn(4, 256)
+    aq, s = bf.quantize_activation(x, backend="reference")
+    wq, ws = bf.quantize_weight(torch.randn(256, 256), backend="reference")
+    with pytest.raises(bf.BackendUnavailableError):
+        bf.gemm(aq, s, wq, ws, backend="cublas")
+    with pytest.raises(bf.BackendUnavailableError):
+        bf.linear(x, wq, ws, backend="cublas")
+    with pytest.raises(bf.BackendUnavailableError):
+        bf.quantize_activation(x, backend="cublas")
+
+
+def test_cublas_scale_layout_helper():
+    s = torch.randn(5, 3)
+    m = ops._m_major(s)
+    assert torch.equal(m, s) and m.stride() == (1, 5)
+    assert ops._m_major(m) is m
