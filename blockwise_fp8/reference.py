@@ -8,8 +8,8 @@ Conventions (docs/numerics.md has the full story):
     ``scale = max(amax / finfo(fp8).max, 2**-126)``. The floor keeps all-zero blocks finite
     (they dequantize to exact zeros) and keeps the scale a normal float32.
   - ``q = round_to_nearest_even(clamp(x.float() / scale, -max, max))``: division, clamp, round.
-  - a block holding a NaN gets a NaN scale; an Inf gives an Inf scale. Non-finite values poison
-    only their own block (and, through the GEMM, only their own output row).
+  - a block holding a NaN or an Inf gets a NaN scale, so all of it dequantizes to NaN: a
+    non-finite value poisons only its own block (and, through the GEMM, only its own row).
   - blocks tile the last two dimensions: ``(rows, cols)``; ``(1, 128)`` for activations,
     ``(128, 128)`` for weights. Partial blocks at the edges are fine: their amax is taken over
     the elements that exist.
@@ -64,8 +64,9 @@ def quantize(
     rows, cols = block_size
     fmax = fp8_max(dtype)
     blocks, R, C = _blocked_view(x.float(), rows, cols)
-    amax = blocks.abs().amax(dim=(-3, -1), keepdim=True)  # NaN propagates, as intended
+    amax = blocks.abs().amax(dim=(-3, -1), keepdim=True)  # NaN propagates
     scale = torch.clamp(amax / fmax, min=SCALE_FLOOR)
+    scale = torch.where(torch.isfinite(amax), scale, torch.nan)  # any NaN/Inf: the block is NaN
     y = (blocks / scale).clamp(-fmax, fmax)  # clamp keeps NaN
     q = y.to(dtype).reshape(*x.shape[:-2], blocks.shape[-4] * rows, blocks.shape[-2] * cols)
     q = q[..., :R, :C].contiguous()

@@ -15,14 +15,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import FloatFormat, cast_rtne, output_format_constexprs, round_to_format
+from .rounding import FloatFormat, cast_rtne, output_format_constexprs, round_to_format, widen_to_fp32
 
 SCALE_FLOOR = float(torch.finfo(torch.float32).tiny)
 
 
 @triton.jit
-def _max_keep_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+def block_amax(x, axis: tl.constexpr):
+    """Max of |x| along ``axis``. tl.max drops NaN, so NaN counts as +inf: a block holding any
+    NaN or Inf gets amax = inf, which :func:`scale_from_amax` turns into a NaN scale."""
+    return tl.max(tl.where(x != x, float("inf"), tl.abs(x)), axis=axis)
+
+
+@triton.jit
+def scale_from_amax(amax, FP8_MAX: tl.constexpr):
+    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_FLOOR)
+    return tl.where(amax == float("inf"), float("nan"), scale)
+
+
+@triton.jit
+def scale_to_fp8_grid(
+    x, scale,
+    FP8_MAX: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+    SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+):
+    """x / scale (IEEE), clamped to +-FP8_MAX and rounded: FP8 values held exactly in float32."""
+    y = tl.math.div_rn(x, scale)
+    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return round_to_format(y, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
 
 
 @triton.jit
@@ -33,13 +54,10 @@ def quantize_rows(
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
 ):
     """Quantize each row of the float32 tile ``x`` (R, BLOCK_K) as one 1 x BLOCK_K block: returns
-    (the FP8 values, still as exactly representable float32; the (R,) scales). The same operations
-    in the same order as ``quantize_kernel``, so the GEMM's fused quantization is bit-identical."""
-    amax = tl.reduce(tl.abs(x), 1, _max_keep_nan)
-    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-    y = tl.math.div_rn(x, scale[:, None])
-    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    y = round_to_format(y, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+    (the FP8 values, still as exactly representable float32; the (R,) scales). Built from the same
+    helpers as ``quantize_kernel``, so the GEMM's fused quantization is bit-identical."""
+    scale = scale_from_amax(block_amax(x, 1), FP8_MAX)
+    y = scale_to_fp8_grid(x, scale[:, None], FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
     return y, scale
 
 
@@ -63,17 +81,13 @@ def quantize_kernel(
     cols = pid_k * (GROUPS_K * BLOCK_K) + tl.arange(0, GROUPS_K * BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    x = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS_K, BLOCK_K))
+    x = tl.reshape(widen_to_fp32(x), (BLOCK_M, GROUPS_K, BLOCK_K))
 
-    # NaN must win the amax (tl.max would drop it), so that a NaN block gets a NaN scale.
-    amax = tl.reduce(tl.abs(x), 2, _max_keep_nan)  # (BLOCK_M, GROUPS_K)
+    amax = block_amax(x, 2)  # (BLOCK_M, GROUPS_K)
     if GROUP_M > 1:
-        amax = tl.reduce(amax, 0, _max_keep_nan, keep_dims=True)  # (1, GROUPS_K)
-    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-
-    y = tl.math.div_rn(x, scale[:, :, None])
-    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    y = round_to_format(y, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+        amax = tl.max(amax, axis=0, keep_dims=True)  # (1, GROUPS_K): one 128 x 128 block
+    scale = scale_from_amax(amax, FP8_MAX)
+    y = scale_to_fp8_grid(x, scale[:, :, None], FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
     q = tl.reshape(y, (BLOCK_M, GROUPS_K * BLOCK_K)).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=mask)
 

@@ -2,7 +2,8 @@
 
 Why not just ``x.to(tl.float8e4nv)``: Triton's interpreter (``TRITON_INTERPRET=1``, how CI runs
 our kernels on CPU) rounds float32 -> fp8 and float32 -> bf16 wrongly (it drops the carry into
-the exponent, rounds ties away from zero, truncates to bf16, and turns NaN into a finite fp8).
+the exponent, rounds ties away from zero, truncates to bf16, turns NaN into a finite fp8, and
+flushes bf16 subnormals when widening).
 Rounding here first leaves a value that the format holds exactly, so the cast that follows is
 exact on the GPU and in the interpreter alike, and both agree bit for bit with torch. On the GPU
 this costs a handful of integer operations per element in memory-bound kernels.
@@ -42,6 +43,15 @@ class FloatFormat:
             f"{prefix}SUBNORMAL_SHIFTER": self.subnormal_shifter,
             f"{prefix}NAN_BITS": self.nan_bits,
         }
+
+
+@triton.jit
+def widen_to_fp32(x):
+    """Exact widening to float32. bf16 goes through its bits (a 16-bit shift) because the
+    interpreter's bf16 -> fp32 cast loses subnormals; on the GPU the two are the same."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
 
 
 @triton.jit
