@@ -14,6 +14,7 @@ from .ops import (
     quantize_activation,
     quantize_weight,
 )
+from .tensor import BlockwiseFP8Tensor
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "FP8_DTYPES",
     "BackendUnavailableError",
+    "BlockwiseFP8Tensor",
     "dequantize",
     "gemm",
     "linear",
