@@ -1,0 +1,176 @@
+"""The public functional API (ops.py): what it accepts, what it refuses and how, output shapes,
+and gemm / linear against the float64 product of the dequantized operands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import blockwise_fp8 as bf
+from blockwise_fp8 import ops, reference
+
+from .conftest import KERNEL_DEVICE
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+BACKENDS = ["reference", "triton"]
+
+
+def _device(backend):
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("fn", [bf.quantize_activation, bf.quantize_weight])
+def test_quantize_refuses_non_floating_input(fn):
+    with pytest.raises(TypeError, match=r"x|w.*must be one of .*bfloat16.*got torch.int32"):
+        fn(torch.ones(4, 128, dtype=torch.int32))
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
+        fn([[1.0] * 128])
+
+
+@pytest.mark.parametrize("fn", [bf.quantize_activation, bf.quantize_weight])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.bfloat16, torch.int8])
+def test_quantize_refuses_unsupported_fp8_dtype(fn, dtype):
+    with pytest.raises(ValueError, match=r"supported FP8 dtypes torch.float8_e4m3fn, torch.float8_e5m2, got"):
+        fn(torch.randn(4, 128), dtype)
+
+
+@pytest.mark.parametrize("fn", [bf.quantize_activation, bf.quantize_weight])
+@pytest.mark.parametrize("block_size", [0, 100, 256, -128])
+def test_quantize_refuses_unsupported_block_size(fn, block_size):
+    with pytest.raises(ValueError, match=rf"block_size must be one of \(32, 64, 128\), got {block_size}"):
+        fn(torch.randn(4, 128), block_size=block_size)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        fn(torch.randn(4, 128), block_size=128.0)
+
+
+def test_quantize_weight_needs_2d():
+    with pytest.raises(ValueError, match=r"w must be 2-D \(N, K\), got shape \(2, 3, 128\)"):
+        bf.quantize_weight(torch.randn(2, 3, 128))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        bf.quantize_activation(torch.tensor(1.0))
+
+
+def test_dequantize_refusals():
+    q, s = bf.quantize_activation(torch.randn(4, 300))
+    with pytest.raises(ValueError, match=r"scale has shape \(4, 2\), but q of shape \(4, 300\) needs \(4, 3\)"):
+        bf.dequantize(q, s[:, :2], (1, 128))
+    with pytest.raises(TypeError, match="scale must be float32, got torch.float16"):
+        bf.dequantize(q, s.half(), (1, 128))
+    with pytest.raises(TypeError, match=r"q must be an FP8 tensor .* got torch.float32"):
+        bf.dequantize(q.float(), s, (1, 128))
+    with pytest.raises(ValueError, match=r"q has unsupported FP8 dtype torch.float8_e4m3fnuz"):
+        bf.dequantize(q.float().to(torch.float8_e4m3fnuz), s, (1, 128))
+    with pytest.raises(TypeError, match=r"block_size must be a pair"):
+        bf.dequantize(q, s, 128)
+    with pytest.raises(ValueError, match=r"block_size rows must be 1 or one of"):
+        bf.dequantize(q, s, (3, 128))
+    with pytest.raises(ValueError, match=r"dtype must be one of .* got torch.float64"):
+        bf.dequantize(q, s, (1, 128), torch.float64)
+    with pytest.raises(ValueError, match=r"with block_size \(128, 128\) q must be 2-D"):
+        bf.dequantize(q.reshape(2, 2, 300), s.reshape(2, 2, 3), (128, 128))
+
+
+def test_gemm_refusals():
+    a_q, a_s = bf.quantize_activation(torch.randn(5, 300))
+    w_q, w_s = bf.quantize_weight(torch.randn(200, 300))
+    with pytest.raises(ValueError, match=r"a_q of shape \(5, 300\) and w_q disagree on K: w_q has shape \(200, 256\)"):
+        bf.gemm(a_q, a_s, w_q[:, :256], w_s[:, :2])
+    with pytest.raises(ValueError, match=r"w_scale has shape \(2, 2\), but w_q of shape \(200, 300\) needs \(2, 3\)"):
+        bf.gemm(a_q, a_s, w_q, w_s[:, :2])
+    with pytest.raises(ValueError, match=r"a_scale has shape \(5, 2\), but a_q of shape \(5, 300\) needs \(5, 3\)"):
+        bf.gemm(a_q, a_s[:, :2], w_q, w_s)
+    with pytest.raises(ValueError, match=r"bias must have shape \(200,\)"):
+        bf.gemm(a_q, a_s, w_q, w_s, bias=torch.randn(300))
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor, got torch.int64"):
+        bf.gemm(a_q, a_s, w_q, w_s, bias=torch.ones(200, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"w_q must be 2-D"):
+        bf.gemm(a_q, a_s, w_q[None], w_s)
+    with pytest.raises(ValueError, match=r"out_dtype must be one of"):
+        bf.gemm(a_q, a_s, w_q, w_s, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="a_q must be an FP8 tensor"):
+        bf.gemm(a_q.float(), a_s, w_q, w_s)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bf.gemm(a_q, a_s, w_q, w_s, backend="cuda")
+    with pytest.raises(ValueError, match="x of shape \\(5, 256\\) and w_q disagree on K"):
+        bf.linear(torch.randn(5, 256), w_q, w_s)
+    with pytest.raises(ValueError, match="activation_dtype must be one of the supported FP8 dtypes"):
+        bf.linear(torch.randn(5, 300), w_q, w_s, activation_dtype=torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
+def test_mixed_devices_refused():
+    a_q, a_s = bf.quantize_activation(torch.randn(5, 300))
+    w_q, w_s = bf.quantize_weight(torch.randn(200, 300, device="cuda"))
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        bf.gemm(a_q, a_s, w_q, w_s)
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setattr(ops, "_interpreting", lambda: False)
+    with pytest.raises(bf.BackendUnavailableError, match="backend='triton' needs CUDA tensors, got tensors on cpu"):
+        bf.quantize_activation(torch.randn(2, 128), backend="triton")
+
+
+def test_auto_is_reference_on_cpu():
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+
+
+# ----------------------------------------------------------------------------- shapes and values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(), (0,), (3,), (2, 3), (2, 1, 3)])
+def test_linear_and_gemm_keep_leading_shape(backend, lead):
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(len(lead))
+    x = torch.randn(*lead, 200, generator=g).to(dev, torch.bfloat16)
+    w_q, w_s = bf.quantize_weight(torch.randn(129, 200, generator=g).to(dev), backend=backend)
+    y = bf.linear(x, w_q, w_s, backend=backend)
+    assert y.shape == (*lead, 129) and y.dtype == torch.bfloat16
+    a_q, a_s = bf.quantize_activation(x, backend=backend)
+    out = bf.gemm(a_q, a_s, w_q, w_s, out_dtype=torch.float32, backend=backend)
+    assert out.shape == (*lead, 129)
+    ref = reference.gemm(a_q.cpu(), a_s.cpu(), w_q.cpu(), w_s.cpu(), out_dtype=torch.float32)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+    # linear is exactly quantize + gemm: same numbers, one rounding to bf16
+    torch.testing.assert_close(y.cpu().float(), ref, rtol=2**-8, atol=1e-5)
+
+
+# Half an ulp of each output format, relative; float16 adds half its subnormal spacing.
+OUT_TOL = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(
+    M=st.integers(0, 20),
+    N=st.integers(1, 200),
+    K=st.integers(1, 300),
+    a_dtype=st.sampled_from(FP8),
+    w_dtype=st.sampled_from(FP8),
+    out_dtype=st.sampled_from(list(OUT_TOL)),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gemm_matches_float64(backend, M, N, K, a_dtype, w_dtype, out_dtype, with_bias, seed):
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.exp2(torch.randint(-8, 9, (M, 1), generator=g).float())
+    w = torch.randn(N, K, generator=g) / K**0.5
+    bias = torch.randn(N, generator=g) if with_bias else None
+    a_q, a_s = bf.quantize_activation(x.to(dev), a_dtype, backend=backend)
+    w_q, w_s = bf.quantize_weight(w.to(dev), w_dtype, backend=backend)
+    out = bf.gemm(a_q, a_s, w_q, w_s, out_dtype=out_dtype, bias=None if bias is None else bias.to(dev), backend=backend)
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    # The oracle: float64 product of the dequantized operands, computed here, not by the package.
+    a = a_q.cpu().double() * a_s.cpu().double().repeat_interleave(128, 1)[:, :K]
+    wd = w_q.cpu().double() * w_s.cpu().double().repeat_interleave(128, 0).repeat_interleave(128, 1)[:N, :K]
+    exact = a @ wd.T + (0 if bias is None else bias.double())
+    # One rounding to out_dtype, plus float32 accumulation error over K terms.
+    magnitude = a.abs() @ wd.abs().T + (0 if bias is None else bias.double().abs())
+    bound = OUT_TOL[out_dtype] * exact.abs() + 2.0**-23 * K * magnitude + (2.0**-25 if out_dtype == torch.float16 else 0)
+    assert ((out.cpu().double() - exact).abs() <= bound).all()
