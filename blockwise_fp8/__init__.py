@@ -15,6 +15,7 @@ from .ops import (
     quantize_weight,
 )
 from .tensor import BlockwiseFP8Tensor
+from .config import BlockwiseFP8Config
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "BACKENDS",
     "FP8_DTYPES",
     "BackendUnavailableError",
+    "BlockwiseFP8Config",
     "BlockwiseFP8Tensor",
     "dequantize",
     "gemm",

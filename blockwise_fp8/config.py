@@ -1,0 +1,144 @@
+"""``BlockwiseFP8Config``: the torchao ``quantize_`` entry point.
+
+    from torchao.quantization import quantize_
+    quantize_(model, BlockwiseFP8Config())
+
+swaps the weight of every ``nn.Linear`` (or of every module ``filter_fn`` picks) for a
+:class:`~blockwise_fp8.tensor.BlockwiseFP8Tensor`. A weight that cannot be quantized is left as
+it is with a warning that names the module; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torchao.core.config import AOBaseConfig
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from . import ops
+from .tensor import HP_DTYPES, WEIGHT_BLOCK, BlockwiseFP8Tensor
+
+__all__ = ["BlockwiseFP8Config", "BlockwiseFP8SkipWarning", "MIN_FEATURES"]
+
+# Below 16 in- or out-features the layer is too small for an FP8 GEMM to pay for the activation
+# quantization, and 16 is the smallest tile tensor-core dot products take.
+MIN_FEATURES = 16
+
+
+class BlockwiseFP8SkipWarning(UserWarning):
+    """A module selected for quantization was left in high precision."""
+
+
+@dataclass
+class BlockwiseFP8Config(AOBaseConfig):
+    """DeepSeek-V3 blockwise FP8: weights in 128x128 blocks, activations quantized on the fly
+    in 1x128 blocks, float32 scales, FP32 accumulation.
+
+    Args:
+        activation_dtype: FP8 dtype of the activations (``float8_e4m3fn`` or ``float8_e5m2``).
+        weight_dtype: FP8 dtype of the weights.
+        block_size: the weight block edge and activation block width; only 128 (the GEMM's K step).
+        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+    """
+
+    activation_dtype: torch.dtype = torch.float8_e4m3fn
+    weight_dtype: torch.dtype = torch.float8_e4m3fn
+    block_size: int = WEIGHT_BLOCK
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("activation_dtype", "weight_dtype"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.dtype):
+                raise TypeError(f"{name} must be a torch.dtype, got {type(value).__name__}")
+            if value not in ops.FP8_DTYPES:
+                names = ", ".join(str(d) for d in ops.FP8_DTYPES)
+                raise ValueError(f"{name} must be one of {names}, got {value}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise TypeError(f"block_size must be an int, got {type(self.block_size).__name__}")
+        if self.block_size != WEIGHT_BLOCK:
+            raise ValueError(
+                f"block_size must be {WEIGHT_BLOCK}: the blockwise GEMM steps K in {WEIGHT_BLOCK}-wide "
+                f"blocks, one activation and one weight scale each; got {self.block_size}"
+            )
+        if self.backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {self.backend!r}")
+
+
+def _module_name(module: torch.nn.Module) -> str:
+    """The module's name in the model being quantized, for warnings.
+
+    torchao's handlers receive the module but not its name. ``quantize_`` walks the model in
+    ``_replace_with_custom_fn_if_matches_filter`` whose local ``cur_fqn`` holds it, so look
+    there first; fall back to the module's repr when torchao walks differently.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        if frame.f_code.co_name == "_replace_with_custom_fn_if_matches_filter" and "cur_fqn" in frame.f_locals:
+            fqn = frame.f_locals["cur_fqn"][:-1]
+            return f"'{fqn}' ({module!r})" if fqn else repr(module)
+        frame = frame.f_back
+    return repr(module)
+
+
+def _skip(module: torch.nn.Module, why: str) -> torch.nn.Module:
+    warnings.warn(
+        f"BlockwiseFP8Config: not quantizing {_module_name(module)}: {why}; it stays in high precision",
+        BlockwiseFP8SkipWarning,
+        stacklevel=4,
+    )
+    return module
+
+
+def _why_not_quantizable(weight) -> str | None:
+    if not isinstance(weight, torch.Tensor):
+        return f"its weight is a {type(weight).__name__}, not a tensor"
+    if isinstance(weight, BlockwiseFP8Tensor):
+        return "its weight is already a BlockwiseFP8Tensor"
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return f"its weight is already a {type(weight).__name__} tensor subclass"
+    if weight.dim() != 2:
+        return f"its weight has shape {tuple(weight.shape)}; only 2-D (out_features, in_features) weights are supported"
+    if weight.dtype not in HP_DTYPES:
+        return f"its weight dtype is {weight.dtype}; supported: {', '.join(str(d) for d in HP_DTYPES)}"
+    if min(weight.shape) < MIN_FEATURES:
+        return f"its weight has shape {tuple(weight.shape)}; both dimensions must be at least {MIN_FEATURES}"
+    return None
+
+
+def _quantized_extra_repr(module: torch.nn.Module) -> str:
+    # Computed from the current weight, so it stays true after load_state_dict or a weight swap.
+    base = type(module).extra_repr(module)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, BlockwiseFP8Tensor):
+        return f"{base}, weight=BlockwiseFP8({weight._quantization_type()})"
+    return base
+
+
+@register_quantize_module_handler(BlockwiseFP8Config)
+def _blockwise_fp8_transform(
+    module: torch.nn.Module, config: BlockwiseFP8Config, *, parameter_name: str = "weight"
+) -> torch.nn.Module:
+    weight = getattr(module, parameter_name, None)
+    why = _why_not_quantizable(weight)
+    if why is not None:
+        return _skip(module, why)
+    try:
+        quantized = BlockwiseFP8Tensor.from_hp(
+            weight,
+            dtype=config.weight_dtype,
+            activation_dtype=config.activation_dtype,
+            backend=config.backend,
+            block_size=config.block_size,
+        )
+    except ValueError as e:  # NaN/Inf weights: refuse loudly, naming the module
+        raise ValueError(f"BlockwiseFP8Config: cannot quantize the {parameter_name} of {_module_name(module)}: {e}") from e
+    setattr(module, parameter_name, torch.nn.Parameter(quantized, requires_grad=False))
+    module.extra_repr = types.MethodType(_quantized_extra_repr, module)
+    return module
