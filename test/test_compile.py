@@ -1,0 +1,163 @@
+"""torch.compile of quantized models: one graph (fullgraph, zero graph breaks), the kernels as
+opaque custom-op nodes, no recompilation per batch size, same outputs as eager."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+from torchao.quantization import quantize_
+
+from blockwise_fp8 import BlockwiseFP8Config, BlockwiseFP8Tensor
+
+from .test_config import MLP, Block
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (Triton kernels, CUDA graphs)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _quantized(make, device="cpu", **cfg):
+    torch.manual_seed(0)
+    model = make().to(device=device, dtype=torch.bfloat16)
+    quantize_(model, BlockwiseFP8Config(**cfg))
+    return model
+
+
+class _GraphCapture:
+    """An aot_eager-like backend that keeps the ATen graphs it was given."""
+
+    def __init__(self):
+        self.graphs = []
+
+        def keep(gm, example_inputs):
+            self.graphs.append(gm)
+            return gm
+
+        self.backend = aot_autograd(fw_compiler=keep)
+
+    def count(self, target) -> int:
+        return sum(1 for g in self.graphs for n in g.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def _no_graph_breaks():
+    return sum(counters["graph_break"].values()) == 0
+
+
+@pytest.mark.parametrize("make, shape", [(MLP, (4, 200)), (Block, (2, 8, 160))])
+def test_fullgraph_one_custom_op_per_linear(make, shape):
+    model = _quantized(make)
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    capture = _GraphCapture()
+    compiled = torch.compile(model, fullgraph=True, backend=capture.backend)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no dequantize fallback inside the graph
+        warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+        out = compiled(x)
+        expect = model(x)
+    assert torch.equal(out, expect)
+    assert _no_graph_breaks() and len(capture.graphs) == 1
+    assert capture.count(torch.ops.blockwise_fp8.linear.default) == n_linear
+    # The weight never reaches the graph in high precision.
+    assert capture.count(torch.ops.blockwise_fp8.dequantize.default) == 0
+
+
+def test_explain_reports_zero_graph_breaks():
+    model = _quantized(Block)
+    x = torch.randn(2, 8, 160, dtype=torch.bfloat16)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_dynamic_batch_does_not_recompile_per_m():
+    model = _quantized(MLP)
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=cnt)
+    with torch.no_grad():
+        for m in (3, 5, 9, 17, 33, 1):
+            x = torch.randn(m, 200, dtype=torch.bfloat16)
+            assert torch.equal(compiled(x), model(x))
+    # One static graph for the first M, one dynamic graph for every later M (1 is specialized).
+    assert cnt.frame_count <= 3
+    cnt.clear()
+    with torch.no_grad():
+        for m in (6, 12, 40):
+            compiled(torch.randn(m, 200, dtype=torch.bfloat16))
+    assert cnt.frame_count == 0
+
+
+def test_grad_enabled_model_compiles():
+    # LayerNorm weights and biases require grad: compile traces a backward graph through the
+    # quantized linears, and the input/bias gradients flow.
+    model = _quantized(Block)
+    x = torch.randn(2, 8, 160, dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert torch.equal(out, model(x)) and _no_graph_breaks()
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert model.norm1.weight.grad is not None and model.q.bias.grad is not None
+
+
+def test_inductor_cpu_reference_backend():
+    model = _quantized(MLP)
+    cnt = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=cnt)
+    with torch.no_grad():
+        for m in (4, 7):
+            x = torch.randn(m, 200, dtype=torch.bfloat16)
+            torch._dynamo.mark_dynamic(x, 0)
+            # Inductor may fuse GELU differently from eager: one bf16 rounding apart at most.
+            torch.testing.assert_close(compiled(x), model(x), rtol=2**-7, atol=2**-7)
+    assert cnt.frame_count == 1 and _no_graph_breaks()
+
+
+def test_triton_backend_compiles(kernel_device):
+    model = nn.Sequential(nn.Linear(136, 144)).to(kernel_device, torch.bfloat16)
+    quantize_(model, BlockwiseFP8Config(backend="triton"))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 136, dtype=torch.bfloat16, device=kernel_device)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+    assert _no_graph_breaks()
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+
+@requires_cuda
+@pytest.mark.parametrize("act, wdt", [(torch.float8_e4m3fn, torch.float8_e4m3fn), (torch.float8_e5m2, torch.float8_e5m2)])
+def test_cuda_inductor_fullgraph(act, wdt):
+    model = _quantized(Block, "cuda", activation_dtype=act, weight_dtype=wdt)
+    cnt = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=cnt)
+    with torch.no_grad():
+        for b in (2, 3, 5, 9):
+            x = torch.randn(b, 8, 160, dtype=torch.bfloat16, device="cuda")
+            torch.testing.assert_close(compiled(x), model(x), rtol=2**-6, atol=2**-6)
+    assert cnt.frame_count <= 2 and _no_graph_breaks()
+    assert isinstance(model.q.weight, BlockwiseFP8Tensor) and model.q.weight.is_cuda
+
+
+@requires_cuda
+def test_cuda_reduce_overhead_cuda_graphs():
+    model = _quantized(MLP, "cuda")
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for m in (1, 1, 1, 16, 16, 16):  # repeated shapes: recorded once, then replayed
+            x = torch.randn(m, 200, dtype=torch.bfloat16, device="cuda")
+            out = compiled(x).clone()
+            torch.testing.assert_close(out, model(x), rtol=2**-6, atol=2**-6)
+    assert _no_graph_breaks()
