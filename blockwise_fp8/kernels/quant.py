@@ -18,6 +18,8 @@ import triton.language as tl
 from .rounding import FloatFormat, cast_rtne, output_format_constexprs, round_to_format, widen_to_fp32
 
 SCALE_FLOOR = float(torch.finfo(torch.float32).tiny)
+# jit code may read only constexpr globals (Triton 3.6 on CUDA refuses a plain float)
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 
 
 @triton.jit
@@ -29,7 +31,7 @@ def block_amax(x, axis: tl.constexpr):
 
 @triton.jit
 def scale_from_amax(amax, FP8_MAX: tl.constexpr):
-    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_FLOOR)
+    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), _SCALE_FLOOR)
     return tl.where(amax == float("inf"), float("nan"), scale)
 
 
