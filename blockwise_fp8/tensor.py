@@ -211,19 +211,58 @@ class BlockwiseFP8Tensor(TorchAOBaseTensor):
         attrs.update(changes)
         return BlockwiseFP8Tensor(qdata, scale, **attrs)
 
-    # ------------------------------------------------------------------ dispatch
+    # ------------------------------------------------------------------ subclass protocol
+    # Spelled out here rather than inherited, so the behaviour does not depend on which torchao
+    # (>= 0.14) is installed: its base-class helpers and op tables have changed between releases.
+
+    def __tensor_flatten__(self):
+        return ["qdata", "scale"], {
+            "block_size": self.block_size, "activation_dtype": self.activation_dtype,
+            "backend": self.backend, "hp_dtype": self.hp_dtype,
+        }
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner_tensors, attrs, outer_size, outer_stride):
+        return cls(inner_tensors["qdata"], inner_tensors["scale"], **attrs)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = {} if kwargs is None else kwargs
+        impl = _TORCH_FN_IMPLS.get(func)
+        if impl is not None:
+            return impl(func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = {} if kwargs is None else kwargs
-        table = cls._ATEN_OP_TABLE.get(cls, {})
-        if func in table:
-            return table[func](func, types, args, kwargs)
+        impl = _ATEN_IMPLS.get(func)
+        if impl is not None:
+            return impl(func, types, args, kwargs)
         return _dequantize_fallback(func, args, kwargs)
 
 
-implements = BlockwiseFP8Tensor.implements
-implements_torch_function = BlockwiseFP8Tensor.implements_torch_function
+_ATEN_IMPLS: dict = {}
+_TORCH_FN_IMPLS: dict = {}
+
+
+def _registrar(table):
+    def register(ops_or_fns):
+        keys = ops_or_fns if isinstance(ops_or_fns, (list, tuple)) else [ops_or_fns]
+
+        def decorator(impl):
+            for key in keys:
+                table[key] = impl
+            return impl
+
+        return decorator
+
+    return register
+
+
+implements = _registrar(_ATEN_IMPLS)  # aten ops, seen in __torch_dispatch__
+implements_torch_function = _registrar(_TORCH_FN_IMPLS)  # Python-level functions, before decomposition
 
 
 # ---------------------------------------------------------------------- the linear path
@@ -567,6 +606,25 @@ def _(func, types, args, kwargs):
     self.qdata.copy_(q)
     self.scale.copy_(s)
     return self
+
+
+@implements([aten.detach.default, aten.alias.default, aten.clone.default, aten.contiguous.default])
+def _(func, types, args, kwargs):
+    self = args[0]
+    new = self._with(func(self.qdata, *args[1:], **kwargs), func(self.scale, *args[1:], **kwargs))
+    return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+@implements_torch_function(torch.Tensor.contiguous)
+def _(func, types, args, kwargs):
+    self = args[0]
+    return self._with(self.qdata.contiguous(**kwargs), self.scale.contiguous(**kwargs))
+
+
+@implements_torch_function(torch._has_compatible_shallow_copy_type)
+def _(func, types, args, kwargs):
+    # Module._apply asks this before swapping a parameter's data for a moved/converted copy.
+    return type(args[0]) is type(args[1]) and args[0].shape == args[1].shape
 
 
 @implements([aten.is_pinned.default])
