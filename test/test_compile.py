@@ -152,6 +152,23 @@ def test_cuda_inductor_fullgraph(act, wdt):
 
 
 @requires_cuda
+def test_cuda_cublas_backend_compiles():
+    from blockwise_fp8 import ops
+
+    if not ops.cublas_blockwise_available(torch.device("cuda")):
+        pytest.skip("this GPU/torch build has no blockwise cuBLAS GEMM (needs sm_90, cuBLAS >= 12.9)")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).to("cuda", torch.bfloat16)
+    quantize_(model, BlockwiseFP8Config(backend="cublas"))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for m in (128, 256, 384):
+            x = torch.randn(m, 256, dtype=torch.bfloat16, device="cuda")
+            torch.testing.assert_close(compiled(x), model(x), rtol=2**-6, atol=2**-6)
+    assert _no_graph_breaks()
+
+
+@requires_cuda
 def test_cuda_reduce_overhead_cuda_graphs():
     model = _quantized(MLP, "cuda")
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)

@@ -394,3 +394,19 @@ def test_mutating_and_aliasing_ops_are_refused(op):
     with pytest.raises(NotImplementedError, match=r"aten\."):
         op(t)
     assert torch.equal(t.dequantize(), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_cuda_moves_and_linear(backend):
+    t = BlockwiseFP8Tensor.from_hp(_weight(), backend=backend)
+    for c in (t.to("cuda"), t.cuda(), t.to(device="cuda", dtype=torch.float16)):
+        assert isinstance(c, BlockwiseFP8Tensor) and c.qdata.is_cuda and c.scale.is_cuda and c.is_cuda
+        assert torch.equal(c.cpu().qdata.view(torch.uint8), t.qdata.view(torch.uint8))
+    g = t.cuda()
+    x, bias = _x(2, 3, 200).cuda(), _x(300, seed=3).cuda()
+    exact = _oracle(x.cpu(), t, bias.cpu(), out_dtype=torch.float64)
+    torch.testing.assert_close(F.linear(x, g, bias).cpu().double(), exact, rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close((x @ g.t()).cpu().double(), _oracle(x.cpu(), t, out_dtype=torch.float64),
+                               rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(g.dequantize().cpu(), t.dequantize())
