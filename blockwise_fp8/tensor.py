@@ -297,9 +297,29 @@ def _addmm_impl(
     needs_grad = isinstance(x, torch.Tensor) and x.requires_grad or (
         isinstance(bias, torch.Tensor) and bias.requires_grad
     )
+    if torch.is_grad_enabled() and weight.requires_grad:
+        _warn_frozen_weight()
     if torch.is_grad_enabled() and needs_grad:
         return _QuantizedLinearFn.apply(*args)
     return _linear(*args)
+
+
+_FROZEN_WARNED = [False]
+
+
+def _warn_frozen_weight() -> None:
+    # load_state_dict(assign=True) into a fresh model wraps our tensor in a Parameter that
+    # requires grad; training it would silently do nothing, so say so once. Not while tracing:
+    # warnings.warn would break the graph, and eager runs of the same model warn anyway.
+    if _FROZEN_WARNED[0] or torch.compiler.is_compiling():
+        return
+    _FROZEN_WARNED[0] = True
+    warnings.warn(
+        "a BlockwiseFP8Tensor weight has requires_grad=True, but quantized weights are frozen: no "
+        "gradient flows to them (inputs and biases still get theirs). Call weight.requires_grad_(False) "
+        "or run under torch.no_grad() / torch.inference_mode() to silence this warning.",
+        stacklevel=4,
+    )
 
 
 def _linear(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend):

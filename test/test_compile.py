@@ -178,3 +178,18 @@ def test_cuda_reduce_overhead_cuda_graphs():
             out = compiled(x).clone()
             torch.testing.assert_close(out, model(x), rtol=2**-6, atol=2**-6)
     assert _no_graph_breaks()
+
+
+def test_assign_loaded_model_compiles_with_grad_enabled():
+    # load_state_dict(assign=True) into a fresh model leaves Parameters that require grad;
+    # the frozen-weight warning must not break the graph.
+    source = _quantized(MLP)
+    fresh = MLP().to(torch.bfloat16)
+    fresh.load_state_dict(source.state_dict(), assign=True)
+    assert fresh.up.weight.requires_grad and isinstance(fresh.up.weight, BlockwiseFP8Tensor)
+    compiled = torch.compile(fresh, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 200, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(compiled(x), source(x))
+    assert _no_graph_breaks()

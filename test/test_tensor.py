@@ -410,3 +410,20 @@ def test_cuda_moves_and_linear(backend):
     torch.testing.assert_close((x @ g.t()).cpu().double(), _oracle(x.cpu(), t, out_dtype=torch.float64),
                                rtol=2**-7, atol=1e-3)
     torch.testing.assert_close(g.dequantize().cpu(), t.dequantize())
+
+
+def test_weight_requiring_grad_warns_once_that_it_is_frozen(monkeypatch):
+    from blockwise_fp8 import tensor as tensor_module
+
+    monkeypatch.setattr(tensor_module, "_FROZEN_WARNED", [False])
+    p = torch.nn.Parameter(BlockwiseFP8Tensor.from_hp(_weight()))  # requires_grad=True
+    x = _x(3, 200, dtype=torch.float32).requires_grad_()
+    with pytest.warns(UserWarning, match="frozen"):
+        out = F.linear(x, p)
+    out.sum().backward()
+    assert p.grad is None and x.grad is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.linear(x, p)  # once only
+        with torch.no_grad():
+            F.linear(x, p)
