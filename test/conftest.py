@@ -22,6 +22,10 @@ settings.register_profile(
     "ci", deadline=None, max_examples=30, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# "stress": many more examples, for a one-off hunt for edge cases (e.g. on the GPU).
+settings.register_profile(
+    "stress", deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 # Where the Triton kernels run in this session: CUDA when present, else the interpreter on CPU.

@@ -167,10 +167,11 @@ def test_triton_dequantize_bitwise(out_dtype, block, x, fp8, seed):
     d_t = bf.dequantize(q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE), block, out_dtype, backend="triton")
     d_r = bf.dequantize(q, s, block, out_dtype, backend="reference")
     assert same_bits(d_t.cpu(), d_r)
-    # The reference itself: q * scale in float64 (exact), rounded once.
+    # The reference itself: the float32 product q * scale (the float64 product, which is exact,
+    # rounded to float32), then rounded to the output dtype.
     rows, cols = block
     q2, s2 = (q.reshape(-1, q.shape[-1]), s.reshape(-1, s.shape[-1])) if rows == 1 else (q, s)
-    exact = (q2.double() * expand_blocks(s2.double(), rows, cols, q2.shape)).to(out_dtype)
+    exact = (q2.double() * expand_blocks(s2.double(), rows, cols, q2.shape)).float().to(out_dtype)
     assert same_bits(d_r.reshape(exact.shape), exact)
 
 
