@@ -11,7 +11,7 @@ Backends:
                  :func:`choose_gemm_backend` (our Triton kernels or cuBLAS).
     "triton"     our Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
     "cublas"     gemm/linear only: ``torch.nn.functional.scaled_mm`` with BlockWise1x128 /
-                 BlockWise128x128 scales (cuBLAS >= 12.9, sm_90, e4m3 only, M >= 2).
+                 BlockWise128x128 scales (cuBLAS >= 12.9, sm_90, e4m3 only, M >= 8).
     "reference"  ``blockwise_fp8.reference`` (pure torch; float64 GEMM), any device.
 An explicit backend that cannot run raises :class:`BackendUnavailableError`; nothing falls
 back silently.
@@ -182,7 +182,7 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize")
 #
 # cuBLAS's blockwise kernel (torch._scaled_mm with 1x128 / 128x128 float32 scales) exists only on
 # sm_90 with cuBLAS >= 12.9, takes only e4m3 operands, needs 16-byte aligned leading dimensions
-# and refuses M = 1. Where it runs, whether it is faster than our Triton kernels depends on M:
+# and refuses small M (M = 1 and 2 seen; 8 runs). Where it runs, whether it is faster than our Triton kernels depends on M:
 # the skinny (weight-streaming) Triton kernel wins the decode range, the persistent TMA kernel and
 # cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
 # (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
@@ -197,7 +197,7 @@ def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch
         a_dtype == torch.float8_e4m3fn
         and w_dtype == torch.float8_e4m3fn
         and out_dtype in CUBLAS_OUT_DTYPES
-        and M >= 2
+        and M >= 8  # seen on an H100 (cuBLAS 13.0): M = 2 gives CUBLAS_STATUS_NOT_SUPPORTED, M = 8 runs
         and K % 128 == 0
         and N % 16 == 0
     )
@@ -243,7 +243,7 @@ def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
     if not cublas_supports(M, N, K, a_q.dtype, w_q.dtype, out_dtype):
         raise BackendUnavailableError(
             f"backend='cublas' cannot run M={M}, N={N}, K={K}, {a_q.dtype} x {w_q.dtype} -> {out_dtype}: "
-            f"cuBLAS blockwise needs e4m3 operands, M >= 2, K % 128 == 0, N % 16 == 0 and out_dtype in "
+            f"cuBLAS blockwise needs e4m3 operands, M >= 8, K % 128 == 0, N % 16 == 0 and out_dtype in "
             f"{_names(CUBLAS_OUT_DTYPES)}"
         )
     kb = _cdiv(K, 128)

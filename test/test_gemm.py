@@ -39,17 +39,21 @@ def _operands(M, N, K, dtype, seed, device=KERNEL_DEVICE):
 
 
 def _check(out, aq, as_, wq, ws, b, out_dtype):
-    ref = reference.gemm(aq.cpu(), as_.cpu(), wq.cpu(), ws.cpu(), out_dtype=torch.float64,
-                         bias=None if b is None else b.cpu()).double()
+    a64 = reference.dequantize(aq.cpu(), as_.cpu(), (1, 128), torch.float64)
+    w64 = reference.dequantize(wq.cpu(), ws.cpu(), (128, 128), torch.float64)
+    ref = a64 @ w64.T
+    if b is not None:
+        ref = ref + b.cpu().double()
     got = out.cpu().double()
     assert got.shape == ref.shape and torch.isfinite(got).all()
-    # float32 accumulation over K plus one rounding to out_dtype
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[out_dtype]
-    rel = (got - ref).norm() / ref.norm()
-    assert rel < tol, f"relative error {rel:.3g}"
-    # elementwise: within a few output ulps of the exact result plus accumulation noise
-    scale = ref.abs().max()
-    assert ((got - ref).abs() <= 4 * torch.finfo(out_dtype).eps * ref.abs() + 1e-5 * scale).all()
+    # Bound per element: one rounding to out_dtype, plus the accumulation error of float32 --
+    # and of Hopper's FP8 tensor cores, whose internal accumulation keeps fewer bits (about 14
+    # below the leading one; the reason DeepSeek-V3 promotes every 128 elements of K) -- relative
+    # to sum |a||w|, the magnitude the partial sums pass through.
+    mag = a64.abs() @ w64.abs().T
+    bound = torch.finfo(out_dtype).eps * ref.abs() + 2.0**-12 * mag + 1e-30
+    excess = ((got - ref).abs() - bound).max()
+    assert excess <= 0, f"error exceeds bound by {excess:.3g}"
 
 
 def _plans(M, K):
@@ -150,7 +154,7 @@ needs_cublas = pytest.mark.skipif(
 
 
 @needs_cublas
-@pytest.mark.parametrize("M", [2, 128, 1000])
+@pytest.mark.parametrize("M", [8, 128, 1000])
 def test_cublas_matches_reference(M):
     x, aq, as_, wq, ws, b = _operands(M, 1024, 2048, torch.float8_e4m3fn, seed=M)
     for bias in (None, b):

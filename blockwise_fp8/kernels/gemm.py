@@ -301,11 +301,13 @@ def plan(M: int, N: int, K: int, *, tma: bool, num_sms: int = 132) -> Plan:
         block_m = max(16, triton.next_power_of_2(M))
         block_n = 64
         split = _skinny_split_k(triton.cdiv(N, block_n), k_blocks, num_sms)
-        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=4 if block_m <= 32 else 3, split_k=split)
+        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=6 if block_m == 16 else 4, split_k=split)
     if tma:
-        if M <= 256:
+        # H100 sweep (benchmarks/NOTES.md): 64x128 / 4 warps is best up to M = 128; above it
+        # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop.
+        if M <= 128:
             return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True)
-        return Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=True)
+        return Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 

@@ -1,0 +1,249 @@
+"""The blockwise FP8 GEMM grid of the original README, every contender in one run on one card.
+
+    python benchmarks/bench_gemm.py [--out DIR] [--ms 1,16,...] [--torchao-configs heuristic|full]
+
+Grid: M = 1, 2, 4, ..., 8192 x (N, K) in {(8192, 8192), (10240, 8192), (57344, 8192), (8192, 28672)}
+x {e4m3, e5m2}. Contenders, all on the same inputs:
+    bf16, fp16        F.linear on the high-precision operands (cuBLAS)
+    torchao           torchao 0.18's blockwise Triton GEMM (when torchao imports)
+    cublas            torch.nn.functional.scaled_mm with BlockWise1x128/BlockWise128x128 scales
+                      (e4m3, M >= 8 only)
+    ours_triton       our Triton GEMM alone on pre-quantized operands
+    ours_auto         blockwise_fp8.gemm(backend="auto") on pre-quantized operands
+    ours_linear       blockwise_fp8.linear(backend="auto"): quantize + GEMM from bf16 x
+Times: median microseconds of triton.testing.do_bench_cudagraph (each call captured in a CUDA
+graph and replayed, so the numbers are device time without Python launch overhead -- what a
+torch.compile(mode="reduce-overhead") model sees). Also written: TFLOPS, weight GB/s, speedup over
+bf16, SQNR (dB) of ours and torchao against the float64 product of the original operands.
+
+torchao's kernel autotunes 48 configs per (N, K, log2 M) -- about 20 s per shape, 40 minutes for
+this grid -- so by default it runs with one config per shape chosen by M (BLOCK_M = the power of
+two >= min(M, 128) (at least 16), BLOCK_N = 64 if M <= 64 else 128, 8 warps, 4 stages): see
+benchmarks/NOTES.md for how that compares with its fully tuned times in the anchor CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import blockwise_fp8 as bf  # noqa: E402
+from blockwise_fp8 import ops  # noqa: E402
+from blockwise_fp8.kernels import gemm as G  # noqa: E402
+from blockwise_fp8.kernels import quant as Q  # noqa: E402
+
+NK = [(8192, 8192), (10240, 8192), (57344, 8192), (8192, 28672)]
+MS = [2**i for i in range(14)]
+DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+CONTENDERS = ["bf16", "fp16", "torchao", "cublas", "ours_triton", "ours_auto", "ours_linear"]
+
+
+def load_torchao(configs: str):
+    try:
+        import torchao
+        from torchao.kernel import blockwise_quantization as bq
+    except Exception as e:  # noqa: BLE001
+        print(f"torchao not importable ({type(e).__name__}: {e}); skipping it", flush=True)
+        return None, None
+    if configs == "heuristic":
+        real_autotune = triton.autotune
+
+        def pruned(configs, key, **kw):
+            def prune(cfgs, named_args, **_):
+                M = named_args["M"]
+                bm = min(128, max(16, triton.next_power_of_2(M)))
+                bn = 64 if M <= 64 else 128
+                keep = [c for c in cfgs if c.kwargs["BLOCK_SIZE_M"] == bm and c.kwargs["BLOCK_SIZE_N"] == bn
+                        and c.num_stages == 4]
+                return keep or cfgs[:1]
+
+            return real_autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **kw)
+
+        triton.autotune = pruned
+        try:
+            bq._triton_impls = None
+            impls = bq._get_triton_impls()
+        finally:
+            triton.autotune = real_autotune
+    else:
+        impls = bq._get_triton_impls()
+    return impls.gemm, torchao.__version__
+
+
+def timed(fn, rep):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
+def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    noise = (ref - x.double()).norm()
+    return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--nk", default=None, help="e.g. 8192x8192,57344x8192")
+    ap.add_argument("--dtypes", default="e4m3,e5m2")
+    ap.add_argument("--torchao-configs", default="heuristic", choices=["heuristic", "full"])
+    ap.add_argument("--plot", action="store_true", default=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    ms = [int(m) for m in args.ms.split(",")]
+    nks = NK if args.nk is None else [tuple(int(v) for v in s.split("x")) for s in args.nk.split(",")]
+    torchao_gemm, torchao_version = load_torchao(args.torchao_configs)
+    dev = torch.cuda.get_device_name()
+    versions = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+                f"torchao {torchao_version or 'absent'}, python {platform.python_version()}")
+    header = f"# {dev}; {versions}; times: median us of do_bench_cudagraph; {time.strftime('%Y-%m-%d')}"
+    print(header, flush=True)
+    rows = []
+    total = len(ms) * len(nks) * len(args.dtypes.split(","))
+    done = 0
+    t0 = time.time()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for N, K in nks:
+        w_hp = torch.randn(N, K, device="cuda", generator=g, dtype=torch.float32) * 0.02
+        w16, wh = w_hp.to(torch.bfloat16), w_hp.to(torch.float16)
+        for dname in args.dtypes.split(","):
+            dt = DTYPES[dname]
+            wq, ws = bf.quantize_weight(w16, dt)
+            for M in ms:
+                x_hp = torch.randn(M, K, device="cuda", generator=g, dtype=torch.float32)
+                x16, xh = x_hp.to(torch.bfloat16), x_hp.to(torch.float16)
+                aq, as_ = Q.quantize(x16, 1, 128, dt)
+                rep = 20 if M * N * K < 2**38 else 60
+                r = {"M": M, "N": N, "K": K, "dtype": dname}
+                r["bf16_us"] = timed(lambda: F.linear(x16, w16), rep)
+                r["fp16_us"] = timed(lambda: F.linear(xh, wh), rep)
+                outs = {}
+                if torchao_gemm is not None:
+                    try:
+                        outs["torchao"] = torchao_gemm(aq, as_, wq, ws, 128)
+                        r["torchao_us"] = timed(lambda: torchao_gemm(aq, as_, wq, ws, 128), rep)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  torchao failed at {M},{N},{K},{dname}: {type(e).__name__} {str(e)[:100]}")
+                if ops.cublas_supports(M, N, K, dt, dt, torch.bfloat16) and ops.cublas_blockwise_available(x16.device):
+                    outs["cublas"] = ops._cublas_gemm(aq, as_, wq, ws, None, torch.bfloat16)
+                    r["cublas_us"] = timed(lambda: ops._cublas_gemm(aq, as_, wq, ws, None, torch.bfloat16), rep)
+                outs["ours_triton"] = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
+                r["ours_triton_us"] = timed(lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16), rep)
+                r["ours_triton_plan"] = G.plan(M, N, K, tma=G.tma_usable(aq, wq)).kind
+                r["ours_auto_us"] = timed(lambda: bf.gemm(aq, as_, wq, ws), rep)
+                r["ours_auto_backend"] = ops.choose_gemm_backend(
+                    M, N, K, dt, dt, torch.bfloat16, cublas_available=ops.cublas_blockwise_available(x16.device))
+                outs["ours_linear"] = bf.linear(x16, wq, ws, activation_dtype=dt)
+                r["ours_linear_us"] = timed(lambda: bf.linear(x16, wq, ws, activation_dtype=dt), rep)
+                # accuracy against the float64 product of the original operands (first 256 rows)
+                rr = min(M, 256)
+                ref = x16[:rr].double() @ w16.double().T
+                for name in ("torchao", "cublas", "ours_triton", "ours_linear"):
+                    if name in outs:
+                        r[f"{name}_sqnr_db"] = sqnr(ref, outs[name][:rr])
+                flops = 2 * M * N * K
+                for c in CONTENDERS:
+                    us = r.get(f"{c}_us")
+                    if us:
+                        r[f"{c}_tflops"] = flops / us / 1e6
+                        r[f"{c}_wGBps"] = N * K * (2 if c in ("bf16", "fp16") else 1) / us / 1e3
+                        r[f"{c}_x_bf16"] = r["bf16_us"] / us
+                rows.append(r)
+                done += 1
+                print(f"[{done}/{total} {time.time() - t0:5.0f}s] M={M:5d} N={N} K={K} {dname}: "
+                      + " ".join(f"{c}={r[f'{c}_us']:.1f}" for c in CONTENDERS if f"{c}_us" in r)
+                      + f" us; auto x{r['ours_auto_x_bf16']:.2f} ({r['ours_auto_backend']})", flush=True)
+                del x_hp, x16, xh, aq, as_, outs, ref
+            del wq, ws
+            write_outputs(rows, args, header, dev, versions, final=False)
+        del w_hp, w16, wh
+        torch.cuda.empty_cache()
+    write_outputs(rows, args, header, dev, versions, final=True)
+
+
+def write_outputs(rows, args, header, dev, versions, final):
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("M", "N", "K", "dtype"), k))
+    with open(os.path.join(args.out, "gemm_grid.csv"), "w", newline="") as f:
+        f.write(header + "\n")
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+    summary = summarize(rows, dev, versions)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary)
+    if final:
+        if args.plot:
+            plot(rows, os.path.join(args.out, "speedup_vs_bf16.png"), dev)
+        print(summary, flush=True)
+
+
+def gmean(v):
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
+
+
+def summarize(rows, dev, versions) -> str:
+    out = [f"Card: {dev}; {versions}. Median us (CUDA-graph replay); speedup = bf16 time / contender time.\n"]
+    out.append("| contender | shapes | geomean x bf16 | min | max | at M=N=K=8192 (e4m3) |")
+    out.append("|---|---|---|---|---|---|")
+    for c in CONTENDERS[1:]:
+        v = [r[f"{c}_x_bf16"] for r in rows if f"{c}_x_bf16" in r]
+        big = [r for r in rows if r["M"] == 8192 and r["N"] == 8192 and r["K"] == 8192 and r["dtype"] == "e4m3" and f"{c}_tflops" in r]
+        at = f"{big[0][f'{c}_tflops']:.0f} TFLOPS" if big else ""
+        if v:
+            out.append(f"| {c} | {len(v)} | {gmean(v):.2f}x | {min(v):.2f}x | {max(v):.2f}x | {at} |")
+    out.append("")
+    out.append("| M | N | K | dtype | bf16 us | torchao us | cublas us | ours_triton us | ours_auto us (x bf16) | ours_linear us (x bf16) | SQNR ours/torchao dB |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    f = lambda r, k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
+    for r in rows:
+        s_t = r.get("torchao_sqnr_db")
+        sq = f"{r['ours_triton_sqnr_db']:.2f}/{s_t:.2f}" if s_t is not None else f"{r['ours_triton_sqnr_db']:.2f}/-"
+        out.append(f"| {r['M']} | {r['N']} | {r['K']} | {r['dtype']} | {f(r, 'bf16_us')} | {f(r, 'torchao_us')} | "
+                   f"{f(r, 'cublas_us')} | {f(r, 'ours_triton_us')} | {r['ours_auto_us']:.1f} ({r['ours_auto_x_bf16']:.2f}x, "
+                   f"{r['ours_auto_backend']}) | {r['ours_linear_us']:.1f} ({r['ours_linear_x_bf16']:.2f}x) | {sq} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, path, dev):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return
+    combos = sorted({(r["N"], r["K"], r["dtype"]) for r in rows})
+    cols = 4
+    nrows = math.ceil(len(combos) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
+    for ax, (N, K, d) in zip(axes.flat, combos):
+        sub = sorted((r for r in rows if (r["N"], r["K"], r["dtype"]) == (N, K, d)), key=lambda r: r["M"])
+        for c in CONTENDERS[1:]:
+            pts = [(r["M"], r[f"{c}_x_bf16"]) for r in sub if f"{c}_x_bf16" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=c)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"N={N} K={K} {d}")
+        ax.set_xlabel("M")
+        ax.set_ylabel("speedup over bf16 F.linear")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Blockwise FP8 GEMM speedup over bf16, {dev}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
