@@ -20,9 +20,10 @@ setup(
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
         "torchao>=0.14",
+        "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5", "accelerate>=1.0"],
         "bench": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["blockwise-fp8=blockwise_fp8.__main__:main"]},

@@ -16,6 +16,7 @@ from .ops import (
 )
 from .tensor import BlockwiseFP8Tensor
 from .config import BlockwiseFP8Config
+from .checkpoint import CheckpointError, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -25,10 +26,13 @@ __all__ = [
     "BackendUnavailableError",
     "BlockwiseFP8Config",
     "BlockwiseFP8Tensor",
+    "CheckpointError",
     "dequantize",
     "gemm",
     "linear",
+    "load_quantized",
     "quantize_activation",
     "quantize_weight",
+    "save_quantized",
     "__version__",
 ]
