@@ -1,0 +1,197 @@
+"""The ``blockwise-fp8`` command line: demo, quantize (a Hugging Face directory in, an FP8
+checkpoint out), bench, and the errors a user can run into."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from blockwise_fp8 import BlockwiseFP8Tensor, checkpoint
+from blockwise_fp8.checkpoint import load_quantized
+from blockwise_fp8.cli import main
+
+from .helpers import expand_blocks, fp8_spacing
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_python_m_runs_the_demo():
+    """The README's first command: ``python -m blockwise_fp8`` with no arguments."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "blockwise_fp8"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    rows = re.findall(r"^(\w+_proj)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert {name for name, *_ in rows} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for name, count, ours, sim, bf16 in rows:
+        # our layers reach the SQNR of the float64 simulation of the same numerics (design target: 0.1 dB)
+        assert abs(float(ours) - float(sim)) <= 0.1, name
+        # e4m3 on both operands: about 28-29 dB for Gaussian-like data, far below bf16's ~55 dB
+        assert 25 < float(ours) < float(bf16)
+    top1 = float(re.search(r"top-1 agreement ([\d.]+)%", out).group(1))
+    assert top1 > 50  # random-init logits are nearly flat; a broken layer gives chance level (0.05%)
+    assert re.search(r"^blockwise FP8\s+[\d.]+\s+\d+", out, re.M) and re.search(r"^bf16\s+[\d.]+\s+\d+", out, re.M)
+
+
+# ----------------------------------------------------------------------------------- quantize
+
+
+def _hf_dir(tmp_path, name="src", shard=None):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=320, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    path = tmp_path / name
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    (path / "tokenizer.json").write_text('{"dummy": true}')
+    return path, model
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(str(path / f), "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _linears(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("dtype_name, shard", [("e4m3", None), ("e5m2", "300KB")])
+def test_quantize_a_hugging_face_directory(tmp_path, capsys, dtype_name, shard):
+    src, model = _hf_dir(tmp_path, shard=shard)
+    if shard:
+        assert (src / "model.safetensors.index.json").exists()
+    dst = tmp_path / "dst"
+    args = ["quantize", str(src), str(dst), "--weight-dtype", dtype_name, "--skip", r"layers\.1\.mlp"]
+    if shard:
+        args += ["--max-shard-size", "200KB"]
+    assert main(args) == 0
+    dtype = {"e4m3": E4M3, "e5m2": E5M2}[dtype_name]
+    captured = capsys.readouterr()
+    assert f"/{len(_tensors(src))} " in captured.err  # the progress bar reached the end
+    skipped = {"lm_head", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}
+    assert "11 Linear weights" in captured.out and "4 skipped" in captured.out
+    config = json.loads((dst / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "fp8", "fmt": dtype_name, "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+        "modules_to_not_convert": sorted(skipped),
+    }
+    assert config["model_type"] == "llama" and (dst / "tokenizer.json").read_text() == '{"dummy": true}'
+    if shard:
+        assert (dst / "model.safetensors.index.json").exists() and not (dst / "model.safetensors").exists()
+    out, original = _tensors(dst), _tensors(src)
+    for name in _linears(model):
+        w = original[f"{name}.weight"]
+        if name in skipped:
+            assert torch.equal(out[f"{name}.weight"], w) and f"{name}.weight_scale_inv" not in out
+            continue
+        q, s = out[f"{name}.weight"], out[f"{name}.weight_scale_inv"]
+        assert q.dtype == dtype and s.shape == (w.shape[0] // 128, w.shape[1] // 128)
+        s_full = expand_blocks(s.double(), 128, 128, w.shape)
+        err = (q.double() * s_full - w.double()).abs()
+        # half an FP8 step, plus the float32 rounding of w / scale (docs/numerics.md: IEEE float32 division)
+        bound = s_full * fp8_spacing(w.double() / s_full, dtype) / 2 + w.double().abs() * 2.0**-24
+        assert bool((err <= bound).all()), name
+    for key in original:
+        if not key.endswith("proj.weight") and key != "lm_head.weight":
+            assert torch.equal(out[key], original[key]), key
+    # and it loads back into the model
+    fresh = type(model)._from_config(model.config, dtype=torch.bfloat16)
+    result = load_quantized(fresh, dst)
+    assert len(result.quantized) == 11
+    assert isinstance(fresh.model.layers[0].mlp.up_proj.weight, BlockwiseFP8Tensor)
+    assert not isinstance(fresh.model.layers[1].mlp.up_proj.weight, BlockwiseFP8Tensor)
+
+
+def test_quantize_errors(tmp_path, capsys):
+    def run(*args):
+        rc = main(["quantize", *map(str, args), "--quiet"])
+        return rc, capsys.readouterr().err
+
+    rc, err = run(tmp_path / "nope", tmp_path / "out")
+    assert rc == 1 and "source model directory" in err and "does not exist" in err
+    (tmp_path / "noconfig").mkdir()
+    rc, err = run(tmp_path / "noconfig", tmp_path / "out")
+    assert rc == 1 and "has no config.json" in err
+    bad = tmp_path / "badjson"
+    bad.mkdir()
+    (bad / "config.json").write_text("{oops")
+    rc, err = run(bad, tmp_path / "out")
+    assert rc == 1 and "not valid JSON" in err
+    bin_only = tmp_path / "binonly"
+    bin_only.mkdir()
+    (bin_only / "config.json").write_text('{"model_type": "llama"}')
+    (bin_only / "pytorch_model.bin").write_bytes(b"x")
+    rc, err = run(bin_only, tmp_path / "out")
+    assert rc == 1 and "only safetensors weights are read" in err
+    src, _ = _hf_dir(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
+    rc, err = run(src, tmp_path / "full")
+    assert rc == 1 and "not empty" in err and (tmp_path / "full" / "keep").exists()
+    rc, err = run(src, tmp_path / "missing" / "parent")
+    assert rc == 1 and "parent directory" in err
+    rc, err = run(src, tmp_path / "out2", "--skip", "(")
+    assert rc == 1 and "not a valid regular expression" in err
+    rc, err = run(src, tmp_path / "out3", "--skip", ".")
+    assert rc == 1 and "no nn.Linear weight" in err
+    assert main(["quantize", str(src), str(tmp_path / "ok"), "--quiet"]) == 0
+    rc, err = run(tmp_path / "ok", tmp_path / "again")
+    assert rc == 1 and "already quantized" in err
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(src), str(tmp_path / "x"), "--weight-dtype", "e3m4"])
+    assert e.value.code == 2 and "invalid choice: 'e3m4'" in capsys.readouterr().err
+    leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    assert leftovers == []
+
+
+def test_interrupted_quantize_leaves_no_checkpoint(tmp_path, capsys, monkeypatch):
+    src, _ = _hf_dir(tmp_path)
+    real_add, calls = checkpoint._Writer.add, []
+
+    def add(self, key, t):
+        calls.append(key)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_add(self, key, t)
+
+    monkeypatch.setattr(checkpoint._Writer, "add", add)
+    assert main(["quantize", str(src), str(tmp_path / "dst"), "--quiet"]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_bench_without_cuda_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench"]) == 1
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "Traceback" not in err
+    assert main(["bench", "--model"]) == 1
+
+
+def test_command_line_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--frobnicate"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--weight-dtype", "int8"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "quantize" in capsys.readouterr().out
