@@ -9,8 +9,6 @@ a decode step a fixed-shape function of ``(hidden, pos)``, which is what CUDA gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,8 +71,9 @@ class DecoderLayer(nn.Module):
         self.gate_proj = nn.Linear(d, cfg.ffn, bias=False)
         self.up_proj = nn.Linear(d, cfg.ffn, bias=False)
         self.down_proj = nn.Linear(cfg.ffn, d, bias=False)
-        self.cache_k: Optional[torch.Tensor] = None
-        self.cache_v: Optional[torch.Tensor] = None
+        # static KV cache (buffers, so torch.compile and CUDA graphs see fixed addresses)
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
 
     def _qkv(self, x):
         B, S, _ = x.shape
@@ -133,8 +132,11 @@ class DecoderStack(nn.Module):
         device = device or self.cos.device
         shape = (batch, self.cfg.kv_heads, max_len, self.cfg.head_dim)
         for layer in self.layers:
-            layer.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+            layer.cache_k = torch.zeros(shape, dtype=dtype, device=device)  # assigning to a registered buffer
             layer.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+            # fixed addresses: CUDA graphs replay the in-place cache writes instead of skipping them
+            torch._dynamo.mark_static_address(layer.cache_k)
+            torch._dynamo.mark_static_address(layer.cache_v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         S = x.shape[1]

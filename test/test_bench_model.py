@@ -1,0 +1,55 @@
+"""benchmarks/bench_model.py in its --smoke configuration: it runs on CPU, writes the CSV and the
+table with the card/version/date header, and the quantized stack tracks the bf16 stack."""
+
+import csv
+import importlib.util
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench_model():
+    spec = importlib.util.spec_from_file_location("bench_model", os.path.join(ROOT, "benchmarks", "bench_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    header = [line for line in lines if line.startswith("#")]
+    return header, list(csv.DictReader(line for line in lines if not line.startswith("#")))
+
+
+def test_smoke_run_writes_csv_and_table(tmp_path, capsys, bench_model):
+    out = tmp_path / "model.csv"
+    assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu"]) == 0
+    header, rows = _rows(out)
+    assert "torch " in header[0] and "triton " in header[0] and "torchao " in header[0]
+    assert header[0].split("; ")[-1].count("-") == 2  # the date
+    got = {(r["contender"], r["phase"], r["batch"]) for r in rows}
+    for c in ("bf16", "ours"):
+        assert {(c, "decode", "1"), (c, "decode", "2"), (c, "prefill", "1")} <= got
+    for r in rows:
+        assert float(r["ms"]) > 0 and math.isclose(float(r["tokens_per_s"]), int(r["tokens"]) / float(r["ms"]) * 1e3, rel_tol=1e-3)
+        if r["contender"] == "ours":
+            # two e4m3 layers: each GEMM operand within 1/28 of its block amax, ~28 dB per layer
+            assert float(r["sqnr_db"]) > 20
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    table_at = max(i for i, line in enumerate(printed) if line.startswith("| phase |"))
+    assert printed[table_at + 2].startswith("| decode | 1 x 1 | bf16 |")
+    assert (tmp_path / "model.md").read_text().count("| ours |") == 3
+
+
+def test_torchao_missing_is_a_note_not_a_failure(tmp_path, capsys, bench_model, monkeypatch):
+    monkeypatch.setattr(bench_model, "torchao_config", lambda: (None, "torchao not importable (ImportError: test)"))
+    out = tmp_path / "m.csv"
+    assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu", "--decode-batches", "1", "--iters", "1"]) == 0
+    _, rows = _rows(out)
+    assert {r["contender"] for r in rows} == {"bf16", "ours"}
+    assert "note: torchao skipped: torchao not importable (ImportError: test)" in capsys.readouterr().out
