@@ -186,9 +186,12 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize")
 # the skinny (weight-streaming) Triton kernel wins the decode range, the persistent TMA kernel and
 # cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
 # (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
-CUBLAS_MIN_M = 128  # auto uses cuBLAS for M >= this where cuBLAS supports the call
+CUBLAS_MIN_M = 64  # auto uses cuBLAS for M >= this where cuBLAS supports the call
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
-FUSED_QUANT_MAX_M = 16  # linear: quantize inside the skinny GEMM for M <= this
+# linear: quantize inside the skinny GEMM for M <= this. 0 = off: on the H100 the fused kernel
+# (which quantizes a 16-row padded tile per K block in every program) measured 132 us at M=1,
+# 8192x8192, against about 32 us for quantize + GEMM. Kept, tested, for a later rework.
+FUSED_QUANT_MAX_M = 0
 
 
 def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
@@ -356,14 +359,20 @@ def _linear_op(
     from .kernels import gemm as gemm_kernels
     from .kernels import quant
 
-    M = x.shape[0]
+    M, K = x.shape
     with _on_device(x):
         if backend == "auto" and M <= FUSED_QUANT_MAX_M and activation_dtype == w_q.dtype:
-            # decode: quantize inside the skinny GEMM, one launch (bit-identical to the two-step path)
+            # quantize inside the skinny GEMM, one launch (bit-identical to the two-step path)
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
-        # scales written M-major (strides (1, M)): what cuBLAS wants and what our kernels read best
-        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=True)
-        if _gemm_backend_for_call(backend, a_q, w_q, out_dtype) == "cublas":
+        if backend == "auto":
+            backend = choose_gemm_backend(
+                M, w_q.shape[0], K, activation_dtype, w_q.dtype, out_dtype,
+                cublas_available=cublas_blockwise_available(x.device),
+            )
+        # cuBLAS wants the activation scales M-major (strides (1, M)): write them so directly.
+        # Our kernels were tuned with row-major scales (an M-major a_scale measured slower in the TMA kernel).
+        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=backend == "cublas")
+        if backend == "cublas":
             return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 

@@ -140,8 +140,8 @@ def test_fused_rejects_large_plan():
 
 def test_plan_heuristic_ranges():
     assert G.plan(1, 8192, 8192, tma=True).kind == "skinny"
-    assert G.plan(64, 8192, 8192, tma=True).kind == "skinny"
-    assert G.plan(65, 8192, 8192, tma=True).kind == "tma"
+    assert G.plan(G.SKINNY_MAX_M, 8192, 8192, tma=True).kind == "skinny"
+    assert G.plan(G.SKINNY_MAX_M + 1, 8192, 8192, tma=True).kind == "tma"
     assert G.plan(4096, 8192, 8192, tma=False).kind == "tiled"
     # split-K only where N alone leaves the card under-filled
     assert G.plan(1, 8192, 8192, tma=True).split_k > 1

@@ -47,7 +47,7 @@ from .quant import quantize_rows
 from .rounding import FloatFormat, cast_rtne, output_format_constexprs
 
 SCALE_BLOCK = 128
-SKINNY_MAX_M = 64  # largest M served by the swapped-operand kernel (see plan())
+SKINNY_MAX_M = 32  # largest M served by the swapped-operand kernel (see plan())
 
 try:  # host-side tensor descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
