@@ -26,6 +26,7 @@ setup(
         # numpy: Triton's CPU interpreter imports it
         "test": ["pytest>=8", "hypothesis>=6.100", "numpy", "transformers>=5", "accelerate>=1.0"],
         "bench": ["matplotlib>=3.8"],
+        "hf": ["transformers>=5", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["blockwise-fp8=blockwise_fp8.__main__:main"]},
 )

@@ -474,6 +474,15 @@ def load_quantized(
                 else:
                     owner._buffers[leaf] = new
                 done.add(n)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        warnings.warn(
+            f"after loading {where}, {len(still_meta)} tensors of the model are still on the meta device "
+            f"({', '.join(still_meta[:_MAX_LISTED])}): they are not in the checkpoint (non-persistent buffers such "
+            "as rotary tables are computed at construction). Build the model with parameters only on meta, e.g. "
+            "accelerate's init_empty_weights(include_buffers=False).",
+            stacklevel=2,
+        )
     return LoadResult(
         quantized=sorted(quantized), loaded=sorted(plain), missing_keys=missing, unexpected_keys=unexpected,
         weight_dtype=next(iter(weight_dtypes)) if weight_dtypes else None,

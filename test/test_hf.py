@@ -86,6 +86,24 @@ def test_save_then_load_quantized(tmp_path, tie):
         assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
 
 
+def test_load_into_a_model_built_without_memory(tmp_path):
+    """The workflow for checkpoints larger than memory: parameters on meta, buffers (rotary
+    tables, not in the checkpoint) real."""
+    from accelerate import init_empty_weights
+
+    m = _quantized()
+    path = save_quantized(m, tmp_path / "ck")
+    with init_empty_weights(include_buffers=False):
+        skeleton = LlamaForCausalLM._from_config(_config(), dtype=torch.bfloat16).eval()
+    assert skeleton.model.layers[0].mlp.up_proj.weight.is_meta
+    load_quantized(skeleton, path, device="cpu")
+    assert torch.equal(_logits(skeleton), _logits(m))
+    with torch.device("meta"):  # everything on meta: the rotary table cannot come from the checkpoint
+        all_meta = LlamaForCausalLM._from_config(_config(), dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"still on the meta device \(model.rotary_emb.inv_freq"):
+        load_quantized(all_meta, path)
+
+
 def _file_tensors(path):
     with safe_open(str(path / "model.safetensors"), "pt") as h:
         return {k: h.get_tensor(k) for k in h.keys()}
