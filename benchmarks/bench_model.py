@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-torchao", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="skip what is left after this many seconds")
     args = ap.parse_args(argv)
     for name in ("layers", "prefill", "ctx", "iters"):
         v = getattr(args, name)

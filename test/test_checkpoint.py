@@ -423,3 +423,16 @@ def test_partial_blocks_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         save_quantized(m, tmp_path / "b")
+
+
+def test_loads_into_an_already_quantized_model(tmp_path):
+    m = _quantized(tie=False)
+    out = save_quantized(m, tmp_path / "ck")
+    other = _quantized(tie=False)
+    with torch.no_grad():
+        other.norm.weight.fill_(3.0)
+    before = other.up.weight
+    load_quantized(other, out)
+    assert other.up.weight is not before and isinstance(other.up.weight, BlockwiseFP8Tensor)
+    ids = torch.randint(0, 96, (2, 4))
+    assert torch.equal(other(ids), m(ids))

@@ -116,7 +116,11 @@ def test_transformers_finegrained_fp8_loader_reads_our_checkpoint(tmp_path, weig
     and its logits must match our model's up to the activation quantization that only we do."""
     m = _quantized(weight_dtype)
     path = save_quantized(m, tmp_path / "ck")
-    loaded = AutoModelForCausalLM.from_pretrained(path)
+    from transformers import FineGrainedFP8Config
+
+    # dequantize=True is what transformers picks by itself without a GPU; asking for it makes the
+    # test the same on a CUDA machine (whose FP8Linear kernels come from the Hub, unreachable offline)
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=FineGrainedFP8Config(dequantize=True))
     files = _file_tensors(path)
     weight_only = _model()  # same values as m before quantization
     for name in _linear_names(m):
