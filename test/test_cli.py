@@ -195,3 +195,22 @@ def test_command_line_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "quantize" in capsys.readouterr().out
+
+
+def test_bench_runs_the_benchmark_scripts(tmp_path, capsys, monkeypatch):
+    """With a GPU, bench hands over to benchmarks/bench_gemm.py (or bench_model.py), passing the
+    remaining arguments on; the scripts themselves are checked elsewhere (test_bench_model.py)."""
+    from blockwise_fp8 import cli
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["bench", "--out", str(tmp_path / "r"), "--ms", "1,16"]) == 0
+    assert main(["bench", "--model", "--out", str(tmp_path / "r"), "--layers", "2"]) == 0
+    gemm, model = calls
+    assert gemm[0] == sys.executable and gemm[1].endswith(os.path.join("benchmarks", "bench_gemm.py"))
+    assert gemm[2:] == ["--out", str(tmp_path / "r"), "--ms", "1,16"] and os.path.isfile(gemm[1])
+    assert model[1].endswith(os.path.join("benchmarks", "bench_model.py")) and os.path.isfile(model[1])
+    assert model[2:] == ["--out", str(tmp_path / "r" / "model.csv"), "--layers", "2"]
+    monkeypatch.setattr(cli, "BENCHMARKS", tmp_path / "nowhere")
+    assert main(["bench"]) == 1 and "not found" in capsys.readouterr().err
