@@ -282,6 +282,7 @@ def load_quantized(
     backend: str = "auto",
     device=None,
     strict: bool = True,
+    _shard=None,
 ) -> LoadResult:
     """Load a DeepSeek/HF blockwise FP8 checkpoint into ``model``.
 
@@ -442,11 +443,19 @@ def load_quantized(
     with torch.no_grad(), contextlib.ExitStack() as stack:
         handles: dict = {}
 
-        def read(key: str) -> torch.Tensor:
+        def read(key: str, index=None) -> torch.Tensor:
             f = str(ckpt.entries[key].file)
             if f not in handles:
                 handles[f] = stack.enter_context(safe_open(f, framework="pt"))
-            return handles[f].get_tensor(key)
+            if index is None:
+                return handles[f].get_tensor(key)
+            return handles[f].get_slice(key)[index]
+
+        # The hook of blockwise_fp8.distributed.load_sharded: ``_shard(name, old)`` returns None
+        # (read the whole tensor) or (index, wrap): read only ``index`` (a tuple of slices, block
+        # aligned for quantized weights) and store ``wrap(local tensor)`` (a DTensor).
+        def shard_of(name: str, old: torch.Tensor):
+            return (None, None) if _shard is None else (_shard(name, old) or (None, None))
 
         for _, kind, name, key, skey in order:
             if kind == "q":
@@ -454,16 +463,25 @@ def load_quantized(
                 old = module.weight
                 dev = target_device(old)
                 hp = old.dtype if old.dtype in HP_DTYPES else torch.bfloat16
+                index, wrap = shard_of(key, old)
+                sindex = None if index is None else tuple(
+                    slice(s.start // WEIGHT_BLOCK, _cdiv(s.stop, WEIGHT_BLOCK)) for s in index
+                )
                 t = BlockwiseFP8Tensor(
-                    read(key).to(dev), read(skey).to(dev), (WEIGHT_BLOCK, WEIGHT_BLOCK),
+                    read(key, index).to(dev), read(skey, sindex).to(dev), (WEIGHT_BLOCK, WEIGHT_BLOCK),
                     activation_dtype=activation_dtype, backend=backend, hp_dtype=hp,
                 )
+                if wrap is not None:
+                    t = wrap(t)
                 module.weight = torch.nn.Parameter(t, requires_grad=False)
                 continue
             if name in done:
                 continue
             old = state[name]
-            value = read(key).to(device=target_device(old), dtype=old.dtype)
+            index, wrap = shard_of(name, old)
+            value = read(key, index).to(device=target_device(old), dtype=old.dtype)
+            if wrap is not None:
+                value = wrap(value)
             is_param = isinstance(old, torch.nn.Parameter)
             new = torch.nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
             for n in ties.get(name, (name,)):

@@ -240,6 +240,13 @@ class BlockwiseFP8Tensor(TorchAOBaseTensor):
         impl = _ATEN_IMPLS.get(func)
         if impl is not None:
             return impl(func, types, args, kwargs)
+        if _is_collective(func):
+            if func._opname in _C10D_MOVES:
+                return _c10d_move(func, args, kwargs)
+            raise NotImplementedError(
+                f"BlockwiseFP8Tensor does not support the collective {func}: only data movement (scatter, "
+                "broadcast, all-gather, send/recv) is defined for quantized weights, not reductions"
+            )
         return _dequantize_fallback(func, args, kwargs)
 
 
@@ -658,6 +665,129 @@ def _(func, types, args, kwargs):
     return self._with(self.qdata.pin_memory(), self.scale.pin_memory())
 
 
+@implements(aten.cat.default)
+def _(func, types, args, kwargs):
+    tensors = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not all(isinstance(t, BlockwiseFP8Tensor) for t in tensors):
+        raise NotImplementedError(
+            "cat: every tensor must be a BlockwiseFP8Tensor to concatenate quantized weights; dequantize first"
+        )
+    first = tensors[0]
+    dim = dim % first.dim()
+    other = 1 - dim
+    for t in tensors:
+        if t.shape[other] != first.shape[other] or t.qdata.dtype != first.qdata.dtype:
+            raise ValueError(
+                f"cat along dim {dim}: all BlockwiseFP8Tensors need the same size of dim {other} and the same FP8 "
+                f"dtype, got shapes {[tuple(x.shape) for x in tensors]} and dtypes {[x.qdata.dtype for x in tensors]}"
+            )
+    for t in tensors[:-1]:
+        if t.shape[dim] % first.block_size[dim]:
+            raise ValueError(
+                f"cat along dim {dim}: every tensor but the last needs a multiple of {first.block_size[dim]} there, "
+                f"so that the scales of the result tile it in whole blocks; got sizes {[x.shape[dim] for x in tensors]}"
+            )
+    qdata = torch.cat([t.qdata.view(torch.uint8) for t in tensors], dim).view(first.qdata.dtype)
+    scale = torch.cat([t.scale for t in tensors], dim)
+    return first._with(qdata, scale)
+
+
+# ---------------------------------------------------------------------- collectives (DTensor)
+# torch.distributed moves a BlockwiseFP8Tensor by moving its two components: the FP8 values
+# (as uint8 bytes, which every backend carries) and the float32 scales. Only data movement is
+# defined; a reduction of quantized weights has no meaning and is refused.
+
+_C10D_MOVES = {"scatter_", "broadcast_", "allgather_", "_allgather_base_", "allgather_into_tensor_coalesced_",
+               "send", "recv_", "recv_any_source_"}
+
+
+def _component(part: str):
+    def pick(t):
+        return t.qdata.view(torch.uint8) if part == "qdata" else t.scale
+    return pick
+
+
+def _check_all_quantized(func, args, kwargs) -> None:
+    flat = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    if not all(isinstance(a, BlockwiseFP8Tensor) for a in flat):
+        raise NotImplementedError(
+            f"{func}: mixes BlockwiseFP8Tensors and plain tensors; a collective moves either quantized weights "
+            "or plain tensors, not both"
+        )
+
+
+def _c10d_move(func, args, kwargs):
+    """In-place collectives (scatter_, broadcast_, allgather_, ...): run once per component."""
+    _check_all_quantized(func, args, kwargs)
+    a_args, a_kwargs = pytree.tree_map_only(BlockwiseFP8Tensor, _component("qdata"), (args, kwargs))
+    out = func(*a_args, **a_kwargs)
+    work = out[1] if isinstance(out, (tuple, list)) and len(out) == 2 else None
+    if work is not None and hasattr(work, "wait"):
+        work.wait()  # the caller waits on the second (scale) work only
+    b_args, b_kwargs = pytree.tree_map_only(BlockwiseFP8Tensor, _component("scale"), (args, kwargs))
+    out = func(*b_args, **b_kwargs)
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return (args[0], out[1])  # every such op returns its first (output) argument and a Work
+    return out
+
+
+def _is_collective(func) -> bool:
+    return getattr(func, "namespace", None) in ("c10d", "_c10d_functional", "_c10d_functional_autograd")
+
+
+def _all_gather_into_tensor(func, types, args, kwargs):
+    self, group_size, group_name = args[0], args[1], args[2]
+    if self.shape[0] % self.block_size[0]:
+        raise ValueError(
+            f"all_gather of a BlockwiseFP8Tensor of shape {tuple(self.shape)} along dim 0 needs a multiple of "
+            f"{self.block_size[0]} rows per rank, so that the gathered scales tile whole blocks"
+        )
+    qdata = func(self.qdata.view(torch.uint8), group_size, group_name).view(self.qdata.dtype)
+    scale = func(self.scale, group_size, group_name)
+    return self._with(qdata, scale)
+
+
+def _functional_broadcast(func, types, args, kwargs):
+    self = args[0]
+    qdata = func(self.qdata.view(torch.uint8), *args[1:], **kwargs).view(self.qdata.dtype)
+    scale = func(self.scale, *args[1:], **kwargs)
+    return self._with(qdata, scale)
+
+
+def _wait_tensor(func, types, args, kwargs):
+    self = args[0]
+    func(self.qdata)
+    func(self.scale)
+    return self
+
+
+def _wait_components(func, types, args, kwargs):
+    # _wrap_tensor_autograd (torch >= 2.12) would wrap the result in an AsyncCollectiveTensor to
+    # wait lazily; a BlockwiseFP8Tensor waits for both components now and stays what it is.
+    self = args[0]
+    torch.ops._c10d_functional.wait_tensor(self.qdata)
+    torch.ops._c10d_functional.wait_tensor(self.scale)
+    return self
+
+
+def _register_functional_collectives() -> None:
+    # torch builds without distributed support have no _c10d_functional ops.
+    if not torch.distributed.is_available():
+        return
+    ns = torch.ops._c10d_functional
+    for name, impl in (("all_gather_into_tensor", _all_gather_into_tensor), ("broadcast", _functional_broadcast),
+                       ("wait_tensor", _wait_tensor), ("_wrap_tensor_autograd", _wait_components)):
+        try:
+            op = getattr(ns, name).default
+        except (AttributeError, RuntimeError):
+            continue
+        _ATEN_IMPLS[op] = impl
+
+
+_register_functional_collectives()
+
+
 # ---------------------------------------------------------------------- everything else
 
 
@@ -679,6 +809,8 @@ def _is_pure(func) -> bool:
 
 
 def _dequantize_fallback(func, args, kwargs):
+    # Collectives' schemas do not mark the tensors they write (c10d.scatter_ fills its outputs
+    # in place), so _is_pure cannot vouch for them; they never reach this point.
     if not _is_pure(func):
         raise NotImplementedError(
             f"BlockwiseFP8Tensor does not support {func}: it mutates or aliases its input, so it "
