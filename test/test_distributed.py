@@ -281,7 +281,7 @@ def test_column_parallel_linear_is_bit_exact(ranks, oracle, layer, proj):
     for rank, r in enumerate(ranks):
         x, y = r["decoder_linears"][f"layers.{layer}.{proj}"]
         assert y.shape[-1] == n
-        want = F.linear(x.to(w.device), w[rank * n:(rank + 1) * n]).cpu()
+        want = F.linear(x.to(w.device), w[rank * n:(rank + 1) * n].contiguous()).cpu()
         assert torch.equal(y, want), f"rank {rank}: max diff {(y.float() - want.float()).abs().max()}"
 
 
@@ -294,7 +294,7 @@ def test_row_parallel_linear_is_the_bf16_sum_of_exact_partials(ranks, oracle, la
     for rank, r in enumerate(ranks):
         x, _ = r["decoder_linears"][f"layers.{layer}.{proj}"]
         assert x.shape[-1] == k
-        partials.append(F.linear(x.to(w.device), w[:, rank * k:(rank + 1) * k]).cpu())
+        partials.append(F.linear(x.to(w.device), w[:, rank * k:(rank + 1) * k].contiguous()).cpu())
     want = partials[0] + partials[1]  # bf16 + bf16, rounded once: what a 2-rank all-reduce computes
     for rank, r in enumerate(ranks):
         _, y = r["decoder_linears"][f"layers.{layer}.{proj}"]
@@ -383,3 +383,16 @@ def test_check_plan_without_processes():
         check_plan(m, "2", plan)
     with pytest.raises(ValueError, match="at least 1"):
         check_plan(m, 0, plan)
+@pytest.mark.skipif(GPU, reason="the smoke run is the CPU mode; on GPUs run the benchmark itself")
+def test_tp_benchmark_smoke(tmp_path):
+    csv = tmp_path / "tp.csv"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         str(REPO / "benchmarks" / "bench_tp.py"), "--smoke", "--csv", str(csv)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = csv.read_text().strip().splitlines()
+    assert rows[0].startswith("date,") and len(rows) == 1 + 4  # {bf16, ours} x {prefill, decode}
+    assert "tokens/s" in proc.stdout
