@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from . import ops
+from .config import DEFAULT_SKIP, compile_skip_patterns
 from .tensor import HP_DTYPES, WEIGHT_BLOCK, BlockwiseFP8Tensor
 
 __all__ = [
@@ -68,7 +69,6 @@ FMT_TO_DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 DTYPE_TO_FMT = {v: k for k, v in FMT_TO_DTYPE.items()}
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # bytes per safetensors shard
 # Output heads stay in high precision, as in the published FP8 checkpoints.
-DEFAULT_SKIP = ("lm_head",)
 
 # safetensors' dtype names (as ``get_slice(k).get_dtype()`` reports them).
 _ST_DTYPES = {
@@ -743,26 +743,12 @@ def skip_filter(patterns: Sequence[str] = DEFAULT_SKIP) -> Callable[[torch.nn.Mo
 
         quantize_(model, BlockwiseFP8Config(), filter_fn=skip_filter())   # lm_head stays bf16
     """
-    compiled = _compile_patterns(patterns)
+    compiled = compile_skip_patterns(patterns)
 
     def filter_fn(module: torch.nn.Module, fqn: str) -> bool:
         return isinstance(module, torch.nn.Linear) and not any(p.search(fqn) for p in compiled)
 
     return filter_fn
-
-
-def _compile_patterns(patterns) -> list:
-    if isinstance(patterns, str):
-        raise TypeError(f"patterns must be a sequence of strings, got the string {patterns!r}; wrap it in a list")
-    out = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"a skip pattern must be a string, got {type(p).__name__}")
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"skip pattern {p!r} is not a valid regular expression: {e}") from e
-    return out
 
 
 def _linear_names_from_config(config: dict, where: Path) -> set:
@@ -891,7 +877,7 @@ def quantize_checkpoint(
             f"{src} has neither {SAFETENSORS_NAME} nor {INDEX_NAME}"
             + (f" (it has {others}: only safetensors weights are read)" if others else "")
         )
-    patterns = _compile_patterns(list(DEFAULT_SKIP) + list(skip))
+    patterns = compile_skip_patterns(list(DEFAULT_SKIP) + list(skip))
     max_shard_size = _parse_size(max_shard_size)
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,6 +10,7 @@ it is with a warning that names the module; nothing is skipped silently.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 import warnings
@@ -22,15 +23,37 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from . import ops
 from .tensor import HP_DTYPES, WEIGHT_BLOCK, BlockwiseFP8Tensor
 
-__all__ = ["BlockwiseFP8Config", "BlockwiseFP8SkipWarning", "MIN_FEATURES"]
+__all__ = ["BlockwiseFP8Config", "BlockwiseFP8SkipWarning", "DEFAULT_SKIP", "MIN_FEATURES", "compile_skip_patterns"]
 
 # Below 16 in- or out-features the layer is too small for an FP8 GEMM to pay for the activation
 # quantization, and 16 is the smallest tile tensor-core dot products take.
 MIN_FEATURES = 16
 
 
+# Modules left in high precision unless asked otherwise: the output projection, as DeepSeek-V3
+# and Qwen3-FP8 checkpoints ship it (its logits feed a softmax over the whole vocabulary).
+DEFAULT_SKIP = ("lm_head",)
+
+
 class BlockwiseFP8SkipWarning(UserWarning):
     """A module selected for quantization was left in high precision."""
+
+
+def compile_skip_patterns(patterns) -> list:
+    """Regular expressions (searched in a module's fully qualified name), checked and compiled."""
+    if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)):
+        raise TypeError(
+            f"skip patterns must be a tuple or list of strings, got {patterns!r}; wrap a single pattern in a tuple"
+        )
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"a skip pattern must be a string, got {type(p).__name__}")
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"skip pattern {p!r} is not a valid regular expression: {e}") from e
+    return out
 
 
 @dataclass
@@ -42,13 +65,16 @@ class BlockwiseFP8Config(AOBaseConfig):
         activation_dtype: FP8 dtype of the activations (``float8_e4m3fn`` or ``float8_e5m2``).
         weight_dtype: FP8 dtype of the weights.
         block_size: the weight block edge and activation block width; only 128 (the GEMM's K step).
-        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        backend: "auto" (Triton on CUDA, reference on CPU), "triton", "cublas" or "reference".
+        skip: regular expressions searched in each module's fully qualified name; matching
+            modules stay in high precision. Default ``("lm_head",)``; ``()`` quantizes them all.
     """
 
     activation_dtype: torch.dtype = torch.float8_e4m3fn
     weight_dtype: torch.dtype = torch.float8_e4m3fn
     block_size: int = WEIGHT_BLOCK
     backend: str = "auto"
+    skip: tuple = DEFAULT_SKIP
 
     def __post_init__(self):
         for name in ("activation_dtype", "weight_dtype"):
@@ -67,24 +93,31 @@ class BlockwiseFP8Config(AOBaseConfig):
             )
         if self.backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {self.backend!r}")
+        self._skip_patterns = compile_skip_patterns(self.skip)
+        self.skip = tuple(self.skip)
 
 
-def _module_name(module: torch.nn.Module) -> str:
-    """The module's name in the model being quantized, for warnings.
+def _module_fqn() -> str | None:
+    """The fully qualified name of the module that ``quantize_`` is handing to our handler.
 
     torchao's handlers receive the module but not its name. ``quantize_`` walks the model in
     ``_replace_with_custom_fn_if_matches_filter`` whose local ``cur_fqn`` holds it, so look
-    there first; fall back to the module's repr when torchao walks differently.
+    there; None when torchao walks differently (or the handler is called directly).
     """
     frame = sys._getframe(1)
     for _ in range(8):
         if frame is None:
             break
         if frame.f_code.co_name == "_replace_with_custom_fn_if_matches_filter" and "cur_fqn" in frame.f_locals:
-            fqn = frame.f_locals["cur_fqn"][:-1]
-            return f"'{fqn}' ({module!r})" if fqn else repr(module)
+            return frame.f_locals["cur_fqn"][:-1]
         frame = frame.f_back
-    return repr(module)
+    return None
+
+
+def _module_name(module: torch.nn.Module) -> str:
+    """The module's name in the model being quantized, for messages; its repr if unknown."""
+    fqn = _module_fqn()
+    return f"'{fqn}' ({module!r})" if fqn else repr(module)
 
 
 def _skip(module: torch.nn.Module, why: str) -> torch.nn.Module:
@@ -125,6 +158,18 @@ def _quantized_extra_repr(module: torch.nn.Module) -> str:
 def _blockwise_fp8_transform(
     module: torch.nn.Module, config: BlockwiseFP8Config, *, parameter_name: str = "weight"
 ) -> torch.nn.Module:
+    if config.skip:
+        fqn = _module_fqn()
+        if fqn is None:
+            warnings.warn(
+                f"BlockwiseFP8Config: this torchao does not let the handler see module names, so skip="
+                f"{config.skip} cannot be applied to {module!r}; pass "
+                "filter_fn=blockwise_fp8.checkpoint.skip_filter(...) to quantize_ instead",
+                BlockwiseFP8SkipWarning,
+                stacklevel=3,
+            )
+        elif any(p.search(fqn) for p in config._skip_patterns):
+            return module  # asked for by the config: stays in high precision, no warning
     weight = getattr(module, parameter_name, None)
     why = _why_not_quantizable(weight)
     if why is not None:

@@ -407,7 +407,7 @@ def test_skip_filter():
     lin = nn.Linear(4, 4)
     assert f(lin, "model.layers.1.mlp") and not f(lin, "lm_head") and not f(lin, "model.layers.0.q")
     assert not f(nn.LayerNorm(4), "norm")
-    with pytest.raises(TypeError, match="wrap it in a list"):
+    with pytest.raises(TypeError, match="wrap a single pattern in a tuple"):
         ckpt.skip_filter("lm_head")
     with pytest.raises(ValueError, match="not a valid regular expression"):
         ckpt.skip_filter(["("])

@@ -194,3 +194,40 @@ def test_config_validation(kwargs, exc, match):
 def test_config_defaults():
     cfg = BlockwiseFP8Config()
     assert (cfg.activation_dtype, cfg.weight_dtype, cfg.block_size, cfg.backend) == (E4M3, E4M3, 128, "auto")
+
+
+class _WithHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Linear(256, 128))
+        self.lm_head = torch.nn.Linear(128, 200)
+
+
+def test_lm_head_stays_high_precision_by_default():
+    m = _WithHead()
+    quantize_(m, BlockwiseFP8Config())
+    assert type(m.lm_head.weight) is torch.nn.Parameter and m.lm_head.weight.dtype == torch.float32
+    assert all(isinstance(lin.weight, BlockwiseFP8Tensor) for lin in m.body)
+
+
+def test_skip_patterns_choose_what_stays():
+    m = _WithHead()
+    quantize_(m, BlockwiseFP8Config(skip=()))
+    assert isinstance(m.lm_head.weight, BlockwiseFP8Tensor)
+    m = _WithHead()
+    quantize_(m, BlockwiseFP8Config(skip=(r"^body\.1$",)))
+    assert isinstance(m.body[0].weight, BlockwiseFP8Tensor) and isinstance(m.lm_head.weight, BlockwiseFP8Tensor)
+    assert type(m.body[1].weight) is torch.nn.Parameter
+
+
+@pytest.mark.parametrize(
+    "skip,exc,match",
+    [
+        ("lm_head", TypeError, "tuple or list of strings"),
+        ((1,), TypeError, "a skip pattern must be a string, got int"),
+        (("(",), ValueError, "not a valid regular expression"),
+    ],
+)
+def test_bad_skip_patterns(skip, exc, match):
+    with pytest.raises(exc, match=match):
+        BlockwiseFP8Config(skip=skip)
