@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from . import ops
-from .config import DEFAULT_SKIP, compile_skip_patterns
+from .config import DEFAULT_SKIP, compile_skip_patterns, show_quantization_in_repr
 from .tensor import HP_DTYPES, WEIGHT_BLOCK, BlockwiseFP8Tensor
 
 __all__ = [
@@ -474,6 +474,7 @@ def load_quantized(
                 if wrap is not None:
                     t = wrap(t)
                 module.weight = torch.nn.Parameter(t, requires_grad=False)
+                show_quantization_in_repr(module)
                 continue
             if name in done:
                 continue

@@ -145,6 +145,11 @@ def _why_not_quantizable(weight) -> str | None:
     return None
 
 
+def show_quantization_in_repr(module: torch.nn.Module) -> None:
+    """Make ``module``'s repr name its BlockwiseFP8 weight (used by quantize_ and the loaders)."""
+    module.extra_repr = types.MethodType(_quantized_extra_repr, module)
+
+
 def _quantized_extra_repr(module: torch.nn.Module) -> str:
     # Computed from the current weight, so it stays true after load_state_dict or a weight swap.
     base = type(module).extra_repr(module)
@@ -185,5 +190,5 @@ def _blockwise_fp8_transform(
     except ValueError as e:  # NaN/Inf weights: refuse loudly, naming the module
         raise ValueError(f"BlockwiseFP8Config: cannot quantize the {parameter_name} of {_module_name(module)}: {e}") from e
     setattr(module, parameter_name, torch.nn.Parameter(quantized, requires_grad=False))
-    module.extra_repr = types.MethodType(_quantized_extra_repr, module)
+    show_quantization_in_repr(module)
     return module

@@ -221,6 +221,7 @@ def test_loads_into_a_meta_model_and_an_fp32_model(tmp_path):
     assert all(not t.is_meta for t in meta.state_dict().values())
     ids = torch.randint(0, 96, (2, 3))
     assert torch.equal(m(ids), meta(ids))
+    assert repr(meta.up) == repr(m.up) and "BlockwiseFP8(" in repr(meta.up)
     fp32 = _net(seed=1, dtype=torch.float32, tie=False)
     load_quantized(fp32, out)
     assert fp32.up.weight.dtype == torch.float32 and fp32.norm.weight.dtype == torch.float32
