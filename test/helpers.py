@@ -45,3 +45,18 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     ref = ref.double()
     noise = (ref - approx.double()).norm()
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
+
+
+def gemm_accumulation_rel(backend: str, device, K: int) -> float:
+    """Bound on the GEMM's accumulation error, relative to ``sum_k |a||w|`` per output element.
+
+    The float64 reference is exact to far below this; Triton's interpreter (numpy float32) keeps
+    float32 sums, ``K * 2**-23``; Hopper's FP8 tensor cores keep only about 14 bits inside each
+    128-long K block before the kernel promotes to float32 (DeepSeek-V3, section 3.3.2), so on
+    CUDA the bound is ``2**-12``.
+    """
+    if backend == "reference":
+        return 2.0**-40
+    if torch.device(device).type == "cuda":
+        return 2.0**-12
+    return K * 2.0**-23
