@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_python_m_runs_the_demo():
     """The README's first command: ``python -m blockwise_fp8`` with no arguments."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "-m", "blockwise_fp8"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -72,7 +72,9 @@ def round_to_format(
     normal = ((bits + ((1 << (DROP - 1)) - 1) + lsb) & (-(1 << DROP))).to(tl.float32, bitcast=True)
     ax = tl.abs(x)
     subnormal = (ax + SUBNORMAL_SHIFTER) - SUBNORMAL_SHIFTER
-    subnormal = tl.where(bits < 0, -subnormal, subnormal)  # keeps the sign of -0.0 too
+    # Put x's sign bit back with an OR: on CUDA, Triton negates as 0 - v, which turns -0.0 into
+    # +0.0 (seen on an H100; the interpreter keeps it), and a tiny negative must round to -0.0.
+    subnormal = (subnormal.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     out = tl.where(ax < MIN_NORMAL, subnormal, normal)
     nan = tl.full(x.shape, NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
     return tl.where(x != x, nan, out)
