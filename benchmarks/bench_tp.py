@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
     args = ap.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.smoke  # --smoke is the CPU (gloo) check
     rank, world = int(os.environ.get("RANK", -1)), int(os.environ.get("WORLD_SIZE", -1))
     if rank < 0:
         ap.error("launch with torchrun --nproc-per-node 2 (RANK/WORLD_SIZE are not set)")

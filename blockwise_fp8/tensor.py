@@ -38,6 +38,16 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def _weight_quant_backend(backend: str) -> str:
+    """The backend that quantizes a weight for a tensor whose linears use ``backend``.
+
+    ``backend`` chooses the GEMM. A weight is quantized once, on whatever device it sits (often
+    the CPU, before ``.to("cuda")``), and every quantizer gives the same bits, so "auto" does it
+    unless the reference was asked for; "cublas" has no quantizer of its own.
+    """
+    return "reference" if backend == "reference" else "auto"
+
+
 def _dtype_names(dtypes) -> str:
     return ", ".join(str(d) for d in dtypes)
 
@@ -168,7 +178,9 @@ class BlockwiseFP8Tensor(TorchAOBaseTensor):
             scale = torch.empty(_cdiv(w.shape[0], block_size[0]), _cdiv(w.shape[1], block_size[1]), device="meta")
         else:
             with torch.no_grad():
-                qdata, scale = ops.quantize_weight(w.detach(), dtype, block_size[1], backend=backend)
+                qdata, scale = ops.quantize_weight(
+                    w.detach(), dtype, block_size[1], backend=_weight_quant_backend(backend)
+                )
         return cls(qdata, scale, block_size, activation_dtype, backend, w.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -629,7 +641,9 @@ def _(func, types, args, kwargs):
         raise ValueError(f"copy_: shape mismatch, destination {tuple(self.shape)}, source {tuple(src.shape)}")
     # A high-precision source (a bf16 checkpoint loaded into a quantized model) is quantized
     # into this tensor's format: copying a value means storing its closest representation.
-    q, s = ops.quantize_weight(src.to(self.qdata.device), self.qdata.dtype, self.block_size[1], backend=self.backend)
+    q, s = ops.quantize_weight(
+        src.to(self.qdata.device), self.qdata.dtype, self.block_size[1], backend=_weight_quant_backend(self.backend)
+    )
     self.qdata.copy_(q)
     self.scale.copy_(s)
     return self

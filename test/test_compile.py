@@ -138,15 +138,22 @@ def test_triton_backend_compiles(kernel_device):
 
 
 @requires_cuda
-@pytest.mark.parametrize("act, wdt", [(torch.float8_e4m3fn, torch.float8_e4m3fn), (torch.float8_e5m2, torch.float8_e5m2)])
-def test_cuda_inductor_fullgraph(act, wdt):
+# Inductor fuses the block's bf16 elementwise ops differently from eager, so an activation can
+# differ by a bf16 ulp before quantization and land on the other side of an FP8 rounding
+# midpoint: the tolerance is a few FP8 steps of the activation format (seen on an H100: e5m2
+# moved 7 of 2560 outputs by up to 0.027).
+@pytest.mark.parametrize(
+    "act, wdt, tol",
+    [(torch.float8_e4m3fn, torch.float8_e4m3fn, 2**-6), (torch.float8_e5m2, torch.float8_e5m2, 2**-4)],
+)
+def test_cuda_inductor_fullgraph(act, wdt, tol):
     model = _quantized(Block, "cuda", activation_dtype=act, weight_dtype=wdt)
     cnt = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=cnt)
     with torch.no_grad():
         for b in (2, 3, 5, 9):
             x = torch.randn(b, 8, 160, dtype=torch.bfloat16, device="cuda")
-            torch.testing.assert_close(compiled(x), model(x), rtol=2**-6, atol=2**-6)
+            torch.testing.assert_close(compiled(x), model(x), rtol=tol, atol=tol)
     assert cnt.frame_count <= 2 and _no_graph_breaks()
     assert isinstance(model.q.weight, BlockwiseFP8Tensor) and model.q.weight.is_cuda
 

@@ -383,7 +383,6 @@ def test_check_plan_without_processes():
         check_plan(m, "2", plan)
     with pytest.raises(ValueError, match="at least 1"):
         check_plan(m, 0, plan)
-@pytest.mark.skipif(GPU, reason="the smoke run is the CPU mode; on GPUs run the benchmark itself")
 def test_tp_benchmark_smoke(tmp_path):
     csv = tmp_path / "tp.csv"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -427,3 +427,18 @@ def test_weight_requiring_grad_warns_once_that_it_is_frozen(monkeypatch):
         F.linear(x, p)  # once only
         with torch.no_grad():
             F.linear(x, p)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_gemm_backend_does_not_decide_where_the_weight_is_quantized(backend, monkeypatch):
+    """A CPU weight with a GPU-only GEMM backend (to be moved to CUDA later) still quantizes, to
+    the reference's bits; the backend is checked when a linear runs, with a clear error."""
+    from blockwise_fp8 import ops
+
+    monkeypatch.setattr(ops, "_interpreting", lambda: False)
+    w = _weight()
+    t = BlockwiseFP8Tensor.from_hp(w, backend=backend)
+    q, s = reference.quantize(w, (128, 128), torch.float8_e4m3fn)
+    assert torch.equal(t.qdata.view(torch.uint8), q.view(torch.uint8)) and torch.equal(t.scale, s)
+    with pytest.raises(ops.BackendUnavailableError, match=f"backend='{backend}'"):
+        F.linear(torch.randn(2, 200, dtype=torch.bfloat16), t)
