@@ -38,12 +38,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _weight_quant_backend(backend: str) -> str:
-    """The backend that quantizes a weight for a tensor whose linears use ``backend``.
+def _elementwise_backend(backend: str) -> str:
+    """The backend that quantizes or dequantizes the weight of a tensor whose linears use ``backend``.
 
-    ``backend`` chooses the GEMM. A weight is quantized once, on whatever device it sits (often
-    the CPU, before ``.to("cuda")``), and every quantizer gives the same bits, so "auto" does it
-    unless the reference was asked for; "cublas" has no quantizer of its own.
+    ``backend`` chooses the GEMM. The weight is (de)quantized on whatever device it sits (often
+    the CPU, before ``.to("cuda")``), and every implementation gives the same bits, so "auto" does
+    it unless the reference was asked for; "cublas" has no quantizer of its own.
     """
     return "reference" if backend == "reference" else "auto"
 
@@ -179,14 +179,14 @@ class BlockwiseFP8Tensor(TorchAOBaseTensor):
         else:
             with torch.no_grad():
                 qdata, scale = ops.quantize_weight(
-                    w.detach(), dtype, block_size[1], backend=_weight_quant_backend(backend)
+                    w.detach(), dtype, block_size[1], backend=_elementwise_backend(backend)
                 )
         return cls(qdata, scale, block_size, activation_dtype, backend, w.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight in high precision (``dtype``, default ``self.dtype``) as a plain tensor."""
         dtype = self.dtype if dtype is None else dtype
-        return ops.dequantize(self.qdata, self.scale, self.block_size, dtype, backend=self.backend)
+        return ops.dequantize(self.qdata, self.scale, self.block_size, dtype, backend=_elementwise_backend(self.backend))
 
     @property
     def activation_block_size(self) -> tuple[int, int]:
@@ -367,7 +367,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
         w_q, w_scale = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ops.dequantize(w_q, w_scale, (WEIGHT_BLOCK, WEIGHT_BLOCK), torch.float32, backend=ctx.backend)
+            w = ops.dequantize(
+                w_q, w_scale, (WEIGHT_BLOCK, WEIGHT_BLOCK), torch.float32, backend=_elementwise_backend(ctx.backend)
+            )
             grad_x = (grad_out.float() @ w).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -642,7 +644,7 @@ def _(func, types, args, kwargs):
     # A high-precision source (a bf16 checkpoint loaded into a quantized model) is quantized
     # into this tensor's format: copying a value means storing its closest representation.
     q, s = ops.quantize_weight(
-        src.to(self.qdata.device), self.qdata.dtype, self.block_size[1], backend=_weight_quant_backend(self.backend)
+        src.to(self.qdata.device), self.qdata.dtype, self.block_size[1], backend=_elementwise_backend(self.backend)
     )
     self.qdata.copy_(q)
     self.scale.copy_(s)

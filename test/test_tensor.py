@@ -440,5 +440,6 @@ def test_gemm_backend_does_not_decide_where_the_weight_is_quantized(backend, mon
     t = BlockwiseFP8Tensor.from_hp(w, backend=backend)
     q, s = reference.quantize(w, (128, 128), torch.float8_e4m3fn)
     assert torch.equal(t.qdata.view(torch.uint8), q.view(torch.uint8)) and torch.equal(t.scale, s)
+    assert torch.equal(t.dequantize(torch.float32), reference.dequantize(q, s, (128, 128), torch.float32))
     with pytest.raises(ops.BackendUnavailableError, match=f"backend='{backend}'"):
         F.linear(torch.randn(2, 200, dtype=torch.bfloat16), t)
