@@ -62,23 +62,6 @@ def versions() -> dict:
             "triton": ver("triton"), "torchao": ver("torchao")}
 
 
-def plan():
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    p = {f"layers.*.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
-    p.update({f"layers.*.{n}": RowwiseParallel() for n in ("o_proj", "down_proj")})
-    return p
-
-
-def localize(model: DecoderStack, tp: int) -> None:
-    c = model.cfg
-    local = dataclasses.replace(c, hidden=c.hidden // tp, heads=c.heads // tp, kv_heads=c.kv_heads // tp,
-                                ffn=c.ffn // tp)
-    model.cfg = local
-    for layer in model.layers:
-        layer.cfg = local
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -114,8 +97,8 @@ def build(cfg, device, mesh, quantized: bool, max_len: int) -> DecoderStack:
     m = init_weights(DecoderStack(cfg, max_len=max_len).to(device), seed=0).to(torch.bfloat16)
     if quantized:
         quantize_(m, BlockwiseFP8Config())
-    bdist.parallelize(m, mesh, plan())
-    localize(m, mesh.size())
+    bdist.parallelize(m, mesh, DecoderStack.tensor_parallel_plan())
+    m.localize_for_tensor_parallel(mesh.size())
     return m
 
 

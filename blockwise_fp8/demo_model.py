@@ -8,7 +8,9 @@ a decode step a fixed-shape function of ``(hidden, pos)``, which is what CUDA gr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -150,6 +152,28 @@ class DecoderStack(nn.Module):
         for layer in self.layers:
             x = layer.decode(x, pos, cos, sin)
         return self.norm(x)
+
+    @staticmethod
+    def tensor_parallel_plan() -> dict:
+        """The Megatron-style plan for ``parallelize_module``: q/k/v/gate/up split their outputs
+        (column-wise), o/down their inputs (row-wise, one all-reduce per block)."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        plan = {f"layers.*.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
+        plan.update({f"layers.*.{n}": RowwiseParallel() for n in ("o_proj", "down_proj")})
+        return plan
+
+    def localize_for_tensor_parallel(self, tp: int) -> None:
+        """After sharding with :meth:`tensor_parallel_plan` over ``tp`` ranks: each rank computes
+        heads/tp query heads, kv_heads/tp KV heads and ffn/tp MLP channels (the layers read those
+        sizes from their ``cfg`` when reshaping)."""
+        c = self.cfg
+        local = dataclasses.replace(
+            c, hidden=c.hidden // tp, heads=c.heads // tp, kv_heads=c.kv_heads // tp, ffn=c.ffn // tp
+        )
+        self.cfg = local
+        for layer in self.layers:
+            layer.cfg = local
 
 
 class TinyLM(nn.Module):

@@ -17,7 +17,6 @@ device from the same seeds:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import subprocess
@@ -47,21 +46,6 @@ def _device(rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if GPU else torch.device("cpu")
 
 
-def _plan(parallel):
-    Col, Row = parallel.ColwiseParallel, parallel.RowwiseParallel
-    plan = {f"layers.*.{n}": Col() for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
-    plan.update({f"layers.*.{n}": Row() for n in ("o_proj", "down_proj")})
-    return plan
-
-
-def _localize(model: DecoderStack, tp: int) -> None:
-    """Each rank computes heads/tp query heads, kv_heads/tp KV heads, ffn/tp MLP channels."""
-    c = model.cfg
-    local = dataclasses.replace(c, hidden=c.hidden // tp, heads=c.heads // tp, kv_heads=c.kv_heads // tp,
-                                ffn=c.ffn // tp)
-    model.cfg = local
-    for layer in model.layers:
-        layer.cfg = local
 
 
 def _quantized_model(device, seed=0) -> DecoderStack:
@@ -119,8 +103,8 @@ def _worker(rank: int, port: int, outdir: str, ckpt: str) -> None:
     try:
         # 1. the decoder, parallelized from a full quantized copy (rank 0's weights scattered)
         model = _quantized_model(dev)
-        bdist.parallelize(model, mesh, _plan(parallel))
-        _localize(model, WORLD)
+        bdist.parallelize(model, mesh, DecoderStack.tensor_parallel_plan())
+        model.localize_for_tensor_parallel(WORLD)
         acts: dict = {}
         hooks = _record_linears(model, acts)
         with torch.no_grad():
@@ -195,14 +179,14 @@ def _worker(rank: int, port: int, outdir: str, ckpt: str) -> None:
             with torch.device("meta"):
                 meta = DecoderStack(CFG, max_len=64).to(torch.bfloat16)
             quantize_(meta, BlockwiseFP8Config(backend=BACKEND))
-            bdist.parallelize(meta, mesh, _plan(parallel))
+            bdist.parallelize(meta, mesh, DecoderStack.tensor_parallel_plan())
             result = bdist.load_sharded(meta, ckpt, device=dev, backend=BACKEND)
         finally:
             safetensors.safe_open = real_open
         cos, sin = _rope_tables(CFG, 64, device=dev)
         # non-persistent buffers: computed, not stored (bf16, as .to(bfloat16) made them)
         meta.cos, meta.sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
-        _localize(meta, WORLD)
+        meta.localize_for_tensor_parallel(WORLD)
         with torch.no_grad():
             out["loaded_out"] = meta(_input(dev)).cpu()
         out["loaded_reads"] = reads

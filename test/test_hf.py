@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")  # transformers' FP8 loader refuses to run wit
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from blockwise_fp8 import BlockwiseFP8Config, BlockwiseFP8Tensor  # noqa: E402
-from blockwise_fp8.checkpoint import load_quantized, save_quantized, skip_filter  # noqa: E402
+from blockwise_fp8.checkpoint import load_quantized, save_quantized  # noqa: E402
 
 from .helpers import expand_blocks, sqnr_db  # noqa: E402
 

@@ -5,7 +5,6 @@ import io
 
 import pytest
 import torch
-import torch.nn as nn
 from torchao.quantization import quantize_
 
 from blockwise_fp8 import BlockwiseFP8Config, BlockwiseFP8Tensor
