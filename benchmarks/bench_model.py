@@ -80,6 +80,20 @@ def time_ms(fn, device: torch.device, iters: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def profile_table(call, device: torch.device, calls: int = 5, rows: int = 25) -> str:
+    """The kernels one contender runs in ``calls`` calls, by total device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def torchao_config():
     """torchao's blockwise path, or (None, why) when it cannot be built here."""
     try:
@@ -166,7 +180,7 @@ def run(args) -> tuple[list, list, str]:
         ph: torch.randn((b, 1 if ph[0] == "decode" else prefill, cfg.hidden), generator=g, device=device, dtype=torch.bfloat16)
         for ph in phases for b in [ph[1]]
     }
-    rows, ref_out = [], {}
+    rows, ref_out, profiles = [], {}, []
     for name, model in models.items():
         for phase, batch in phases:
             elapsed = time.monotonic() - t_start
@@ -188,6 +202,8 @@ def run(args) -> tuple[list, list, str]:
                         call = lambda: fn(x)  # noqa: E731
                     out = call().clone()
                     ms = time_ms(call, device, iters if phase == "decode" else max(1, iters // 5))
+                    if args.profile:
+                        profiles.append(f"## {name} {phase} batch {batch}: 5 calls\n{profile_table(call, device)}")
             except Exception as e:  # noqa: BLE001 -- one failing contender must not hide the others
                 notes.append(f"{name} {phase} b{batch} failed: {type(e).__name__}: {str(e)[:300]}")
                 log("note:", notes[-1])
@@ -212,6 +228,12 @@ def run(args) -> tuple[list, list, str]:
     for r in rows:
         b = next((s for s in rows if s["contender"] == "bf16" and (s["phase"], s["batch"]) == (r["phase"], r["batch"])), None)
         r["x_bf16"] = b["ms"] / r["ms"] if b else float("nan")
+    if profiles:
+        path = os.path.splitext(args.out)[0] + ".profile.txt"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(header) + "\n\n" + "\n\n".join(profiles) + "\n")
+        log(f"profiles written to {path}")
     return rows, notes, "\n".join(header)
 
 
@@ -248,6 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write <out>.profile.txt: the kernels of each contender and phase (torch.profiler)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="skip what is left after this many seconds")
     args = ap.parse_args(argv)
     for name in ("layers", "prefill", "ctx", "iters"):

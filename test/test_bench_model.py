@@ -49,7 +49,12 @@ def test_smoke_run_writes_csv_and_table(tmp_path, capsys, bench_model):
 def test_torchao_missing_is_a_note_not_a_failure(tmp_path, capsys, bench_model, monkeypatch):
     monkeypatch.setattr(bench_model, "torchao_config", lambda: (None, "torchao not importable (ImportError: test)"))
     out = tmp_path / "m.csv"
-    assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu", "--decode-batches", "1", "--iters", "1"]) == 0
+    assert bench_model.main(
+        ["--smoke", "--out", str(out), "--device", "cpu", "--decode-batches", "1", "--iters", "1", "--profile"]
+    ) == 0
     _, rows = _rows(out)
     assert {r["contender"] for r in rows} == {"bf16", "ours"}
+    # --profile: one kernel table per contender and phase; ours runs our custom op
+    profile = (tmp_path / "m.profile.txt").read_text()
+    assert profile.count("\n## ") == 4 and "blockwise_fp8::linear" in profile
     assert "note: torchao skipped: torchao not importable (ImportError: test)" in capsys.readouterr().out
