@@ -172,12 +172,20 @@ class _Checkpoint:
     root: Path
 
 
-def _read_index(index: Path) -> dict:
+def _read_json_object(path: Path, error=CheckpointError) -> dict:
+    """A JSON file that must hold an object; ``error`` (a ValueError) says what is wrong."""
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index} is not valid JSON: {e}") from e
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        raise error(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_index(index: Path) -> dict:
+    data = _read_json_object(index)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no 'weight_map' object mapping tensor names to shard files")
     return weight_map
@@ -194,12 +202,7 @@ def _open_checkpoint(path) -> _Checkpoint:
     if path.is_dir():
         config_file = path / CONFIG_NAME
         if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+            config = _read_json_object(config_file)
         if (path / INDEX_NAME).is_file():
             weight_map = _read_index(path / INDEX_NAME)
             files = sorted({path / f for f in weight_map.values()})
@@ -861,12 +864,7 @@ def quantize_checkpoint(
     config_file = src / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_NAME}; expected a Hugging Face model directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    config = _read_json_object(config_file, ValueError)
     if "quantization_config" in config:
         raise ValueError(
             f"{src} is already quantized (its config.json has a quantization_config: {config['quantization_config']}); "
