@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .quant import quantize_rows
-from .rounding import FloatFormat, cast_rtne, output_format_constexprs
+from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
 SKINNY_MAX_M = 32  # largest M served by the swapped-operand kernel (see plan())
@@ -375,7 +375,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         n_tiles = triton.cdiv(N, p.block_n)
         partial = torch.empty((split, M, N), dtype=torch.float32, device=a.device) if split > 1 else out
         s_arg = a_scale if a_scale is not None else w_scale
-        fmt = FloatFormat(w.dtype).constexprs()
+        fmt = format_constexprs(w.dtype)
         gemm_skinny_kernel[(n_tiles, split)](
             a, s_arg, w, w_scale, bias_arg, out, partial,
             M, N, K, kb_per,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import FloatFormat, cast_rtne, output_format_constexprs, round_to_format, widen_to_fp32
+from .rounding import cast_rtne, format_constexprs, output_format_constexprs, round_to_format, widen_to_fp32
 
 SCALE_FLOOR = float(torch.finfo(torch.float32).tiny)
 # jit code may read only constexpr globals (Triton 3.6 on CUDA refuses a plain float)
@@ -174,7 +174,7 @@ def quantize(
         M, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         FP8_MAX=float(torch.finfo(dtype).max),
-        **FloatFormat(dtype).constexprs(),
+        **format_constexprs(dtype),
         BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k, num_warps=warps,
     )
     return q, scale

@@ -9,6 +9,9 @@ exact on the GPU and in the interpreter alike, and both agree bit for bit with t
 this costs a handful of integer operations per element in memory-bound kernels.
 """
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -25,7 +28,7 @@ class FloatFormat:
             torch.bfloat16: 7,
             torch.float16: 10,
         }[dtype]
-        min_normal_exp = int(torch.tensor(info.tiny).log2().round().item())
+        min_normal_exp = round(math.log2(info.tiny))
         self.mantissa_bits = mantissa_bits
         self.min_normal = float(info.tiny)
         # Adding then subtracting 2**(min_normal_exp - mantissa_bits + 23) rounds a float32 below
@@ -101,10 +104,18 @@ def cast_rtne(
     return x.to(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def format_constexprs(dtype: torch.dtype, prefix: str = "") -> dict:
+    """:class:`FloatFormat` constexprs of ``dtype``, computed once (launchers call this per call).
+    Callers spread the dict into kernel keywords and must not mutate it."""
+    return FloatFormat(dtype).constexprs(prefix)
+
+
+@functools.lru_cache(maxsize=None)
 def output_format_constexprs(dtype: torch.dtype) -> dict:
     """Constexprs for :func:`cast_rtne` to ``dtype`` (bf16 / fp16 / fp32)."""
     if dtype == torch.bfloat16:
-        return {**FloatFormat(dtype).constexprs("OUT_"), "OUT_ROUND": True}
+        return {**format_constexprs(dtype, "OUT_"), "OUT_ROUND": True}
     # Placeholders: not read when OUT_ROUND is False.
     return {
         "OUT_MANTISSA_BITS": 23,
