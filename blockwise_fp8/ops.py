@@ -263,12 +263,12 @@ def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
     return out
 
 
-def _gemm_backend_for_call(backend: str, a_q, w_q, out_dtype) -> str:
+def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w_q, out_dtype) -> str:
+    """Resolve "auto" for one gemm/linear call on CUDA (explicit backends pass through)."""
     if backend != "auto":
         return backend
-    M, K = a_q.shape
     return choose_gemm_backend(
-        M, w_q.shape[0], K, a_q.dtype, w_q.dtype, out_dtype, cublas_available=cublas_blockwise_available(a_q.device)
+        M, w_q.shape[0], K, a_dtype, w_q.dtype, out_dtype, cublas_available=cublas_blockwise_available(w_q.device)
     )
 
 
@@ -330,7 +330,7 @@ def _gemm_op(
     from .kernels import gemm as gemm_kernels
 
     with _on_device(a_q):
-        if _gemm_backend_for_call(backend, a_q, w_q, out_dtype) == "cublas":
+        if _gemm_backend_for_call(backend, *a_q.shape, a_q.dtype, w_q, out_dtype) == "cublas":
             return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
@@ -364,11 +364,7 @@ def _linear_op(
         if backend == "auto" and M <= FUSED_QUANT_MAX_M and activation_dtype == w_q.dtype:
             # quantize inside the skinny GEMM, one launch (bit-identical to the two-step path)
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
-        if backend == "auto":
-            backend = choose_gemm_backend(
-                M, w_q.shape[0], K, activation_dtype, w_q.dtype, out_dtype,
-                cublas_available=cublas_blockwise_available(x.device),
-            )
+        backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
         # cuBLAS wants the activation scales M-major (strides (1, M)): write them so directly.
         # Our kernels were tuned with row-major scales (an M-major a_scale measured slower in the TMA kernel).
         a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=backend == "cublas")
