@@ -251,9 +251,14 @@ def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
         )
     kb = _cdiv(K, 128)
     kb4 = _cdiv(kb, 4) * 4
-    # weight scales as (round_up(Kb, 4), Nb) with strides (1, round_up(Kb, 4))
-    ws = w_scale.new_zeros((w_scale.shape[0], kb4))
-    ws[:, :kb] = w_scale
+    # cuBLAS wants the weight scales as (round_up(Kb, 4), Nb) with strides (1, round_up(Kb, 4)).
+    # A contiguous w_scale with Kb % 4 == 0 (K % 512 == 0: every Llama/DeepSeek shape) is already
+    # that layout once transposed; only other K need a padded copy (one small kernel per call).
+    if kb4 == kb and w_scale.is_contiguous():
+        ws = w_scale
+    else:
+        ws = w_scale.new_zeros((w_scale.shape[0], kb4))
+        ws[:, :kb] = w_scale
     out = F.scaled_mm(
         a_q, w_q.t(), _m_major(a_scale), F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
         output_dtype=out_dtype,
@@ -277,9 +282,28 @@ def _on_device(t: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- custom ops
+#
+# The ops are registered straight with the dispatcher (Library.define + impl), not with
+# torch.library.custom_op: custom_op wraps every call in Python layers (an autograd shim, output
+# aliasing checks) that measured 100-600 us of host time per call on the H100 machine
+# (benchmarks/host_overhead.py), several times the GPU time of a decode-size GEMM. These ops have
+# no autograd formula; BlockwiseFP8Tensor supplies gradients around them (tensor.py).
+
+_LIB = torch.library.Library("blockwise_fp8", "DEF")
 
 
-@torch.library.custom_op("blockwise_fp8::quantize", mutates_args=())
+def _custom_op(name: str):
+    """Define ``torch.ops.blockwise_fp8.<name>`` from the annotated function and return the op."""
+
+    def register(fn):
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        return getattr(torch.ops.blockwise_fp8, name).default
+
+    return register
+
+
+@_custom_op("quantize")
 def _quantize_op(
     x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,14 +315,14 @@ def _quantize_op(
         return quant.quantize(x, group_m, block_k, dtype)
 
 
-@_quantize_op.register_fake
+@torch.library.register_fake(_quantize_op)
 def _(x, group_m, block_k, dtype, backend):
     M, K = x.shape
     q = x.new_empty((M, K), dtype=dtype)
     return q, x.new_empty((_cdiv(M, group_m), _cdiv(K, block_k)), dtype=torch.float32)
 
 
-@torch.library.custom_op("blockwise_fp8::dequantize", mutates_args=())
+@_custom_op("dequantize")
 def _dequantize_op(
     q: torch.Tensor, scale: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, backend: str
 ) -> torch.Tensor:
@@ -310,12 +334,12 @@ def _dequantize_op(
         return quant.dequantize(q, scale, group_m, block_k, dtype)
 
 
-@_dequantize_op.register_fake
+@torch.library.register_fake(_dequantize_op)
 def _(q, scale, group_m, block_k, dtype, backend):
     return q.new_empty(q.shape, dtype=dtype)
 
 
-@torch.library.custom_op("blockwise_fp8::gemm", mutates_args=())
+@_custom_op("gemm")
 def _gemm_op(
     a_q: torch.Tensor,
     a_scale: torch.Tensor,
@@ -335,12 +359,12 @@ def _gemm_op(
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
-@_gemm_op.register_fake
+@torch.library.register_fake(_gemm_op)
 def _(a_q, a_scale, w_q, w_scale, bias, out_dtype, backend):
     return a_q.new_empty((a_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("blockwise_fp8::linear", mutates_args=())
+@_custom_op("linear")
 def _linear_op(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -373,7 +397,7 @@ def _linear_op(
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
-@_linear_op.register_fake
+@torch.library.register_fake(_linear_op)
 def _(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend):
     return x.new_empty((x.shape[0], w_q.shape[0]), dtype=out_dtype)
 
