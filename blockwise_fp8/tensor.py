@@ -733,14 +733,25 @@ def _check_all_quantized(func, args, kwargs) -> None:
         )
 
 
+def _wait_for_first(work, on_cuda: bool) -> None:
+    """Make the caller's wait on the second (scale) collective cover the first (qdata) one too.
+
+    NCCL issues both on one stream in order, so the second finishing implies the first: nothing to
+    do (and calling ``wait`` on the TorchScript Work object an op returns inside __torch_dispatch__
+    crashed the process with SIGSEGV on 2 H100s, torch 2.11). Gloo runs works on a thread pool that
+    may finish them out of order, so the first is waited for here (safe with gloo)."""
+    if not on_cuda and work is not None and hasattr(work, "wait"):
+        work.wait()
+
+
 def _c10d_move(func, args, kwargs):
     """In-place collectives (scatter_, broadcast_, allgather_, ...): run once per component."""
     _check_all_quantized(func, args, kwargs)
     a_args, a_kwargs = pytree.tree_map_only(BlockwiseFP8Tensor, _component("qdata"), (args, kwargs))
     out = func(*a_args, **a_kwargs)
     work = out[1] if isinstance(out, (tuple, list)) and len(out) == 2 else None
-    if work is not None and hasattr(work, "wait"):
-        work.wait()  # the caller waits on the second (scale) work only
+    on_cuda = any(t.is_cuda for t in pytree.tree_leaves((a_args, a_kwargs)) if isinstance(t, torch.Tensor))
+    _wait_for_first(work, on_cuda)
     b_args, b_kwargs = pytree.tree_map_only(BlockwiseFP8Tensor, _component("scale"), (args, kwargs))
     out = func(*b_args, **b_kwargs)
     if isinstance(out, (tuple, list)) and len(out) == 2:
