@@ -160,6 +160,7 @@ def run(args) -> tuple[list, list, str]:
         f"# decode: batch {batches}, KV cache {ctx}, torch.compile mode=reduce-overhead (CUDA graphs)" if compile_ else
         f"# decode: batch {batches}, KV cache {ctx}, eager (no torch.compile)",
         f"# prefill: 1 x {prefill} tokens, " + ("torch.compile default mode" if compile_ else "eager"),
+        f"# ours: {'torchao.utils.unwrap_tensor_subclass before torch.compile' if compile_ and args.unwrap else 'tensor subclasses as quantize_ left them'}; torchao: as quantize_ left it",
         f"# time: median of 5 repeats of the mean of {iters} calls; SQNR: output vs the bf16 stack's output",
     ]
     for h in header:
@@ -170,6 +171,15 @@ def run(args) -> tuple[list, list, str]:
     init_weights(base, seed=0)
     base.eval()
     models, notes = build_contenders(base, not args.no_torchao)
+    if compile_ and args.unwrap:
+        # Without this, every compiled call re-flattens each quantized weight in Python (AOTAutograd's
+        # runtime subclass unwrapping, ~15 us per weight on the H100 host: benchmarks/host_overhead.py),
+        # which a CUDA graph cannot hide. torchao's own recipe (torchao.utils), applied to ours only:
+        # with torchao 0.18's Float8Tensor, compiling after it fails ("'Float8Tensor' object has no
+        # attribute 'block_size'", H100 run of 2026-11-26), so torchao runs as quantize_ left it.
+        from torchao.utils import unwrap_tensor_subclass
+
+        unwrap_tensor_subclass(models["ours"])
     for n in notes:
         log("note:", n)
     log(f"built {', '.join(models)} in {time.monotonic() - t_start:.1f} s")
@@ -270,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--no-unwrap", dest="unwrap", action="store_false",
+                    help="compile ours without torchao.utils.unwrap_tensor_subclass (torchao never gets it: see run())")
     ap.add_argument("--profile", action="store_true",
                     help="also write <out>.profile.txt: the kernels of each contender and phase (torch.profiler)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="skip what is left after this many seconds")

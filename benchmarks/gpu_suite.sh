@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a GPU machine (the device tool's H100/H200), in four parallel pytest
-# processes (~200 s on an H100 instead of ~330 s in one). Logs go to ${OUT:-/tmp}/pytest_groups.log;
+# processes (~200 s on an H100 instead of ~330 s in one). Logs go to ${OUT:-/tmp}/g1..g4.log as they run;
 # the summary lines are printed last. A torchao wheel in .whl/ (see the device README) is installed
 # first, since the GPU image has none.
 set -u
@@ -11,8 +11,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 run() {  # group name, test files...
     local name=$1; shift
     timeout "${GROUP_TIMEOUT:-420}" python3 -m pytest -q --tb=short -p no:cacheprovider -rf --durations=5 "$@" \
-        > "/tmp/$name.log" 2>&1
-    echo "$name rc=$?" >> "/tmp/$name.log"
+        > "$out/$name.log" 2>&1
+    echo "$name rc=$?" >> "$out/$name.log"
 }
 g1="test/test_quant.py test/test_numerics_doc.py test/test_ops.py"
 g2="test/test_gemm.py test/test_backend_choice.py test/test_compile.py"
@@ -20,5 +20,4 @@ g3="test/test_tensor.py test/test_serialization.py test/test_usage_doc.py test/t
 g4=$(ls test/test_*.py | grep -vxF -f <(tr ' ' '\n' <<< "$g1 $g2 $g3"))  # everything else
 run g1 $g1 & run g2 $g2 & run g3 $g3 & run g4 $g4 &
 wait
-cat /tmp/g1.log /tmp/g2.log /tmp/g3.log /tmp/g4.log > "$out/pytest_groups.log"
-grep -hE "^FAILED|^ERROR| passed| failed|rc=" /tmp/g1.log /tmp/g2.log /tmp/g3.log /tmp/g4.log
+grep -hE "^FAILED|^ERROR| passed| failed|rc=" "$out"/g[1-4].log
