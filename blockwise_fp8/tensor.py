@@ -581,6 +581,13 @@ def _(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, self._with(self.qdata, self.scale))
 
 
+@implements(aten.view_as.default)
+def _(func, types, args, kwargs):
+    # DTensor.from_local calls input.view_as(input) (reached under inference_mode, where it does
+    # not decompose): the same rule as view, with the other tensor's shape.
+    return aten.view.default(args[0], list(args[1].shape))
+
+
 # ---------------------------------------------------------------------- copies and moves
 
 

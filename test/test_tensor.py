@@ -311,6 +311,11 @@ def test_view_and_reshape():
         t.view(600, 100)
     with pytest.raises(NotImplementedError, match="cannot be viewed"):
         t.reshape(-1)
+    with torch.inference_mode():  # where view_as reaches __torch_dispatch__ undecomposed (DTensor.from_local)
+        v = t.view_as(t)
+        assert isinstance(v, BlockwiseFP8Tensor) and torch.equal(v.dequantize(), t.dequantize())
+        with pytest.raises(NotImplementedError, match="cannot be viewed"):
+            t.view_as(torch.empty(600, 100))
 
 
 # --------------------------------------------------------------------------- copies and moves
