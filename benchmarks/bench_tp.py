@@ -91,7 +91,7 @@ def sqnr_db(ref, approx) -> float:
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
 
 
-def build(cfg, device, mesh, quantized: bool, max_len: int) -> DecoderStack:
+def build(cfg, device, mesh, quantized: bool, max_len: int, unwrap: bool) -> DecoderStack:
     from torchao.quantization import quantize_
 
     m = init_weights(DecoderStack(cfg, max_len=max_len).to(device), seed=0).to(torch.bfloat16)
@@ -99,6 +99,9 @@ def build(cfg, device, mesh, quantized: bool, max_len: int) -> DecoderStack:
         quantize_(m, BlockwiseFP8Config())
     bdist.parallelize(m, mesh, DecoderStack.tensor_parallel_plan())
     m.localize_for_tensor_parallel(mesh.size())
+    if quantized and unwrap:
+        # compiled calls would otherwise flatten DTensor(BlockwiseFP8Tensor) of every weight in Python
+        bdist.unwrap_for_compile(m)
     return m
 
 
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
+    ap.add_argument("--no-unwrap", dest="unwrap", action="store_false",
+                    help="keep ours' weights as DTensor(BlockwiseFP8Tensor) (no blockwise_fp8.distributed.unwrap_for_compile)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.smoke  # --smoke is the CPU (gloo) check
@@ -159,20 +164,22 @@ def main(argv=None) -> int:
         want_compile = cuda if args.compile == "auto" else args.compile == "on"
     info = versions()
     log(f"# {info['card']} x{world}, torch {info['torch']}, triton {info['triton']}, {info['date']}; "
-        f"{cfg.layers} Llama-3-8B-shaped layers, TP={world}")
+        f"{cfg.layers} Llama-3-8B-shaped layers, TP={world}; ours "
+        + ("after unwrap_for_compile" if args.unwrap else "as DTensor(BlockwiseFP8Tensor) weights"))
 
     max_len = max(prefill, ctx)
     g = torch.Generator(device="cpu").manual_seed(1)
     x_prefill = torch.randn(1, prefill, cfg.hidden, generator=g).to(device, torch.bfloat16)
     rows, outputs = [], {}
     for name in ("bf16", "ours"):
-        model = build(cfg, device, mesh, name == "ours", max_len)
+        model = build(cfg, device, mesh, name == "ours", max_len, args.unwrap)
         with torch.inference_mode():
             outputs[name] = model(x_prefill).float().cpu()
             ms, mode = run_phase(lambda: model(x_prefill), want_compile, None, device, iters)
             rows.append(dict(phase="prefill", batch=1, tokens=prefill, contender=name, mode=mode, ms=ms,
                              tokens_per_s=prefill / ms * 1e3))
             log(f"{name} prefill {prefill}: {ms:.3f} ms ({mode})")
+            torch._dynamo.reset()
             for b in batches:
                 model.setup_cache(b, ctx, dtype=torch.bfloat16, device=device)
                 x = torch.randn(b, 1, cfg.hidden, generator=g).to(device, torch.bfloat16)
@@ -181,6 +188,7 @@ def main(argv=None) -> int:
                 rows.append(dict(phase="decode", batch=b, tokens=b, contender=name, mode=mode, ms=ms,
                                  tokens_per_s=b / ms * 1e3))
                 log(f"{name} decode batch {b}: {ms:.3f} ms ({mode})")
+                torch._dynamo.reset()  # each phase compiles afresh (no guard chains, no dynamic batch)
         del model
         torch._dynamo.reset()
         if cuda:

@@ -11,6 +11,9 @@ collectives that move the two components). This module adds what PyTorch cannot 
   sizes. We do not re-block: see ``docs/distributed.md``.
 * :func:`load_sharded`: load a DeepSeek/HF FP8 checkpoint into a parallelized model, each rank
   reading only its slices of each tensor through safetensors' ``get_slice``.
+* :func:`unwrap_for_compile`: store each sharded quantized weight as its two plain local tensors,
+  rebuilt inside the compiled graph, so a compiled call does not take two levels of tensor
+  subclass apart in Python for every weight.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn as nn
 from . import checkpoint
 from .tensor import WEIGHT_BLOCK, BlockwiseFP8Tensor
 
-__all__ = ["check_plan", "parallelize", "load_sharded"]
+__all__ = ["check_plan", "parallelize", "load_sharded", "unwrap_for_compile"]
 
 
 def _dtensor_api():
@@ -204,3 +207,48 @@ def load_sharded(
         model, path, activation_dtype=activation_dtype, backend=backend, device=device, strict=strict,
         _shard=_shard_for,
     )
+
+
+class _RebuildShardedWeight(nn.Module):
+    """Parametrization: (local qdata, local scale) -> DTensor of a BlockwiseFP8Tensor, as it was."""
+
+    def __init__(self, weight) -> None:
+        super().__init__()
+        local = weight.to_local()
+        self.attrs = dict(block_size=local.block_size, activation_dtype=local.activation_dtype,
+                          backend=local.backend, hp_dtype=local.hp_dtype)
+        self.mesh, self.placements = weight.device_mesh, weight.placements
+        self.shape, self.stride = tuple(weight.shape), weight.stride()
+
+    def forward(self, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        DTensor = _dtensor_api()[0]
+        local = BlockwiseFP8Tensor(qdata, scale, **self.attrs)
+        return DTensor.from_local(local, self.mesh, self.placements, run_check=False, shape=self.shape,
+                                  stride=self.stride)
+
+    def right_inverse(self, weight):
+        local = weight.to_local()
+        return local.qdata, local.scale
+
+
+def unwrap_for_compile(model: nn.Module) -> nn.Module:
+    """Before ``torch.compile`` of a parallelized quantized model: keep each Linear's
+    DTensor(BlockwiseFP8Tensor) weight as its two local plain tensors (``qdata``, ``scale``) and
+    rebuild the DTensor inside the forward, where the compiled graph absorbs it.
+
+    Without this every compiled call flattens DTensor and BlockwiseFP8Tensor of every weight in
+    Python. ``torchao.utils.unwrap_tensor_subclass`` does the same for unsharded models but does
+    not reach through DTensor. Like it, this renames the weights in ``state_dict``
+    (``...parametrizations.weight.original0/1``): save or load checkpoints before unwrapping.
+    Returns ``model``; Linears whose weight is not a sharded BlockwiseFP8Tensor are left alone.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    DTensor = _dtensor_api()[0]
+    from torch.nn.utils import parametrize
+
+    for module in list(model.modules()):
+        w = module._parameters.get("weight") if not parametrize.is_parametrized(module) else None
+        if isinstance(w, DTensor) and isinstance(w.to_local(), BlockwiseFP8Tensor):
+            parametrize.register_parametrization(module, "weight", _RebuildShardedWeight(w), unsafe=True)
+    return model

@@ -127,6 +127,17 @@ def _worker(rank: int, port: int, outdir: str, ckpt: str) -> None:
         except NotImplementedError as e:
             out["all_reduce"] = str(e)
 
+        # 2b. unwrap_for_compile: plain local parameters, the same model eager and compiled
+        with torch.no_grad():
+            out["compiled"] = torch.compile(model, fullgraph=True)(_input(dev)).cpu()
+        torch._dynamo.reset()
+        bdist.unwrap_for_compile(model)
+        out["unwrapped_params"] = {n: (type(p).__name__, p.dtype) for n, p in model.named_parameters() if "q_proj" in n}
+        with torch.no_grad():
+            out["unwrapped_eager"] = model(_input(dev)).cpu()
+            out["unwrapped_compiled"] = torch.compile(model, fullgraph=True)(_input(dev)).cpu()
+        torch._dynamo.reset()
+
         # 3. the raw parallelize_module on a layer whose shard is not whole blocks
         bad = torch.nn.Sequential(torch.nn.Linear(256, 384, bias=False)).to(dev, torch.bfloat16)
         quantize_(bad, BlockwiseFP8Config(backend=BACKEND))
@@ -303,6 +314,21 @@ def test_decoder_at_tp2_is_as_accurate_as_the_single_device_quantized_decoder(ra
     assert err_tp <= 1.1 * err_single, (err_tp, err_single)
     assert (tp - single).norm() < err_single, ((tp - single).norm(), err_single)
     assert (tp - single).norm() < 0.05 * single.norm()
+
+
+def test_unwrap_for_compile_keeps_the_model(ranks):
+    for r in ranks:
+        # each sharded quantized weight is now two plain local tensors, rebuilt in the forward
+        assert r["unwrapped_params"] == {
+            "layers.0.q_proj.parametrizations.weight.original0": ("Parameter", torch.float8_e4m3fn),
+            "layers.0.q_proj.parametrizations.weight.original1": ("Parameter", torch.float32),
+            "layers.1.q_proj.parametrizations.weight.original0": ("Parameter", torch.float8_e4m3fn),
+            "layers.1.q_proj.parametrizations.weight.original1": ("Parameter", torch.float32),
+        }, r["unwrapped_params"]
+        assert torch.equal(r["unwrapped_eager"], r["decoder_out"])  # the very same computation
+        # compiled, the same graph as the compiled model with DTensor(BlockwiseFP8Tensor) weights
+        # (compiled and eager differ: inductor fuses the bf16 norms and rotary differently)
+        assert torch.equal(r["unwrapped_compiled"], r["compiled"])
 
 
 def test_reductions_of_quantized_weights_are_refused(ranks):
