@@ -118,13 +118,16 @@ def versions() -> str:
     return f"torch {torch.__version__}{cuda}, triton {triton.__version__}, torchao {ao}, python {platform.python_version()}"
 
 
-def build_contenders(base: DecoderStack, want_torchao: bool) -> tuple[dict, list]:
+def build_contenders(base: DecoderStack, want_torchao: bool, want_ours: bool = True) -> tuple[dict, list]:
     from torchao.quantization import quantize_
 
     models, notes = {"bf16": base}, []
-    ours = copy.deepcopy(base)
-    quantize_(ours, BlockwiseFP8Config())
-    models["ours"] = ours
+    if want_ours:
+        ours = copy.deepcopy(base)
+        quantize_(ours, BlockwiseFP8Config())
+        models["ours"] = ours
+    else:
+        notes.append("ours skipped: --no-ours")
     if want_torchao:
         cfg, what = torchao_config()
         if cfg is None:
@@ -170,8 +173,8 @@ def run(args) -> tuple[list, list, str]:
         base = DecoderStack(cfg, max_len=max(ctx, prefill)).to(torch.bfloat16)
     init_weights(base, seed=0)
     base.eval()
-    models, notes = build_contenders(base, not args.no_torchao)
-    if compile_ and args.unwrap:
+    models, notes = build_contenders(base, not args.no_torchao, not args.no_ours)
+    if compile_ and args.unwrap and "ours" in models:
         # Without this, every compiled call re-flattens each quantized weight in Python (AOTAutograd's
         # runtime subclass unwrapping, ~15 us per weight on the H100 host: benchmarks/host_overhead.py),
         # which a CUDA graph cannot hide. torchao's own recipe (torchao.utils), applied to ours only:
@@ -280,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--no-ours", action="store_true",
+                    help="bf16 and torchao only (torchao compiles for ~2 min a phase: a separate call fits the device's limit)")
     ap.add_argument("--no-unwrap", dest="unwrap", action="store_false",
                     help="compile ours without torchao.utils.unwrap_tensor_subclass (torchao never gets it: see run())")
     ap.add_argument("--profile", action="store_true",
