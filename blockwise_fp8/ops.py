@@ -292,13 +292,40 @@ def _on_device(t: torch.Tensor):
 _LIB = torch.library.Library("blockwise_fp8", "DEF")
 
 
+class _NoGradientFormula(torch.autograd.Function):
+    """Runs an op on inputs that require grad; backward raises. Without an autograd kernel the
+    dispatcher's fallback would hand back wrong gradients with only a warning."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        ctx.op_name = op.name()
+        return op(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{ctx.op_name} has no gradient formula. Input and bias gradients through a quantized Linear "
+            "come from BlockwiseFP8Tensor weights (quantize_ with BlockwiseFP8Config); otherwise call it "
+            "under torch.no_grad()"
+        )
+
+
 def _custom_op(name: str):
-    """Define ``torch.ops.blockwise_fp8.<name>`` from the annotated function and return the op."""
+    """Define ``torch.ops.blockwise_fp8.<name>`` from the annotated function; return a caller of
+    it (the op itself is ``.op``) that refuses to be differentiated through."""
 
     def register(fn):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
-        return getattr(torch.ops.blockwise_fp8, name).default
+        op = getattr(torch.ops.blockwise_fp8, name).default
+
+        def call(*args):
+            if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                return _NoGradientFormula.apply(op, *args)
+            return op(*args)
+
+        call.op = op
+        return call
 
     return register
 
@@ -315,7 +342,7 @@ def _quantize_op(
         return quant.quantize(x, group_m, block_k, dtype)
 
 
-@torch.library.register_fake(_quantize_op)
+@torch.library.register_fake(_quantize_op.op)
 def _(x, group_m, block_k, dtype, backend):
     M, K = x.shape
     q = x.new_empty((M, K), dtype=dtype)
@@ -334,7 +361,7 @@ def _dequantize_op(
         return quant.dequantize(q, scale, group_m, block_k, dtype)
 
 
-@torch.library.register_fake(_dequantize_op)
+@torch.library.register_fake(_dequantize_op.op)
 def _(q, scale, group_m, block_k, dtype, backend):
     return q.new_empty(q.shape, dtype=dtype)
 
@@ -359,7 +386,7 @@ def _gemm_op(
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
-@torch.library.register_fake(_gemm_op)
+@torch.library.register_fake(_gemm_op.op)
 def _(a_q, a_scale, w_q, w_scale, bias, out_dtype, backend):
     return a_q.new_empty((a_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
@@ -397,7 +424,7 @@ def _linear_op(
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
-@torch.library.register_fake(_linear_op)
+@torch.library.register_fake(_linear_op.op)
 def _(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend):
     return x.new_empty((x.shape[0], w_q.shape[0]), dtype=out_dtype)
 

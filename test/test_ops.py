@@ -121,6 +121,28 @@ def test_auto_is_reference_on_cpu():
     assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
 
 
+def test_no_gradient_is_refused_not_invented():
+    # The ops have no derivative; the dispatcher's autograd fallback would return a wrong one
+    # with a mere warning. The forward runs; backward names the op and says what to use.
+    w = torch.randn(256, 256)
+    w_q, w_s = bf.quantize_weight(w)
+    x = torch.randn(4, 256, requires_grad=True)
+    a_q, a_s = bf.quantize_activation(x.detach())
+    bias = torch.randn(256, requires_grad=True)
+    calls = {
+        "linear": lambda: bf.linear(x, w_q, w_s),
+        "gemm": lambda: bf.gemm(a_q, a_s, w_q, w_s, bias=bias),
+        "quantize": lambda: bf.quantize_activation(x)[1],
+    }
+    for name, call in calls.items():
+        out = call()
+        assert out.requires_grad
+        with pytest.raises(NotImplementedError, match=f"blockwise_fp8::{name} has no gradient formula"):
+            out.float().sum().backward()
+    with torch.no_grad():
+        assert not bf.linear(x, w_q, w_s).requires_grad
+
+
 # ----------------------------------------------------------------------------- shapes and values
 
 
