@@ -6,7 +6,6 @@ bench_gemm.py). Usage: python benchmarks/tune.py [--out DIR] [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,19 +40,33 @@ def rel_err(out, ref):
 
 def quant_sweep():
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) * 3
-    q0, s0 = reference.quantize(x.float(), (1, 128), E4)
-    nbytes = x.numel() * 2 + x.numel() + s0.numel() * 4
     res = {}
-    for t in [(32, 4, 8), (32, 4, 4), (16, 4, 4), (8, 4, 4), (16, 2, 4), (4, 4, 2), (64, 2, 8), (8, 8, 8), (2, 8, 4), (4, 8, 4)]:
-        try:
-            q, s = Q.quantize(x, 1, 128, E4, tiling=t)
-            ok = torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
-            us = bench(lambda: Q.quantize(x, 1, 128, E4, tiling=t))
-            us_mm = bench(lambda: Q.quantize(x, 1, 128, E4, tiling=t, scale_m_major=True))
-            log(f"quant tiling={t} exact={ok} {us:.1f} us {nbytes / us / 1e6:.2f} TB/s  m-major scale {us_mm:.1f} us")
-            res[str(t)] = us
-        except Exception as e:  # noqa: BLE001
-            log(f"quant tiling={t} FAILED {type(e).__name__}: {str(e)[:200]}")
+    for dtype in (E4, torch.float8_e5m2):
+        q0, s0 = reference.quantize(x.float(), (1, 128), dtype)
+        nbytes = x.numel() * 2 + x.numel() + s0.numel() * 4
+        for t in [(8, 4, 4), (4, 4, 2), (2, 8, 4), (4, 8, 4), (16, 4, 4), (8, 4, 8), (16, 4, 8), (32, 4, 8), (8, 8, 8)]:
+            try:
+                q, s = Q.quantize(x, 1, 128, dtype, tiling=t)
+                ok = torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+                us = bench(lambda: Q.quantize(x, 1, 128, dtype, tiling=t))
+                us_mm = bench(lambda: Q.quantize(x, 1, 128, dtype, tiling=t, scale_m_major=True))
+                log(f"quant {dtype} tiling={t} exact={ok} {us:.1f} us {nbytes / us / 1e6:.2f} TB/s  m-major scale {us_mm:.1f} us")
+                res[f"{dtype} {t}"] = us
+            except Exception as e:  # noqa: BLE001
+                log(f"quant tiling={t} FAILED {type(e).__name__}: {str(e)[:200]}")
+        w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        qw0, sw0 = reference.quantize(w.float(), (128, 128), dtype)
+        qw, sw = Q.quantize(w, 128, 128, dtype)
+        ok = torch.equal(qw.view(torch.uint8), qw0.view(torch.uint8)) and torch.equal(sw, sw0)
+        log(f"weight quant {dtype} exact={ok} {bench(lambda: Q.quantize(w, 128, 128, dtype)):.1f} us")
+    # which instructions round float32 -> fp8 in the compiled kernels (Triton's cache holds the PTX)
+    import glob
+
+    cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+    for path in sorted(glob.glob(os.path.join(cache, "*", "quantize_kernel.ptx")))[:4]:
+        ptx = open(path).read()
+        cvts = sorted({ln.split()[0] for ln in ptx.splitlines() if "cvt" in ln and ("e4m3" in ln or "e5m2" in ln)})
+        log(f"ptx {os.path.basename(os.path.dirname(path))[:8]}: fp8 cvt {cvts} div.rn {ptx.count('div.rn')} fma {ptx.count('fma.rn')}")
     return res
 
 
@@ -163,24 +176,27 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="cublas,quant,skinny,fused,large")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     log(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
     t0 = time.time()
-    log("== cuBLAS capabilities")
-    cublas_caps()
-    log("== quant")
-    quant_sweep()
-    log(f"[{time.time() - t0:.0f}s] == skinny")
-    for M in (1, 16, 64):
+    if "cublas" in parts:
+        log("== cuBLAS capabilities")
+        cublas_caps()
+    if "quant" in parts:
+        log("== quant")
+        quant_sweep()
+    for M in (1, 16, 64) if "skinny" in parts else ():
         for N, K in ((8192, 8192), (10240, 8192), (8192, 28672), (57344, 8192)):
             if N == 57344 and M != 16:
                 continue
             gemm_case(M, N, K, skinny_plans(M))
     log(f"[{time.time() - t0:.0f}s] == fused")
-    for M in (1, 4, 16, 32):
+    for M in (1, 4, 16, 32) if "fused" in parts else ():
         fused_case(M, 8192, 8192)
     log(f"[{time.time() - t0:.0f}s] == large")
-    for M, N, K in ((128, 8192, 8192), (256, 8192, 8192), (1024, 8192, 8192), (8192, 8192, 8192), (4096, 8192, 28672), (1024, 57344, 8192)):
+    for M, N, K in () if "large" not in parts else ((128, 8192, 8192), (256, 8192, 8192), (1024, 8192, 8192), (8192, 8192, 8192), (4096, 8192, 28672), (1024, 57344, 8192)):
         gemm_case(M, N, K, large_plans(M))
     log(f"[{time.time() - t0:.0f}s] done")
     with open(os.path.join(args.out, "tune.log"), "w") as f:

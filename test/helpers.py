@@ -28,17 +28,23 @@ def expand_blocks(scale: torch.Tensor, rows: int, cols: int, shape) -> torch.Ten
     return full[..., : shape[-2], : shape[-1]]
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality, where any NaN equals any NaN (NaN payloads are not part of the contract)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
+def same_bits_mask(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bitwise equality, where any NaN equals any NaN (NaN payloads are not part of
+    the contract). ``a`` and ``b`` must have the same shape and dtype."""
     if a.dtype.is_floating_point:
         both_nan = torch.isnan(a.float()) & torch.isnan(b.float())
     else:
         both_nan = torch.zeros(a.shape, dtype=torch.bool, device=a.device)
     ia = a.view(torch.uint8) if a.element_size() == 1 else a.view(torch.int32 if a.element_size() == 4 else torch.int16)
     ib = b.view(ia.dtype)
-    return bool(((ia == ib) | both_nan).all())
+    return (ia == ib) | both_nan
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of whole tensors (see :func:`same_bits_mask`)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(same_bits_mask(a, b).all())
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -11,14 +11,17 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
 import blockwise_fp8 as bf
+from blockwise_fp8.kernels.quant import divide_by_block_scale
 from blockwise_fp8.ops import SUPPORTED_BLOCK_SIZES
 
 from .conftest import KERNEL_DEVICE
-from .helpers import expand_blocks, fp8_spacing, same_bits
+from .helpers import expand_blocks, fp8_spacing, same_bits, same_bits_mask
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 HP = [torch.bfloat16, torch.float16, torch.float32]
@@ -247,3 +250,53 @@ def test_other_block_sizes(backend, block):
         bf.dequantize(q, s, (block, block), torch.float32, backend=backend).cpu(),
         (q.cpu().double() * expand_blocks(s.cpu().double(), block, block, q.shape)).float(),
     )
+
+
+def _division_cases(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, scale) pairs as quantization meets them, |x| <= ~448 * scale, and the edges of that:
+    scales of every exponent from float32's smallest normal up (the tiny ones are where a
+    residual could underflow), random and all-ones mantissas, x of random bits (subnormals
+    included), +-0, and NaN scales (a block holding NaN/Inf)."""
+    g = torch.Generator().manual_seed(seed)
+    exp = torch.randint(-126, 100, (n,), generator=g)
+    mant = torch.rand(n, generator=g, dtype=torch.float64) + 1
+    mant[::7] = 2 - 2.0**-23  # all-ones mantissa: the hardest reciprocals
+    scale = (mant * torch.pow(2.0, exp.double())).float()
+    ratio = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * 449
+    ratio[::5] *= torch.pow(2.0, -torch.randint(0, 160, (n // 5 + 1,), generator=g).double())[: ratio[::5].numel()]
+    x = (ratio * scale.double()).float()
+    x[::11] = 0.0
+    x[1::11] = -0.0
+    scale[::13] = float("nan")
+    return x, scale
+
+
+@triton.jit
+def _divide_both_ways_kernel(x_ptr, s_ptr, fast_ptr, ieee_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(x_ptr + offs, mask=ok, other=1.0)
+    s = tl.load(s_ptr + offs, mask=ok, other=1.0)
+    tl.store(fast_ptr + offs, divide_by_block_scale(x, s), mask=ok)
+    tl.store(ieee_ptr + offs, tl.math.div_rn(x, s), mask=ok)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_block_scale_division_is_ieee_division(seed):
+    """The kernels' reciprocal-and-fma division gives div_rn's bits wherever |quotient| >= 2**-40,
+    and below that quotients that quantize to the same signed zero (NaN: any NaN)."""
+    n = 1 << (20 if KERNEL_DEVICE == "cuda" else 14)
+    x, s = (t.to(KERNEL_DEVICE) for t in _division_cases(n, seed))
+    fast, ieee = torch.empty_like(x), torch.empty_like(x)
+    _divide_both_ways_kernel[(triton.cdiv(n, 1024),)](x, s, fast, ieee, n, BLOCK=1024)
+    expect = (x.double() / s.double()).float()  # float64 then float32: one rounding (53 >= 2*24+2)
+    assert same_bits(ieee, expect), "div_rn itself is not IEEE division here"
+    big = ~(ieee.abs() < 2.0**-40)  # NaN counts as big
+    bad = big & ~same_bits_mask(fast, ieee)
+    assert not bad.any(), f"{int(bad.sum())} of {n} differ, e.g. x={x[bad][:4].tolist()} scale={s[bad][:4].tolist()}"
+    small = ~big
+    assert torch.equal(torch.signbit(fast[small]), torch.signbit(ieee[small]))
+    assert bool((fast[small].abs() < 2.0**-38).all())
+    assert int(small.sum()) > n // 100, "the cases must reach the underflow region"
+    for fp8 in FP8:
+        assert same_bits(fast.to(fp8), ieee.to(fp8))

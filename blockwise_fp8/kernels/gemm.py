@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import quantize_rows
+from .quant import hardware_fp8_cast, quantize_rows
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
@@ -175,7 +175,7 @@ def gemm_skinny_kernel(
     OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
     FUSE_QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
-    SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+    SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -200,8 +200,9 @@ def gemm_skinny_kernel(
         w_s = tl.load(w_s_ptrs + kb * stride_wsk, mask=n_ok, other=0.0)
         if FUSE_QUANT:
             x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            y, a_s = quantize_rows(x, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
-            a = y.to(w_ptr.dtype.element_ty)
+            a, a_s = quantize_rows(
+                x, w_ptr.dtype.element_ty, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8
+            )
         else:
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             a_s = tl.load(a_scale_ptr + rm * stride_asm + kb * stride_ask, mask=m_ok, other=0.0)
@@ -388,6 +389,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
             out.stride(0), out.stride(1),
             FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
+            CVT_FP8=hardware_fp8_cast(a.device),
             SPLIT_K=split, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
             num_warps=p.num_warps, num_stages=p.num_stages, **common,
         )

@@ -11,6 +11,8 @@ The launchers validate, allocate, launch, in that order; argument checking of us
 happens in ``blockwise_fp8.ops`` and is only asserted here.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -35,31 +37,72 @@ def scale_from_amax(amax, FP8_MAX: tl.constexpr):
     return tl.where(amax == float("inf"), float("nan"), scale)
 
 
+# Markstein's fma correction needs its residual x - q * scale to be exact in float32, which fails
+# only when scale is tiny enough for that residual to underflow. Such blocks are first multiplied
+# by a power of two (exact, quotient unchanged): scale below 2**-60 -> times 2**64.
+_RESCALE_BELOW = tl.constexpr(2.0**-60)
+_RESCALE = tl.constexpr(2.0**64)
+
+
 @triton.jit
-def scale_to_fp8_grid(
-    x, scale,
+def divide_by_block_scale(x, scale):
+    """x / scale rounded to float32, with the bits of ``tl.math.div_rn(x, scale)`` wherever the
+    quotient is at least 2**-40 in magnitude; smaller quotients keep their sign and stay below
+    2**-38, so they quantize to the same signed zero (fp8's smallest subnormal is 2**-16).
+
+    ``scale`` has one positive value (or NaN) per block, shaped to broadcast against ``x``. IEEE
+    division costs a dozen instructions per element, which made activation quantization
+    ALU-bound on an H100 (benchmarks/NOTES.md). Here the per-block work is one correctly rounded
+    reciprocal r; per element it is q = |x| * r and two fma corrections q += (|x| - q * s) * r.
+    The first leaves q within a fraction of an ulp, the second returns the correctly rounded
+    quotient (Markstein's theorem: r = RN(1/s), q faithful, the fma residual exact). The residual
+    is exact unless it underflows: blocks with s < 2**-60 are first scaled by 2**64 (exact, same
+    quotient); otherwise it underflows only for quotients below 2**-41. Working on |x| and
+    putting x's sign bit back keeps -0.0 and the sign of tiny quotients."""
+    f = tl.where(scale < _RESCALE_BELOW, _RESCALE, 1.0)
+    s = scale * f
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    ax = tl.abs(x) * f
+    q = ax * r
+    q = tl.fma(tl.fma(-q, s, ax), r, q)
+    q = tl.abs(tl.fma(tl.fma(-q, s, ax), r, q))
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scale_to_fp8(
+    x, scale, dtype: tl.constexpr,
     FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+    CVT_FP8: tl.constexpr,
 ):
-    """x / scale (IEEE), clamped to +-FP8_MAX and rounded: FP8 values held exactly in float32."""
-    y = tl.math.div_rn(x, scale)
+    """x / scale (IEEE), clamped to +-FP8_MAX and rounded to nearest even, as ``dtype`` (fp8).
+
+    ``CVT_FP8`` (compiled GPU code) lets the hardware convert float32 -> fp8 (cvt.rn.satfinite:
+    round to nearest even, the same bits); the Triton interpreter's cast rounds wrongly, so there
+    ``round_to_format`` rounds first and the cast is exact."""
+    y = divide_by_block_scale(x, scale)
     y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return round_to_format(y, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+    if not CVT_FP8:
+        y = round_to_format(y, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+    return y.to(dtype)
 
 
 @triton.jit
 def quantize_rows(
-    x,
+    x, dtype: tl.constexpr,
     FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+    CVT_FP8: tl.constexpr,
 ):
     """Quantize each row of the float32 tile ``x`` (R, BLOCK_K) as one 1 x BLOCK_K block: returns
-    (the FP8 values, still as exactly representable float32; the (R,) scales). Built from the same
-    helpers as ``quantize_kernel``, so the GEMM's fused quantization is bit-identical."""
+    (the ``dtype`` values; the (R,) scales). Built from the same helpers as ``quantize_kernel``,
+    so the GEMM's fused quantization is bit-identical."""
     scale = scale_from_amax(block_amax(x, 1), FP8_MAX)
-    y = scale_to_fp8_grid(x, scale[:, None], FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
+    y = scale_to_fp8(x, scale[:, None], dtype, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8)
     return y, scale
 
 
@@ -75,6 +118,7 @@ def quantize_kernel(
     FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+    CVT_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -89,8 +133,11 @@ def quantize_kernel(
     if GROUP_M > 1:
         amax = tl.max(amax, axis=0, keep_dims=True)  # (1, GROUPS_K): one 128 x 128 block
     scale = scale_from_amax(amax, FP8_MAX)
-    y = scale_to_fp8_grid(x, scale[:, :, None], FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS)
-    q = tl.reshape(y, (BLOCK_M, GROUPS_K * BLOCK_K)).to(q_ptr.dtype.element_ty)
+    y = scale_to_fp8(
+        x, scale[:, :, None], q_ptr.dtype.element_ty,
+        FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8,
+    )
+    q = tl.reshape(y, (BLOCK_M, GROUPS_K * BLOCK_K))
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=mask)
 
     kblocks = pid_k * GROUPS_K + tl.arange(0, GROUPS_K)
@@ -135,9 +182,15 @@ def dequantize_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, x, mask=mask)
 
 
+def hardware_fp8_cast(device: torch.device) -> bool:
+    """Whether compiled kernels on ``device`` may round float32 -> fp8 with the GPU's own cvt
+    (everywhere but the Triton interpreter)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
 # Activation tiling (BLOCK_M rows x GROUPS_K blocks of 128, num_warps); tuned on an H100
 # (benchmarks/NOTES.md). Overridable for tuning through ``quantize(..., tiling=...)``.
-ACT_TILING = (8, 4, 4)  # 2.2 TB/s at 8192x8192 bf16; (32, 4, 8) was 1.8, (32, 4, 4) 1.2
+ACT_TILING = (4, 8, 4)  # 2.61 TB/s at 8192x8192 bf16 (reciprocal division + cvt); (8, 4, 4) 2.51
 
 
 def _tiling(M: int, K: int, group_m: int, block_k: int, tiling=None) -> tuple[int, int, int]:
@@ -174,7 +227,7 @@ def quantize(
         M, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         FP8_MAX=float(torch.finfo(dtype).max),
-        **format_constexprs(dtype),
+        **format_constexprs(dtype), CVT_FP8=hardware_fp8_cast(x.device),
         BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k, num_warps=warps,
     )
     return q, scale
