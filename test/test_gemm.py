@@ -59,7 +59,8 @@ def _check(out, aq, as_, wq, ws, b, out_dtype, acc_rel=2.0**-12):
 def _plans(M, K):
     ps = [G.Plan("tiled", 16, 64, 4, 2), G.Plan("tiled", 64, 128, 4, 2)]
     if M <= 64:
-        ps += [G.Plan("skinny", max(16, 1 << (M - 1).bit_length()), 64, 4, 2, split_k=s) for s in (1, 2)]
+        bm = max(16, 1 << (M - 1).bit_length())
+        ps += [G.Plan("skinny", bm, 64, 4, 2, split_k=s) for s in (1, 2, 3)]
     if K % 16 == 0:
         ps += [G.Plan("tma", 64, 64, 4, 2, flatten=f) for f in (False, True)]
     return ps
@@ -111,6 +112,21 @@ def test_fused_quant_is_bit_identical_to_two_step(M, dtype):
         assert torch.equal(two_step.view(torch.int16), fused.view(torch.int16))
 
 
+def test_split_k_is_deterministic_and_leaves_counters_zero():
+    """The last program of a tile adds the partials in split order: the same bits every call,
+    equal to the float32 sum of the per-split products; the arrival counters end at zero."""
+    x, aq, as_, wq, ws, b = _operands(5, 200, 1000, torch.float8_e4m3fn, seed=4)
+    p = G.Plan("skinny", 16, 64, 4, 2, split_k=3)
+    outs = [G.gemm(aq, as_, wq, ws, None, torch.float32, plan_override=p) for _ in range(4)]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    # split k covers K blocks [3k, 3k + 3) (8 blocks in 3 splits): add the three products in order
+    one = G.Plan("skinny", 16, 64, 4, 2, split_k=1)
+    parts = [G.gemm(aq[:, k0:k1], as_[:, k0 // 128:-(-k1 // 128)], wq[:, k0:k1], ws[:, k0 // 128:-(-k1 // 128)],
+                    None, torch.float32, plan_override=one) for k0, k1 in ((0, 384), (384, 768), (768, 1000))]
+    assert torch.equal(outs[0], (parts[0] + parts[1]) + parts[2])
+    assert not G._arrival_counters(aq.device, 4).any()
+
+
 @pytest.mark.parametrize("M", [1, 3, 67])
 def test_linear_auto_matches_reference(M):
     backend = "auto" if ON_GPU else "triton"
@@ -146,6 +162,7 @@ def test_plan_heuristic_ranges():
     # split-K only where N alone leaves the card under-filled
     assert G.plan(1, 8192, 8192, tma=True).split_k > 1
     assert G.plan(1, 57344, 8192, tma=True).split_k == 1
+    assert G.plan(1, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
 
 
 needs_cublas = pytest.mark.skipif(

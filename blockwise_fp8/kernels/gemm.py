@@ -16,8 +16,9 @@ Three kernels, chosen by :func:`plan` from the shape:
     Swapped operands: each program computes a (BLOCK_N x BLOCK_M) tile of out.T = w @ a.T, so
     the large N dimension fills the MMA's M side (64 rows per warpgroup) and the few tokens sit
     on its N side (>= 16). The kernel is bound by streaming w once; split-K over a second grid
-    axis adds programs when N alone does not fill the card, and a small deterministic reduction
-    kernel (``_splitk_reduce_kernel``) sums the float32 partials and runs the epilogue. With
+    axis adds programs when N alone does not fill the card; the last program of each N tile to
+    finish sums the float32 partials in split order (deterministic) and runs the epilogue, so
+    split-K costs no second launch. With
     ``FUSE_QUANT`` the program reads the high-precision activation and quantizes its 1x128 blocks
     in registers with exactly the arithmetic of ``quant.quantize_kernel`` (same helper), so the
     decode path is one launch.
@@ -165,7 +166,7 @@ def gemm_tma_kernel(
 
 @triton.jit
 def gemm_skinny_kernel(
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     M, N, K, KB_PER_SPLIT,
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_wn, stride_wk, stride_wsn, stride_wsk,
@@ -180,7 +181,10 @@ def gemm_skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
-    the high-precision activation and a_scale_ptr is unused."""
+    the high-precision activation and a_scale_ptr is unused. With SPLIT_K > 1 each program
+    stores its float32 partial, and the last of a tile's SPLIT_K programs to arrive (counted in
+    arrivals_ptr, one int32 per N tile, zero on entry and left zero) sums the partials in split
+    order, so the result does not depend on who came last, and runs the epilogue."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,28 +220,19 @@ def gemm_skinny_kernel(
                         OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
     else:
         # partial: (SPLIT_K, M, N) float32, contiguous
-        p_ptrs = partial_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
-        tl.store(p_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _splitk_reduce_kernel(
-    partial_ptr, bias_ptr, out_ptr, M, N, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr,
-    OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
-    OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Sum the split-K partials in a fixed order (deterministic), then the usual epilogue."""
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    ptrs = partial_ptr + rm[:, None] * N + rn[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0.0)
-    for s in range(1, SPLIT_K):
-        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
-    _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
-                    OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+        tile_ptrs = partial_ptr + rm[:, None] * N + rn[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        tl.store(tile_ptrs + pid_k * M * N, acc, mask=mask)
+        # Every thread's partial is stored before the (acq_rel, GPU-scope) arrival; the last to
+        # arrive reads the others' partials past L1, which may hold none of them.
+        tl.debug_barrier()
+        if tl.atomic_add(arrivals_ptr + pid_n, 1) == SPLIT_K - 1:
+            total = tl.load(tile_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            for k in range(1, SPLIT_K):
+                total += tl.load(tile_ptrs + k * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            _epilogue_store(total, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
+                            OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+            tl.atomic_xchg(arrivals_ptr + pid_n, 0)
 
 
 # --------------------------------------------------------------------------- planning
@@ -287,15 +282,12 @@ def tma_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
-    """The smallest power-of-two split giving >= 1.5 programs per SM, each keeping >= 8 K blocks.
+    """The smallest split giving >= 1.5 programs per SM, each keeping >= 4 K blocks.
 
-    H100 sweep (benchmarks/tune_skinny.py, CUDA graphs, M = 1 and 16, eight N x K): 1.5 waves was
-    best or within 3% of best on every shape; the earlier 2-wave rule split N = 14336 in two and
-    lost 13-22% (27.0 vs 23.5 us at M = 1) to the extra reduction pass."""
-    split = 1
-    while 2 * n_tiles * split < 3 * num_sms and k_blocks // (split * 2) >= 8:
-        split *= 2
-    return split
+    H100 sweeps (benchmarks/tune_skinny.py, CUDA graphs, M = 1 and 16, eight N x K, splits 1-12):
+    about 1.5 programs per SM was best or within 3% of best on every shape; splitting N = 14336
+    in two lost 13-22% (27.0 vs 23.5 us at M = 1), and N = 1024 wants 8 splits of 4 blocks."""
+    return max(1, min(-(-3 * num_sms // (2 * n_tiles)), k_blocks // 4))
 
 
 def plan(M: int, N: int, K: int, *, tma: bool, num_sms: int = 132) -> Plan:
@@ -318,6 +310,26 @@ def plan(M: int, N: int, K: int, *, tma: bool, num_sms: int = 132) -> Plan:
 
 
 # --------------------------------------------------------------------------- launchers
+
+
+_ARRIVALS: dict = {}
+_MIN_ARRIVALS = 1 << 16  # N tiles of 64 columns: N up to 4M before a bigger buffer is needed
+
+
+def _arrival_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """int32 zeros, one counter per N tile, that the skinny kernel leaves zeroed after each
+    launch, so one buffer per (device, stream) serves every call: launches on one stream run in
+    turn, and concurrent streams get their own. One allocated during CUDA graph capture comes
+    from the graph's pool and stays valid while held here."""
+    if device.type == "cuda":
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:
+        key = (-1, 0)
+    buf = _ARRIVALS.get(key)
+    if buf is None or buf.numel() < n_tiles:
+        buf = torch.zeros(max(n_tiles, _MIN_ARRIVALS), dtype=torch.int32, device=device)
+        _ARRIVALS[key] = buf
+    return buf
 
 
 def _set_tma_allocator() -> None:
@@ -379,10 +391,11 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         split = triton.cdiv(k_blocks, kb_per)  # no empty splits
         n_tiles = triton.cdiv(N, p.block_n)
         partial = torch.empty((split, M, N), dtype=torch.float32, device=a.device) if split > 1 else out
+        arrivals = _arrival_counters(a.device, n_tiles) if split > 1 else w_scale
         s_arg = a_scale if a_scale is not None else w_scale
         fmt = format_constexprs(w.dtype)
         gemm_skinny_kernel[(n_tiles, split)](
-            a, s_arg, w, w_scale, bias_arg, out, partial,
+            a, s_arg, w, w_scale, bias_arg, out, partial, arrivals,
             M, N, K, kb_per,
             a.stride(0), a.stride(1),
             s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
@@ -393,12 +406,6 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             SPLIT_K=split, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
             num_warps=p.num_warps, num_stages=p.num_stages, **common,
         )
-        if split > 1:
-            bm = min(16, p.block_m)
-            _splitk_reduce_kernel[(triton.cdiv(N, 256), triton.cdiv(M, bm))](
-                partial, bias_arg, out, M, N, out.stride(0), out.stride(1),
-                SPLIT_K=split, BLOCK_M=bm, BLOCK_N=256, num_warps=4, **common,
-            )
         return out
     if p.kind == "tma":
         _set_tma_allocator()
