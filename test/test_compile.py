@@ -187,6 +187,24 @@ def test_cuda_reduce_overhead_cuda_graphs():
     assert _no_graph_breaks()
 
 
+@requires_cuda
+def test_cuda_reduce_overhead_split_k_decode():
+    """Decode shapes whose GEMM splits K: its arrival counters must come from outside the CUDA
+    graph pool (cudagraph trees refuse untracked allocations made while recording)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 512), nn.GELU(), nn.Linear(512, 1024)).to("cuda", torch.bfloat16)
+    quantize_(model, BlockwiseFP8Config())
+    from blockwise_fp8.kernels import gemm as G
+
+    assert G.plan(1, 512, 1024, tma=True).split_k > 1
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
+            out = compiled(x).clone()
+            assert torch.equal(out, model(x))  # same kernels, same deterministic split-K sum
+
+
 def test_assign_loaded_model_compiles_with_grad_enabled():
     # load_state_dict(assign=True) into a fresh model leaves Parameters that require grad;
     # the frozen-weight warning must not break the graph.

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -319,17 +320,49 @@ _MIN_ARRIVALS = 1 << 16  # N tiles of 64 columns: N up to 4M before a bigger buf
 def _arrival_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
     """int32 zeros, one counter per N tile, that the skinny kernel leaves zeroed after each
     launch, so one buffer per (device, stream) serves every call: launches on one stream run in
-    turn, and concurrent streams get their own. One allocated during CUDA graph capture comes
-    from the graph's pool and stays valid while held here."""
-    if device.type == "cuda":
-        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
-    else:
+    turn, and concurrent streams get their own.
+
+    The buffer outlives the call, so it must not come from a CUDA graph's private memory pool:
+    torch.compile's reduce-overhead mode warms up and records with this thread's allocations
+    routed to its pool, and refuses allocations that outlive the graph. So the buffer is made by
+    another thread, and a capture reuses one made before it. Only a capture with none made
+    before allocates in the graph's pool (plain ``torch.cuda.graph`` allows that)."""
+    if device.type != "cuda":
         key = (-1, 0)
+    else:
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     buf = _ARRIVALS.get(key)
-    if buf is None or buf.numel() < n_tiles:
-        buf = torch.zeros(max(n_tiles, _MIN_ARRIVALS), dtype=torch.int32, device=device)
-        _ARRIVALS[key] = buf
+    if buf is not None and buf.numel() >= n_tiles:
+        return buf
+    n = max(n_tiles, _MIN_ARRIVALS)
+    if device.type != "cuda":
+        buf = torch.zeros(n, dtype=torch.int32, device=device)
+    elif torch.cuda.is_current_stream_capturing():
+        made = [b for (index, _), b in _ARRIVALS.items() if index == device.index and b.numel() >= n_tiles]
+        buf = made[0] if made else torch.zeros(n, dtype=torch.int32, device=device)
+    else:
+        buf = _zeros_on_another_thread(n, device)
+    _ARRIVALS[key] = buf
     return buf
+
+
+def _zeros_on_another_thread(n: int, device: torch.device) -> torch.Tensor:
+    made: list = []
+
+    def make():
+        try:
+            with torch.cuda.device(device):
+                made.append(torch.zeros(n, dtype=torch.int32, device=device))
+                torch.cuda.current_stream(device).synchronize()  # zeroed before any kernel reads it
+        except BaseException as e:  # noqa: BLE001 -- handed to the calling thread
+            made.append(e)
+
+    t = threading.Thread(target=make, name="blockwise_fp8-counters")
+    t.start()
+    t.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def _set_tma_allocator() -> None:
