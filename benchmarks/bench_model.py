@@ -188,7 +188,10 @@ def run(args) -> tuple[list, list, str]:
     log(f"built {', '.join(models)} in {time.monotonic() - t_start:.1f} s")
 
     g = torch.Generator(device=device).manual_seed(1)
-    phases = [("decode", b) for b in batches] + [("prefill", 1)]
+    wanted = set(args.phases.split(","))
+    if not wanted or not wanted <= {"decode", "prefill"}:
+        raise SystemExit(f"--phases takes decode and/or prefill, got {args.phases!r}")
+    phases = [("decode", b) for b in batches if "decode" in wanted] + [("prefill", 1)] * ("prefill" in wanted)
     inputs = {
         ph: torch.randn((b, 1 if ph[0] == "decode" else prefill, cfg.hidden), generator=g, device=device, dtype=torch.bfloat16)
         for ph in phases for b in [ph[1]]
@@ -279,6 +282,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=None, help="prefill tokens (default 2048)")
     ap.add_argument("--ctx", type=int, default=None, help="KV cache length for decode (default 2048)")
     ap.add_argument("--decode-batches", default=None, help="comma-separated (default 1,16)")
+    ap.add_argument("--phases", default="decode,prefill",
+                    help="which phases to time, comma-separated: decode, prefill (a device call of at most "
+                         "10 minutes fits one phase with all three contenders; torchao compiles for 2-3 min)")
     ap.add_argument("--iters", type=int, default=None, help="calls per timed repeat (default 50 decode, 10 prefill)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
     ap.add_argument("--device", default=None)
