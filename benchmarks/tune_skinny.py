@@ -30,6 +30,21 @@ def us(fn) -> float:
     return do_bench_cudagraph(fn, rep=30) * 1e3
 
 
+def fused_vs_two_step(M: int, N: int, K: int) -> str:
+    from blockwise_fp8.kernels import quant as Q
+
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    wq, ws = ops.quantize_weight(w)
+    two = lambda: G.gemm(*Q.quantize(x, 1, 128, wq.dtype), wq, ws, None, torch.bfloat16)  # noqa: E731
+    one = lambda: G.linear_fused(x, wq, ws, None, torch.bfloat16)  # noqa: E731
+    same = torch.equal(two().view(torch.int16), one().view(torch.int16))
+    t2, t1 = us(two), us(one)
+    t_bf16 = us(lambda: F.linear(x, w))
+    return (f"fused M={M:3d} N={N:6d} K={K:6d} {G.plan(M, N, K, tma=True)} bf16 {t_bf16:7.1f} two-step {t2:7.1f} "
+            f"fused {t1:7.1f} us  identical={same}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -41,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reduce", default="last", help="last, kernel or both: who sums the split-K partials")
     ap.add_argument("--shapes", default=None, help="N:K,N:K,... (default: Llama-3-8B and grid shapes)")
     ap.add_argument("--repeat-check", type=int, default=0, help="re-run the plan N times, compare bits")
+    ap.add_argument("--fused", action="store_true",
+                    help="instead of the sweep: quantize + GEMM (two launches) vs linear_fused, current plan")
     args = ap.parse_args(argv)
     ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
     shapes = [tuple(int(t) for t in nk.split(":")) for nk in args.shapes.split(",")] if args.shapes else SHAPES
@@ -48,6 +65,14 @@ def main(argv=None) -> int:
     lines = []
     say = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
     torch.manual_seed(0)
+    if args.fused:
+        for M in ints(args.ms):
+            for N, K in shapes:
+                say(fused_vs_two_step(M, N, K))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return 0
     grid = list(itertools.product(ints(args.bn), ints(args.stages), ints(args.splits), ints(args.warps), reduces))
     for M in ints(args.ms):
         for N, K in shapes:
