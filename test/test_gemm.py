@@ -163,6 +163,11 @@ def test_plan_heuristic_ranges():
     assert G.plan(1, 8192, 8192, tma=True).split_k > 1
     assert G.plan(1, 57344, 8192, tma=True).split_k == 1
     assert G.plan(1, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
+    # mid M: count waves (132 SMs): M = 128, N = 10240 is 160 tiles of 64 rows but 80 of 128
+    assert G.plan(128, 10240, 8192, tma=True, num_sms=132).block_m == 128
+    assert G.plan(128, 8192, 8192, tma=True, num_sms=132).block_m == 64
+    assert G.plan(192, 10240, 8192, tma=True, num_sms=132).block_m == 64
+    assert G.plan(512, 4096, 4096, tma=True, num_sms=132).block_m == 128
 
 
 needs_cublas = pytest.mark.skipif(

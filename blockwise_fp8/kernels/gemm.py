@@ -301,11 +301,19 @@ def plan(M: int, N: int, K: int, *, tma: bool, num_sms: int = 132) -> Plan:
         split = _skinny_split_k(triton.cdiv(N, block_n), k_blocks, num_sms)
         return Plan("skinny", block_m, block_n, num_warps=4, num_stages=6 if block_m == 16 else 4, split_k=split)
     if tma:
-        # H100 sweep (benchmarks/NOTES.md): 64x128 / 4 warps is best up to M = 128; above it
-        # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop.
-        if M <= 128:
+        # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
+        # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
+        # short of full, so count them: a 64 x 128 tile (4 warps, flattened) costs about 2/3 of
+        # a 128 x 128 one there (results/tune-mid-m-h100-2026-11-26.txt: 20 shapes x 2 dtypes,
+        # M = 80..256, this rule picks the faster of the two or one within 3%).
+        wide = Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False)
+        if M > 256:
+            return wide
+        n_tiles = triton.cdiv(N, 128)
+        rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
+        if 2 * rounds(64) < 3 * rounds(128):
             return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True)
-        return Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False)
+        return wide
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
