@@ -190,7 +190,9 @@ CUBLAS_MIN_M = 64  # auto uses cuBLAS for M >= this where cuBLAS supports the ca
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
 # linear: quantize inside the skinny GEMM for M <= this. 0 = off: on the H100 the fused kernel
 # (which quantizes a 16-row padded tile per K block in every program) measured 132 us at M=1,
-# 8192x8192, against about 32 us for quantize + GEMM. Kept, tested, for a later rework.
+# 8192x8192, against about 32 us for quantize + GEMM; with the cheaper quantization of session 3
+# still 47.5 vs 30.0 us there, and slower at every M = 1..32 and shape tried
+# (benchmarks/tune_skinny.py --fused). Kept, tested bit-identical, for a later rework.
 FUSED_QUANT_MAX_M = 0
 
 
