@@ -37,7 +37,6 @@ Bias and the output cast are fused in every epilogue. Rounding to bf16 goes thro
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from dataclasses import dataclass
 
@@ -45,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import hardware_fp8_cast, quantize_rows
+from .quant import hardware_fp8_cast, interpreting, quantize_rows
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
@@ -254,10 +253,6 @@ class Plan:
     warp_specialize: bool = False
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     if not torch.cuda.is_available():
@@ -272,7 +267,7 @@ def _hopper_or_newer(device_index: int) -> bool:
 
 def tma_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
     """Tensor descriptors need a CUDA Hopper+ device, 16-byte aligned row strides and bases."""
-    if TensorDescriptor is None or _interpreting() or a.device.type != "cuda":
+    if TensorDescriptor is None or interpreting() or a.device.type != "cuda":
         return False
     if not _hopper_or_newer(a.device.index or 0):
         return False

@@ -182,10 +182,15 @@ def dequantize_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok, x, mask=mask)
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def hardware_fp8_cast(device: torch.device) -> bool:
     """Whether compiled kernels on ``device`` may round float32 -> fp8 with the GPU's own cvt
     (everywhere but the Triton interpreter)."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    return device.type == "cuda" and not interpreting()
 
 
 # Activation tiling (BLOCK_M rows x GROUPS_K blocks of 128, num_warps); tuned on an H100
