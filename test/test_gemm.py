@@ -3,8 +3,9 @@
 On CPU the kernels run through Triton's interpreter on tiny shapes; every plan kind ("skinny",
 "tiled", "tma") is forced through ``plan_override`` so each kernel's logic is covered, including
 the descriptor-based kernel (the interpreter emulates tensor descriptors). What only the GPU run
-covers: the real TMA copies, the persistent grid at full size, ``flatten`` / warp specialisation,
-and the cuBLAS backend (``test_cublas_*``, skipped without an sm_90 CUDA device).
+covers: the real TMA copies, the persistent grid at full size, ``flatten``, the warp-specialised
+Gluon kernel ("ws": the interpreter cannot run Gluon; on CPU it is only compiled for sm_90 and its
+SASS checked) and the cuBLAS backend (``test_cublas_*``, skipped without an sm_90 CUDA device).
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def _check(out, aq, as_, wq, ws, b, out_dtype, acc_rel=2.0**-12):
     assert excess <= 0, f"error exceeds bound by {excess:.3g}"
 
 
-def _plans(M, K):
+def _plans(M, K, ws=False):
     ps = [G.Plan("tiled", 16, 64, 4, 2), G.Plan("tiled", 64, 128, 4, 2)]
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         ps += [G.Plan("skinny", bm, 64, 4, 2, split_k=s) for s in (1, 2, 3)]
     if K % 16 == 0:
         ps += [G.Plan("tma", 64, 64, 4, 2, flatten=f) for f in (False, True)]
+    if ws:
+        ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 5)]
     return ps
 
 
@@ -70,7 +73,7 @@ def _plans(M, K):
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_every_plan_matches_reference(M, N, K, dtype):
     x, aq, as_, wq, ws, b = _operands(M, N, K, dtype, seed=M * 7 + N)
-    for p in _plans(M, K):
+    for p in _plans(M, K, ws=G.ws_usable(aq, wq)):
         out = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
         _check(out, aq, as_, wq, ws, b, torch.float32)
 
@@ -88,7 +91,7 @@ def test_default_plan_out_dtypes_and_bias(M, out_dtype):
 def test_m_major_scales_read_correctly():
     x, aq, as_, wq, ws, b = _operands(67, 129, 256, torch.float8_e4m3fn, seed=3)
     as_t = as_.t().contiguous().t()  # strides (1, M)
-    for p in _plans(67, 256):
+    for p in _plans(67, 256, ws=G.ws_usable(aq, wq)):
         a = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
         c = G.gemm(aq, as_t, wq, ws, b, torch.float32, plan_override=p)
         assert torch.equal(a, c)
@@ -185,6 +188,58 @@ def test_plan_heuristic_ranges():
     assert G.plan(128, 8192, 8192, tma=True, num_sms=132).block_m == 64
     assert G.plan(192, 10240, 8192, tma=True, num_sms=132).block_m == 64
     assert G.plan(512, 4096, 4096, tma=True, num_sms=132).block_m == 128
+    # the warp-specialised kernel replaces every 128 x 128 TMA tile where it can run
+    assert G.plan(4096, 8192, 8192, tma=True, ws=True).kind == "ws"
+    assert G.plan(128, 10240, 8192, tma=True, ws=True, num_sms=132).kind == "ws"
+    assert G.plan(128, 8192, 8192, tma=True, ws=True, num_sms=132).kind == "tma"  # 64-row tiles stay
+    assert G.plan(16, 8192, 8192, tma=True, ws=True).kind == "skinny"
+    assert G.plan(4096, 8192, 8192, tma=False, ws=False).kind == "tiled"
+
+
+def test_ws_plan_refused_where_it_cannot_run():
+    x, aq, as_, wq, ws, b = _operands(67, 129, 256, torch.float8_e4m3fn, seed=5)
+    if G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel runs here; this test covers devices where it cannot")
+    with pytest.raises(ValueError, match="'ws' plan needs"):
+        G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("ws", 128, 128, 4, 5))
+
+
+def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma():
+    """ptxas silently serialises every wgmma when it cannot prove the accumulators safe, which
+    made earlier versions of this kernel slower than the plain one: compile it for sm_90 (no GPU
+    needed) and count the warpgroup waits in its SASS, one per consumer."""
+    from blockwise_fp8.kernels import gemm_hopper as H
+
+    if not H.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    import os
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gl = H.gl
+    layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
+    desc = f"tensordesc<fp8e4nv[128, 128],{layout!r}>"
+    names = ["a_desc", "w_desc", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "M", "N", "K",
+             "stride_asm", "stride_ask", "stride_wsn", "stride_wsk", "stride_om", "stride_on",
+             "HAS_BIAS", "GROUP_M", "NUM_PROGRAMS", "STAGES", "CONSUMER_REGS", "PRODUCER_REGS"]
+    types = [desc, desc, "*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 9 + ["constexpr"] * 6
+    consts = dict(HAS_BIAS=True, GROUP_M=8, NUM_PROGRAMS=132, STAGES=5,
+                  CONSUMER_REGS=int(H.CONSUMER_REGS), PRODUCER_REGS=int(H.PRODUCER_REGS))
+    src = GluonASTSource(H.gemm_ws_kernel, dict(zip(names, types)),
+                         {(names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if "cubin" not in kernel.asm or not os.path.exists(nvdisasm):
+        pytest.skip("this Triton build does not ship nvdisasm")
+    cubin = os.path.join(str(pytest.importorskip("tempfile").mkdtemp()), "k.cubin")
+    with open(cubin, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    assert sass.count("GMMA") == 8  # two consumers x four k32 steps per 128-wide K block
+    assert sass.count("WARPGROUP.DEPBAR") == 2, "ptxas serialised the wgmma pipeline"
 
 
 needs_cublas = pytest.mark.skipif(

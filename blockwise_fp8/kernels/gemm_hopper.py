@@ -1,0 +1,201 @@
+"""Warp-specialised blockwise FP8 GEMM for Hopper, written in Gluon (Triton's explicit dialect).
+
+Same contract as ``gemm.gemm_tma_kernel``: out = (a * a_scale) @ (w * w_scale).T (+ bias), layout
+stated in ``kernels/gemm.py``, one 128 x 128 output tile per step of a persistent grid.
+
+Why a second large-M kernel: every K block's tensor-core product must be finished before it is
+scaled into the float32 accumulator (acc += (a_s * w_s) * part). In the plain Triton kernel the
+compiler puts three CTA-wide barriers in each K step (before re-arming and refilling a shared
+memory stage), so both warpgroups promote in lockstep and the tensor cores idle meanwhile
+(Nsight Compute, H100, 8192^3: ~48% of warp stall cycles at those barriers; ~830 TFLOPS).
+
+Here the roles are split (``gl.warp_specialize``):
+    producer (1 warp)       TMA-loads the A (128 x 128) and W (128 x 128) tiles of each K step
+                            into a STAGES-deep ring; ``ready[s]`` completes when both landed
+    consumers (2 x 4 warps) each owns 64 rows of the tile: waits ``ready[s]``, issues its
+                            wgmma, waits for it, releases the stage through ``empty[s]`` (one
+                            arrival per consumer), promotes; runs the epilogue (bias, output
+                            cast, masked store)
+No CTA-wide barrier remains in the K loop (only each warpgroup's own), so the two consumers drift
+apart and one's promotion overlaps the other's MMAs, as in DeepGEMM's design.
+
+What ptxas accepts decides whether this pays: when it cannot prove a wgmma's accumulator
+registers safe it serialises every wgmma (info C7511/C7514; 16 waits instead of 2 in the SASS),
+which made two earlier versions slower than ``tma``: one kept a wgmma in flight across the loop's
+back edge, one issued the next K step's wgmma before promoting this one. Here each K step issues,
+waits for and promotes its own wgmma, and ``setmaxnreg`` (``warp_specialize``'s register list)
+gives each consumer 232 registers and the producer 40 (the 12 warps would otherwise cap all at 168).
+
+The Triton interpreter cannot run Gluon, so this path is covered by the GPU test run only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - Triton without Gluon
+    AVAILABLE = False
+
+
+if AVAILABLE:
+    BLOCK = gl.constexpr(128)  # tile rows, tile columns and K step (the scale block)
+    CONSUMER_REGS = gl.constexpr(232)  # per consumer thread: acc + one product (64 each) + addresses
+    PRODUCER_REGS = gl.constexpr(40)
+else:
+    BLOCK = 128
+
+
+# Triton 3.6 names the TMA load async_copy_global_to_shared, later versions async_load (and make
+# the old name raise). Triton hashes every attribute a kernel's source names, taken branch or not,
+# so each version gets its own helper.
+if AVAILABLE and hasattr(tma, "async_load"):
+
+    @gluon.jit
+    def _tma_load(desc, row, col, barrier, dest):
+        tma.async_load(desc, [row, col], barrier, dest)
+
+elif AVAILABLE:
+
+    @gluon.jit
+    def _tma_load(desc, row, col, barrier, dest):
+        tma.async_copy_global_to_shared(desc, [row, col], barrier, dest)
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
+        """Tile index -> (pid_m, pid_n), GROUP_M row-tiles walking the columns together (L2 reuse)."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        rows = gl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+    @gluon.jit
+    def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K,
+                  GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr):
+        """TMA-loads each K step's A and W tiles into ring slot it % STAGES once both consumers
+        have released its previous contents."""
+        num_m = gl.cdiv(M, BLOCK)
+        num_n = gl.cdiv(N, BLOCK)
+        k_blocks = gl.cdiv(K, BLOCK)
+        it = 0
+        for tile in range(gl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+            for kb in range(k_blocks):
+                s = it % STAGES
+                # a fresh barrier counts as released in the phase before its first, so the first
+                # lap over the ring does not wait
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                _tma_load(a_desc, pid_m * BLOCK, kb * BLOCK, ready.index(s), a_bufs.index(s))
+                _tma_load(w_desc, pid_n * BLOCK, kb * BLOCK, ready.index(s), w_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _consumer(a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                  M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                  HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                  STAGES: gl.constexpr, HALF: gl.constexpr):
+        """Rows [64 HALF, 64 HALF + 64) of each tile."""
+        ROWS: gl.constexpr = BLOCK // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
+        row_layout: gl.constexpr = gl.SliceLayout(1, mma)
+        col_layout: gl.constexpr = gl.SliceLayout(0, mma)
+        num_m = gl.cdiv(M, BLOCK)
+        num_n = gl.cdiv(N, BLOCK)
+        k_blocks = gl.cdiv(K, BLOCK)
+        zero = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
+        it = 0
+        for tile in range(gl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+            rm = pid_m * BLOCK + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
+            m_ok = rm < M
+            a_s_ptrs = a_scale_ptr + rm * stride_asm
+            w_s_ptr = w_scale_ptr + pid_n * stride_wsn
+            acc = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
+            for kb in range(k_blocks):
+                s = it % STAGES
+                # loaded before the wgmma is waited for, so its latency hides behind it
+                scale = gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                part = warpgroup_mma(a_bufs.index(s).slice(HALF * ROWS, ROWS), w_bufs.index(s).permute((1, 0)),
+                                     zero, use_acc=False, is_async=True)
+                part = warpgroup_mma_wait(0, deps=(part,))
+                mbarrier.arrive(empty.index(s), count=1)
+                acc += part * gl.expand_dims(scale, 1)
+                it += 1
+
+            rn = pid_n * BLOCK + gl.arange(0, BLOCK, layout=col_layout)
+            n_ok = rn < N
+            if HAS_BIAS:
+                acc += gl.expand_dims(gl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(gl.float32), 0)
+            ptrs = out_ptr + gl.expand_dims(rm, 1) * stride_om + gl.expand_dims(rn, 0) * stride_on
+            gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
+
+    @gluon.jit
+    def gemm_ws_kernel(
+        a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+        M, N, K,
+        stride_asm, stride_ask, stride_wsn, stride_wsk,
+        stride_om, stride_on,
+        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    ):
+        """Layouts as in ``kernels/gemm.py``; a_desc and w_desc are 128 x 128 fp8 TMA descriptors."""
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK, BLOCK], a_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK, BLOCK], w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+        fence_async_shared()  # the initialised barriers must be visible to the TMA engine
+        gl.warp_specialize([
+            (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                         M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                         HAS_BIAS, GROUP_M, NUM_PROGRAMS, STAGES, 0)),
+            (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                         M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                         HAS_BIAS, GROUP_M, NUM_PROGRAMS, STAGES, 1)),
+            (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, GROUP_M, NUM_PROGRAMS, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+_GL_FP8 = {}
+if AVAILABLE:
+    _GL_FP8 = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
+
+
+def gemm_ws(a, a_scale, w, w_scale, bias, out, *, num_sms: int, stages: int = 5, group_m: int = 8) -> torch.Tensor:
+    """Launch on operands that ``kernels.gemm._run`` has checked, into its ``out``."""
+    M, K = a.shape
+    N = w.shape[0]
+    block = int(BLOCK)
+    layout = gl.NVMMASharedLayout.get_default_for([block, block], _GL_FP8[a.dtype])
+    a_desc = GluonDescriptor.from_tensor(a, [block, block], layout)
+    w_desc = GluonDescriptor.from_tensor(w, [block, block], layout)
+    programs = min(num_sms, triton.cdiv(M, block) * triton.cdiv(N, block))
+    gemm_ws_kernel[(programs,)](
+        a_desc, w_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
+        M, N, K,
+        a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
+    )
+    return out
