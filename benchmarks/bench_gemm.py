@@ -141,7 +141,7 @@ def main():
                     r["cublas_us"] = timed(lambda: ops._cublas_gemm(aq, as_, wq, ws, None, torch.bfloat16), rep)
                 outs["ours_triton"] = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
                 r["ours_triton_us"] = timed(lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16), rep)
-                r["ours_triton_plan"] = G.plan(M, N, K, tma=G.tma_usable(aq, wq)).kind
+                r["ours_triton_plan"] = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq)).kind
                 r["ours_auto_us"] = timed(lambda: bf.gemm(aq, as_, wq, ws), rep)
                 r["ours_auto_backend"] = ops.choose_gemm_backend(
                     M, N, K, dt, dt, torch.bfloat16, cublas_available=ops.cublas_blockwise_available(x16.device))
