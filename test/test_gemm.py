@@ -147,6 +147,53 @@ def test_split_k_on_concurrent_streams():
     assert all(torch.equal(o, expect) for out in outs for o in out)
 
 
+
+@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs a CUDA device")
+def test_programmatic_launch_chain_matches_plain_launch(monkeypatch):
+    """With PDL the decode GEMM starts before the quantization it reads has finished and waits in
+    the kernel: a chain of Linears (each reading the last one's output), eager and replayed from
+    a CUDA graph, must equal the same chain launched plainly, bit for bit."""
+    from blockwise_fp8.kernels import quant
+
+    g = torch.Generator().manual_seed(11)
+    ws_ = [bf.ops.quantize_weight((torch.randn(n, k, generator=g) * 0.05).to("cuda", torch.bfloat16))
+           for n, k in ((1024, 4096), (4096, 1024), (4096, 4096))]
+    x = torch.randn(1, 4096, generator=g).to("cuda", torch.bfloat16)
+
+    def chain(inp):
+        for q, s in ws_:
+            inp = bf.ops.linear(inp, q, s)
+        return inp
+
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("BLOCKWISE_FP8_PDL", flag)
+        assert quant.programmatic_launch(x.device) == (flag == "1" and torch.cuda.get_device_capability()[0] >= 9
+                                                      and quant._PDL_IN_TRITON)
+        eager = chain(x)
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        chain(static_x)  # compile outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            static_out = chain(static_x)
+        static_x.copy_(x * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        results[flag] = (eager, static_out.clone())
+    assert torch.equal(results["0"][0], results["1"][0])
+    assert torch.equal(results["0"][1], results["1"][1])
+    assert torch.equal(results["0"][1], chain(x * 2))
+
+
+def test_programmatic_launch_off_where_it_cannot_apply(monkeypatch):
+    from blockwise_fp8.kernels import quant
+
+    assert not quant.programmatic_launch(torch.device("cpu"))
+    monkeypatch.setenv("BLOCKWISE_FP8_PDL", "0")
+    if torch.cuda.is_available():
+        assert not quant.programmatic_launch(torch.device("cuda"))
+
 @pytest.mark.parametrize("M", [1, 3, 67])
 def test_linear_auto_matches_reference(M):
     backend = "auto" if ON_GPU else "triton"

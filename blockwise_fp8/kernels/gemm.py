@@ -52,7 +52,14 @@ import triton
 import triton.language as tl
 
 from . import gemm_hopper
-from .quant import hardware_fp8_cast, interpreting, quantize_rows
+from .quant import (
+    hardware_fp8_cast,
+    interpreting,
+    pdl_launch_options,
+    programmatic_launch,
+    quantize_rows,
+    wait_for_previous_grid,
+)
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
@@ -185,14 +192,18 @@ def gemm_skinny_kernel(
     FUSE_QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
     the high-precision activation and a_scale_ptr is unused. With SPLIT_K > 1 each program
     stores its float32 partial, and the last of a tile's SPLIT_K programs to arrive (counted in
     arrivals_ptr, one int32 per N tile, zero on entry and left zero) sums the partials in split
-    order, so the result does not depend on who came last, and runs the epilogue."""
+    order, so the result does not depend on who came last, and runs the epilogue. With PDL the
+    grid may start while the kernel before it (the activation quantization) still runs, so it
+    waits for that grid before touching memory."""
+    if PDL:
+        wait_for_previous_grid()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -450,6 +461,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         arrivals = _arrival_counters(a.device, n_tiles) if split > 1 else w_scale
         s_arg = a_scale if a_scale is not None else w_scale
         fmt = format_constexprs(w.dtype)
+        pdl = programmatic_launch(a.device)
         gemm_skinny_kernel[(n_tiles, split)](
             a, s_arg, w, w_scale, bias_arg, out, partial, arrivals,
             M, N, K, kb_per,
@@ -459,8 +471,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             out.stride(0), out.stride(1),
             FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
             CVT_FP8=hardware_fp8_cast(a.device),
-            SPLIT_K=split, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
-            num_warps=p.num_warps, num_stages=p.num_stages, **common,
+            SPLIT_K=split, PDL=pdl, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
+            num_warps=p.num_warps, num_stages=p.num_stages, **common, **pdl_launch_options(pdl),
         )
         return out
     if p.kind == "ws":

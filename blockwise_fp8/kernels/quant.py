@@ -19,6 +19,41 @@ import triton.language as tl
 
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs, round_to_format, widen_to_fp32
 
+try:  # programmatic dependent launch (Triton >= 3.3); see programmatic_launch()
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _PDL_IN_TRITON = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:  # pragma: no cover
+    _PDL_IN_TRITON = False
+
+# Triton hashes every name a kernel's source mentions, so the kernels call these wrappers, which
+# exist with or without PDL support.
+if _PDL_IN_TRITON:
+
+    @triton.jit
+    def wait_for_previous_grid():
+        gdc_wait()
+
+    @triton.jit
+    def allow_next_grid():
+        gdc_launch_dependents()
+
+else:  # pragma: no cover
+
+    @triton.jit
+    def wait_for_previous_grid():
+        pass
+
+    @triton.jit
+    def allow_next_grid():
+        pass
+
+
+def pdl_launch_options(enabled: bool) -> dict:
+    """The launch keyword for a kernel that waits with ``wait_for_previous_grid``."""
+    return {"launch_pdl": True} if enabled else {}
+
 SCALE_FLOOR = float(torch.finfo(torch.float32).tiny)
 # jit code may read only constexpr globals (Triton 3.6 on CUDA refuses a plain float)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
@@ -118,9 +153,11 @@ def quantize_kernel(
     FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
-    CVT_FP8: tl.constexpr,
+    CVT_FP8: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
 ):
+    if PDL:  # the GEMM that reads q may start now; it waits for this grid before its first load of q
+        allow_next_grid()
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,6 +224,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether to chain our decode kernels with programmatic dependent launch (PDL, sm_90+): the
+    activation quantization lets the GEMM after it launch at once, and that GEMM waits for it
+    with ``griddepcontrol.wait`` in place of the launch gap. Off in the interpreter, with a Triton
+    that lacks it, and where ``BLOCKWISE_FP8_PDL=0``."""
+    if not _PDL_IN_TRITON or device.type != "cuda" or interpreting():
+        return False
+    if os.environ.get("BLOCKWISE_FP8_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def hardware_fp8_cast(device: torch.device) -> bool:
     """Whether compiled kernels on ``device`` may round float32 -> fp8 with the GPU's own cvt
     (everywhere but the Triton interpreter)."""
@@ -232,7 +281,7 @@ def quantize(
         M, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         FP8_MAX=float(torch.finfo(dtype).max),
-        **format_constexprs(dtype), CVT_FP8=hardware_fp8_cast(x.device),
+        **format_constexprs(dtype), CVT_FP8=hardware_fp8_cast(x.device), PDL=programmatic_launch(x.device),
         BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k, num_warps=warps,
     )
     return q, scale
