@@ -64,6 +64,7 @@ def _plans(M, K, ws=False):
         ps += [G.Plan("skinny", bm, 64, 4, 2, split_k=s) for s in (1, 2, 3)]
     if K % 16 == 0:
         ps += [G.Plan("tma", 64, 64, 4, 2, flatten=f) for f in (False, True)]
+        ps += [G.Plan("tma", 64, 64, 4, 2, tail_split=3, num_programs=5)]
     if ws:
         ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 5)]
     return ps
@@ -113,6 +114,19 @@ def test_fused_quant_is_bit_identical_to_two_step(M, dtype):
         two_step = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
         fused = G.linear_fused(x, wq, ws, b, torch.bfloat16, plan_override=p)
         assert torch.equal(two_step.view(torch.int16), fused.view(torch.int16))
+
+
+@pytest.mark.parametrize("programs,split", [(5, 3), (8, 2), (7, 4)])
+def test_tma_tail_split_matches_reference_and_is_deterministic(programs, split):
+    """The last, partial wave's tiles split over K among several programs and summed by the last
+    to arrive: right, the same bits on every run, and the arrival counters left at zero."""
+    x, aq, as_, wq, ws, b = _operands(130, 200, 1024, torch.float8_e5m2, seed=programs)
+    p = G.Plan("tma", 64, 64, 4, 2, tail_split=split, num_programs=programs)  # 12 tiles of 64 x 64
+    assert 12 % programs, "the grid must leave a partial wave to split"
+    first = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
+    _check(first, aq, as_, wq, ws, b, torch.float32)
+    assert torch.equal(first, G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p))
+    assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
 
 
 def test_split_k_is_deterministic_and_leaves_counters_zero():
@@ -241,6 +255,14 @@ def test_plan_heuristic_ranges():
     assert G.plan(128, 8192, 8192, tma=True, ws=True, num_sms=132).kind == "tma"  # 64-row tiles stay
     assert G.plan(16, 8192, 8192, tma=True, ws=True).kind == "skinny"
     assert G.plan(4096, 8192, 8192, tma=False, ws=False).kind == "tiled"
+    # a tail wave under half full is split over K (at most 4 ways, >= 8 K blocks each), and
+    # then the tma kernel beats the ws kernel's extra wave where it saves enough K steps
+    assert G._tail_split(160, 64, 132) == 4 and G._tail_split(320, 64, 132) == 2
+    assert G._tail_split(128, 64, 132) == 1 and G._tail_split(264, 64, 132) == 1
+    assert G._tail_split(160, 16, 132) == 2  # 16 K blocks: pieces of 8
+    wide = G.plan(256, 10240, 8192, tma=True, ws=True, num_sms=132)  # 160 tiles: 1.2 waves
+    assert (wide.kind, wide.tail_split) == ("tma", 4)
+    assert G.plan(2048, 10240, 8192, tma=True, ws=True, num_sms=132).kind == "ws"  # 1280 tiles
 
 
 def test_ws_plan_refused_where_it_cannot_run():

@@ -92,6 +92,29 @@ def _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on,
 
 
 @triton.jit
+def _finish_split(acc, tile_ptrs, split_stride, mask, split, counter_ptr, SPLIT_K: tl.constexpr,
+                  rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on,
+                  HAS_BIAS: tl.constexpr,
+                  OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+                  OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr):
+    """Split-K without a second launch: store this split's float32 partial at tile_ptrs +
+    split * split_stride and arrive on the tile's counter; the last of the SPLIT_K programs to
+    arrive sums the partials in split order (so the result does not depend on who came last),
+    runs the epilogue and leaves the counter at zero for the next launch."""
+    tl.store(tile_ptrs + split * split_stride, acc, mask=mask)
+    # Every thread's partial is stored before the (acq_rel, GPU-scope) arrival; the last to
+    # arrive reads the others' partials past L1, which may hold none of them.
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr, 1) == SPLIT_K - 1:
+        total = tl.load(tile_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        for k in range(1, SPLIT_K):
+            total += tl.load(tile_ptrs + k * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        _epilogue_store(total, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
+                        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
 def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile index -> (pid_m, pid_n) in grouped order: GROUP_M row-tiles walk the columns together."""
     tiles_per_group = GROUP_M * num_n
@@ -141,9 +164,22 @@ def gemm_tiled_kernel(
 
 
 @triton.jit
+def _tma_accumulate(a_desc, w_desc, a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, off_m, off_n,
+                    kb_start, kb_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        a = a_desc.load([off_m, kb * BLOCK_K])
+        w = w_desc.load([off_n, kb * BLOCK_K])
+        a_s = tl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+        w_s = tl.load(w_s_ptr + kb * stride_wsk)
+        acc += tl.dot(a, w.T) * (a_s * w_s)[:, None]
+    return acc
+
+
+@triton.jit
 def gemm_tma_kernel(
-    a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, out_ptr,
-    M, N, K,
+    a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    M, N, K, TAIL_START,
     stride_asm, stride_ask, stride_wsn, stride_wsk,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr,
@@ -151,32 +187,54 @@ def gemm_tma_kernel(
     OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    TAIL_SPLIT: tl.constexpr,
 ):
     """Persistent blockwise GEMM over tensor descriptors (BLOCK_N <= 128: one weight scale per
-    tile and K block, so the promotion is a row vector times a scalar)."""
+    tile and K block, so the promotion is a row vector times a scalar).
+
+    Tiles [0, TAIL_START) (whole waves) are computed whole. With TAIL_SPLIT > 1 the last, partial
+    wave's tiles are each split over K among TAIL_SPLIT programs (work unit u: tile
+    TAIL_START + u // TAIL_SPLIT, split u % TAIL_SPLIT) that finish through ``_finish_split``
+    (partials: (tail tiles, TAIL_SPLIT, BLOCK_M, BLOCK_N) float32; one counter per tail tile),
+    so a grid of 1.2 waves costs about 1.25 tile-times instead of 2."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_blocks = tl.cdiv(K, BLOCK_K)
     num_tiles = num_m * num_n
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN,
+    for tile in tl.range(tl.program_id(0), TAIL_START, NUM_PROGRAMS, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         rm = off_m + tl.arange(0, BLOCK_M)
         m_ok = rm < M
-        a_s_ptrs = a_scale_ptr + rm * stride_asm
-        w_s_ptr = w_scale_ptr + (off_n // BLOCK_K) * stride_wsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(k_blocks):
-            a = a_desc.load([off_m, kb * BLOCK_K])
-            w = w_desc.load([off_n, kb * BLOCK_K])
-            a_s = tl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-            w_s = tl.load(w_s_ptr + kb * stride_wsk)
-            acc += tl.dot(a, w.T) * (a_s * w_s)[:, None]
+        acc = _tma_accumulate(a_desc, w_desc, a_scale_ptr + rm * stride_asm, m_ok,
+                              w_scale_ptr + (off_n // BLOCK_K) * stride_wsn, stride_ask, stride_wsk,
+                              off_m, off_n, 0, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K)
         rn = off_n + tl.arange(0, BLOCK_N)
         _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
                         OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+    if TAIL_SPLIT > 1:
+        kb_per = tl.cdiv(k_blocks, TAIL_SPLIT)
+        lm = tl.arange(0, BLOCK_M)
+        ln = tl.arange(0, BLOCK_N)
+        for u in range(tl.program_id(0), (num_tiles - TAIL_START) * TAIL_SPLIT, NUM_PROGRAMS):
+            tail = u // TAIL_SPLIT
+            split = u % TAIL_SPLIT
+            pid_m, pid_n = _grouped_tile(TAIL_START + tail, num_m, num_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            rm = off_m + lm
+            m_ok = rm < M
+            acc = _tma_accumulate(a_desc, w_desc, a_scale_ptr + rm * stride_asm, m_ok,
+                                  w_scale_ptr + (off_n // BLOCK_K) * stride_wsn, stride_ask, stride_wsk,
+                                  off_m, off_n, split * kb_per, min(split * kb_per + kb_per, k_blocks),
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+            tile_ptrs = partial_ptr + tail * (TAIL_SPLIT * BLOCK_M * BLOCK_N) + lm[:, None] * BLOCK_N + ln[None, :]
+            _finish_split(acc, tile_ptrs, BLOCK_M * BLOCK_N, (lm[:, None] < BLOCK_M) & (ln[None, :] < BLOCK_N),
+                          split, arrivals_ptr + tail, TAIL_SPLIT, rm, off_n + ln, M, N, bias_ptr, out_ptr,
+                          stride_om, stride_on, HAS_BIAS,
+                          OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
 
 
 @triton.jit
@@ -239,19 +297,9 @@ def gemm_skinny_kernel(
                         OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
     else:
         # partial: (SPLIT_K, M, N) float32, contiguous
-        tile_ptrs = partial_ptr + rm[:, None] * N + rn[None, :]
-        mask = m_ok[:, None] & n_ok[None, :]
-        tl.store(tile_ptrs + pid_k * M * N, acc, mask=mask)
-        # Every thread's partial is stored before the (acq_rel, GPU-scope) arrival; the last to
-        # arrive reads the others' partials past L1, which may hold none of them.
-        tl.debug_barrier()
-        if tl.atomic_add(arrivals_ptr + pid_n, 1) == SPLIT_K - 1:
-            total = tl.load(tile_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            for k in range(1, SPLIT_K):
-                total += tl.load(tile_ptrs + k * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            _epilogue_store(total, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
-                            OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
-            tl.atomic_xchg(arrivals_ptr + pid_n, 0)
+        _finish_split(acc, partial_ptr + rm[:, None] * N + rn[None, :], M * N, m_ok[:, None] & n_ok[None, :],
+                      pid_k, arrivals_ptr + pid_n, SPLIT_K, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on,
+                      HAS_BIAS, OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
 
 
 # --------------------------------------------------------------------------- planning
@@ -259,7 +307,7 @@ def gemm_skinny_kernel(
 
 @dataclass(frozen=True)
 class Plan:
-    """Which kernel runs a shape, and its meta-parameters. ``kind`` is "skinny", "tma" or "tiled"."""
+    """Which kernel runs a shape, and its meta-parameters. ``kind`` is "skinny", "tma", "ws" or "tiled"."""
 
     kind: str
     block_m: int
@@ -270,6 +318,8 @@ class Plan:
     group_m: int = 8
     flatten: bool = False
     warp_specialize: bool = False
+    tail_split: int = 1  # "tma": split the last, partial wave's tiles over K among this many programs
+    num_programs: int = 0  # "tma": persistent programs (0: one per SM); tests use fewer
 
 
 @functools.lru_cache(maxsize=None)
@@ -313,11 +363,44 @@ def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
     return max(1, min(-(-3 * num_sms // (2 * n_tiles)), k_blocks // 4))
 
 
+# How much more a K step of the tma kernel costs than one of the ws kernel, for choosing between
+# them: 1.1-1.22x per step on H100 (results/tune-ws-h100-2026-11-26.txt), and a split tail pays
+# for its partials and a second ramp; with 1.3 the split is taken at 1.2 waves of tiles, where it
+# wins clearly (61.7 vs 69.4 us, results/tune-tail-h100-2026-11-26.txt), and not at 2.4 or 3.03
+# waves, where the two were within 2% either way.
+WS_SPEEDUP = 1.3
+
+
+def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
+    """How many programs share each tile of the last, partial wave (1: none). Only a tail that
+    fills less than half a wave is split, into at most 4 pieces of >= 8 K blocks, so that the
+    partials (written once, read once) stay small next to the work saved."""
+    rest = tiles % num_sms
+    if rest == 0 or 2 * rest > num_sms:
+        return 1
+    return max(1, min(num_sms // rest, k_blocks // 8, 4))
+
+
+def _wide_plan(tiles: int, k_blocks: int, *, ws: bool, num_sms: int) -> Plan:
+    """128 x 128 tiles: the ws kernel, or the tma kernel when splitting the tail wave (which only
+    the tma kernel can) costs less in K steps of a tile than the ws kernel's extra wave."""
+    split = _tail_split(tiles, k_blocks, num_sms)
+    tma = Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False, tail_split=split)
+    if not ws:
+        return tma
+    ws_steps = triton.cdiv(tiles, num_sms) * k_blocks
+    tma_steps = (tiles // num_sms) * k_blocks + triton.cdiv(k_blocks, split)
+    if split > 1 and tma_steps * WS_SPEEDUP < ws_steps:
+        return tma
+    return Plan("ws", 128, 128, num_warps=4, num_stages=5)  # 5 stages: results/tune-ws-h100-2026-11-26.txt
+
+
 def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132) -> Plan:
     """The shape heuristic: a small, fixed set of configs (no autotuning, so a new shape costs one
     compile of at most a few configs, not a sweep). ``tma``: tensor descriptors usable;
-    ``ws``: the warp-specialised Gluon kernel usable (it then replaces every 128 x 128 ``tma``
-    tile: 10-22% faster on every measured shape, M = 256..8192)."""
+    ``ws``: the warp-specialised Gluon kernel usable (it then replaces the 128 x 128 ``tma``
+    tiles, 10-22% faster on every measured shape, M = 256..8192, except where the tma kernel's
+    tail split saves more, see ``_wide_plan``)."""
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= SKINNY_MAX_M:
         block_m = max(16, triton.next_power_of_2(M))
@@ -330,16 +413,12 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
         # short of full, so count them: a 64 x 128 tile (4 warps, flattened) costs about 2/3 of
         # a 128 x 128 one there (results/tune-mid-m-h100-2026-11-26.txt: 20 shapes x 2 dtypes,
         # M = 80..256, this rule picks the faster of the two or one within 3%).
-        wide = Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False)
-        if ws:  # 5 stages: results/tune-ws-h100-2026-11-26.txt
-            wide = Plan("ws", 128, 128, num_warps=4, num_stages=5)
-        if M > 256:
-            return wide
-        n_tiles = triton.cdiv(N, 128)
-        rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
-        if 2 * rounds(64) < 3 * rounds(128):
-            return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True)
-        return wide
+        if M <= 256:
+            n_tiles = triton.cdiv(N, 128)
+            rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
+            if 2 * rounds(64) < 3 * rounds(128):
+                return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True)
+        return _wide_plan(triton.cdiv(M, 128) * triton.cdiv(N, 128), k_blocks, ws=ws, num_sms=num_sms)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -490,14 +569,24 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         a_desc = TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK])
         w_desc = TensorDescriptor.from_tensor(w, [p.block_n, SCALE_BLOCK])
         num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n)
-        programs = min(num_sms, num_tiles)
+        programs = min(p.num_programs or num_sms, num_tiles)
+        tail_start, tail_split = num_tiles, 1
+        if p.tail_split > 1 and num_tiles % programs:
+            tail_start = num_tiles - num_tiles % programs
+            tail_split = max(1, min(p.tail_split, triton.cdiv(K, SCALE_BLOCK)))
+        if tail_split > 1:
+            partial = torch.empty((num_tiles - tail_start, tail_split, p.block_m, p.block_n),
+                                  dtype=torch.float32, device=a.device)
+            arrivals = _arrival_counters(a.device, num_tiles - tail_start)
+        else:
+            partial = arrivals = w_scale
         gemm_tma_kernel[(programs,)](
-            a_desc, a_scale, w_desc, w_scale, bias_arg, out,
-            M, N, K,
+            a_desc, a_scale, w_desc, w_scale, bias_arg, out, partial, arrivals,
+            M, N, K, tail_start,
             a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
             out.stride(0), out.stride(1),
             BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=p.group_m,
-            NUM_PROGRAMS=programs, FLATTEN=p.flatten, WARP_SPECIALIZE=p.warp_specialize,
+            NUM_PROGRAMS=programs, FLATTEN=p.flatten, WARP_SPECIALIZE=p.warp_specialize, TAIL_SPLIT=tail_split,
             num_warps=p.num_warps, num_stages=p.num_stages, **common,
         )
         return out
