@@ -10,7 +10,7 @@ Layout (NT, like ``nn.Linear``):
 Every path steps K one scale block (128) at a time: each partial product of the tensor cores is
 promoted to the float32 accumulator with both scales applied, as DeepSeek-V3 does.
 
-Three kernels, chosen by :func:`plan` from the shape:
+Four kernels, chosen by :func:`plan` from the shape:
 
 ``skinny`` (M <= SKINNY_MAX_M, decode and small batches)
     Swapped operands: each program computes a (BLOCK_N x BLOCK_M) tile of out.T = w @ a.T, so
@@ -25,8 +25,9 @@ Three kernels, chosen by :func:`plan` from the shape:
 ``tma`` (large M, CUDA with tensor descriptors, K % 16 == 0)
     Persistent grid (one program per SM), grouped tile order so GROUP_M row-tiles share each
     weight tile in L2, operands fetched by the Hopper bulk-tensor copy engine through host-side
-    tensor descriptors (zero-filled out of bounds, which handles ragged K and N), a flattened
-    tile/K loop so the next tile's loads overlap this tile's epilogue.
+    tensor descriptors (zero-filled out of bounds, which handles ragged K and N), optionally a
+    flattened tile/K loop (64-row tiles) so the next tile's loads overlap this tile's epilogue,
+    and optionally the last, partial wave's tiles split over K (``tail_split``).
 ``ws`` (large M on Hopper, sm_90 only; ``kernels/gemm_hopper.py``)
     The same tiles as ``tma`` in Triton's Gluon dialect, warp-specialised: a producer warp feeds
     a shared-memory ring through TMA and two consumer warpgroups, 64 rows each, wait for their
