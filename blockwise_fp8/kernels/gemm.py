@@ -347,12 +347,15 @@ def tma_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
 def ws_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
     """The Gluon kernel needs what the TMA kernel needs, Gluon itself, and Hopper's wgmma (sm_90
     exactly: later architectures dropped wgmma)."""
-    if not (gemm_hopper.AVAILABLE and tma_usable(a, w)):
-        return False
-    return torch.cuda.get_device_capability(a.device)[0] == 9
+    return gemm_hopper.AVAILABLE and tma_usable(a, w) and _sm90(a.device.index or 0)
 
 
 def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:

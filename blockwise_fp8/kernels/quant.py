@@ -11,6 +11,7 @@ The launchers validate, allocate, launch, in that order; argument checking of us
 happens in ``blockwise_fp8.ops`` and is only asserted here.
 """
 
+import functools
 import os
 
 import torch
@@ -233,7 +234,12 @@ def programmatic_launch(device: torch.device) -> bool:
         return False
     if os.environ.get("BLOCKWISE_FP8_PDL", "1") == "0":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _sm90_or_newer(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def hardware_fp8_cast(device: torch.device) -> bool:
