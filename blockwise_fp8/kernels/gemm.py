@@ -529,7 +529,12 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
     dev = (a.device.index or 0) if a.device.type == "cuda" else 0
     num_sms = _num_sms(dev)
-    p = plan_override or plan(M, N, K, tma=tma_usable(a, w), ws=ws_usable(a, w), num_sms=num_sms)
+    if plan_override is None:
+        tma = tma_usable(a, w)  # checked once per call: ws_usable would repeat it
+        ws = tma and gemm_hopper.AVAILABLE and _sm90(dev)
+        p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms)
+    else:
+        p = plan_override
     if fuse_quant and p.kind != "skinny":
         raise ValueError(f"the fused activation quantization runs only in the skinny kernel, not {p.kind!r}")
     common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
@@ -559,7 +564,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         )
         return out
     if p.kind == "ws":
-        if not ws_usable(a, w):
+        if plan_override is not None and not ws_usable(a, w):  # plan() only picks ws where usable
             raise ValueError(
                 "the 'ws' plan needs Triton's Gluon, an sm_90 GPU and 16-byte aligned operand rows; "
                 f"got a on {a.device} with strides {tuple(a.stride())}, w with strides {tuple(w.stride())}"

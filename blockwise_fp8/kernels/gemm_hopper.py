@@ -79,7 +79,9 @@ if AVAILABLE:
 
     @gluon.jit
     def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
-        """Tile index -> (pid_m, pid_n), GROUP_M row-tiles walking the columns together (L2 reuse)."""
+        """Tile index -> (pid_m, pid_n), GROUP_M row-tiles walking the columns together (L2 reuse):
+        the order of ``gemm._grouped_tile``, written again because Gluon kernels cannot call
+        Triton functions."""
         per_group = GROUP_M * num_n
         first_m = (tile // per_group) * GROUP_M
         rows = gl.minimum(num_m - first_m, GROUP_M)
