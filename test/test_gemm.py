@@ -273,42 +273,61 @@ def test_ws_plan_refused_where_it_cannot_run():
         G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("ws", 128, 128, 4, 5))
 
 
-def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma():
+_SASS_PROBE = """
+import json, os, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from blockwise_fp8.kernels import gemm_hopper as H
+
+gl = H.gl
+layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
+desc = f"tensordesc<fp8e4nv[128, 128],{layout!r}>"
+names = ["a_desc", "w_desc", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "M", "N", "K",
+         "stride_asm", "stride_ask", "stride_wsn", "stride_wsk", "stride_om", "stride_on",
+         "HAS_BIAS", "GROUP_M", "NUM_PROGRAMS", "STAGES", "CONSUMER_REGS", "PRODUCER_REGS"]
+types = [desc, desc, "*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 9 + ["constexpr"] * 6
+consts = dict(HAS_BIAS=True, GROUP_M=8, NUM_PROGRAMS=132, STAGES=5,
+              CONSUMER_REGS=int(H.CONSUMER_REGS), PRODUCER_REGS=int(H.PRODUCER_REGS))
+src = GluonASTSource(H.gemm_ws_kernel, dict(zip(names, types)), {(names.index(k),): v for k, v in consts.items()})
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+if "cubin" not in kernel.asm or not os.path.exists(nvdisasm):
+    print(json.dumps({"skip": "this Triton build does not ship nvdisasm"}))
+    sys.exit(0)
+cubin = os.path.join(sys.argv[1], "k.cubin")
+with open(cubin, "wb") as f:
+    f.write(kernel.asm["cubin"])
+sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DEPBAR")}))
+"""
+
+
+def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path):
     """ptxas silently serialises every wgmma when it cannot prove the accumulators safe, which
     made earlier versions of this kernel slower than the plain one: compile it for sm_90 (no GPU
-    needed) and count the warpgroup waits in its SASS, one per consumer."""
+    needed) and count the warpgroup waits in its SASS, one per consumer. In a fresh process,
+    without TRITON_INTERPRET and with an empty kernel cache: after this suite's interpreted
+    kernels, Triton's Gluon front end mis-typed the descriptor arguments."""
+    import json
+    import os
+    import subprocess
+    import sys
+
     from blockwise_fp8.kernels import gemm_hopper as H
 
     if not H.AVAILABLE:
         pytest.skip("this Triton has no Gluon")
-    import os
-    import subprocess
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    gl = H.gl
-    layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
-    desc = f"tensordesc<fp8e4nv[128, 128],{layout!r}>"
-    names = ["a_desc", "w_desc", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "M", "N", "K",
-             "stride_asm", "stride_ask", "stride_wsn", "stride_wsk", "stride_om", "stride_on",
-             "HAS_BIAS", "GROUP_M", "NUM_PROGRAMS", "STAGES", "CONSUMER_REGS", "PRODUCER_REGS"]
-    types = [desc, desc, "*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 9 + ["constexpr"] * 6
-    consts = dict(HAS_BIAS=True, GROUP_M=8, NUM_PROGRAMS=132, STAGES=5,
-                  CONSUMER_REGS=int(H.CONSUMER_REGS), PRODUCER_REGS=int(H.PRODUCER_REGS))
-    src = GluonASTSource(H.gemm_ws_kernel, dict(zip(names, types)),
-                         {(names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    if "cubin" not in kernel.asm or not os.path.exists(nvdisasm):
-        pytest.skip("this Triton build does not ship nvdisasm")
-    cubin = os.path.join(str(pytest.importorskip("tempfile").mkdtemp()), "k.cubin")
-    with open(cubin, "wb") as f:
-        f.write(kernel.asm["cubin"])
-    sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
-    assert sass.count("GMMA") == 8  # two consumers x four k32 steps per 128-wide K block
-    assert sass.count("WARPGROUP.DEPBAR") == 2, "ptxas serialised the wgmma pipeline"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    if "skip" in counts:
+        pytest.skip(counts["skip"])
+    assert counts["gmma"] == 8  # two consumers x four k32 steps per 128-wide K block
+    assert counts["depbar"] == 2, "ptxas serialised the wgmma pipeline"
 
 
 needs_cublas = pytest.mark.skipif(
