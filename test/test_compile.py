@@ -54,8 +54,9 @@ def _no_graph_breaks():
     return sum(counters["graph_break"].values()) == 0
 
 
-@pytest.mark.parametrize("make, shape", [(MLP, (4, 200)), (Block, (2, 8, 160))])
-def test_fullgraph_one_custom_op_per_linear(make, shape):
+# MLP's two Linears read different inputs; Block's q/k/v read one, gate/up another.
+@pytest.mark.parametrize("make, shape, n_inputs", [(MLP, (4, 200), 2), (Block, (2, 8, 160), 4)])
+def test_fullgraph_one_gemm_per_linear_one_quantization_per_input(make, shape, n_inputs):
     model = _quantized(make)
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     capture = _GraphCapture()
@@ -68,9 +69,51 @@ def test_fullgraph_one_custom_op_per_linear(make, shape):
         expect = model(x)
     assert torch.equal(out, expect)
     assert _no_graph_breaks() and len(capture.graphs) == 1
-    assert capture.count(torch.ops.blockwise_fp8.linear.default) == n_linear
+    assert capture.count(torch.ops.blockwise_fp8.gemm.default) == n_linear
+    assert capture.count(torch.ops.blockwise_fp8.quantize_input.default) == n_inputs
+    assert capture.count(torch.ops.blockwise_fp8.linear.default) == 0
     # The weight never reaches the graph in high precision.
     assert capture.count(torch.ops.blockwise_fp8.dequantize.default) == 0
+
+
+class _MutatedInput(nn.Module):
+    """Two Linears on one tensor object, changed in place between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256)
+
+    def forward(self, x):
+        h = x * 1.5
+        y = self.a(h)
+        h.mul_(2)
+        return y + self.b(h)
+
+
+def test_input_changed_in_place_is_quantized_again():
+    model = _quantized(_MutatedInput)
+    capture = _GraphCapture()
+    compiled = torch.compile(model, fullgraph=True, backend=capture.backend)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+    assert capture.count(torch.ops.blockwise_fp8.quantize_input.default) == 2
+
+
+def test_shared_quantization_keeps_input_gradients():
+    # Sharing happens inside the forward of each quantized Linear's autograd.Function; the
+    # straight-through input gradient must still sum the three projections' contributions.
+    model = _quantized(Block)
+    x = torch.randn(2, 8, 160, dtype=torch.bfloat16)
+    x_eager, x_comp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    capture = _GraphCapture()
+    out = torch.compile(model, fullgraph=True, backend=capture.backend)(x_comp)
+    expect = model(x_eager)
+    assert torch.equal(out, expect)
+    out.float().sum().backward()
+    expect.float().sum().backward()
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=2**-7, atol=2**-7)
+    assert capture.count(torch.ops.blockwise_fp8.quantize_input.default) == 4
 
 
 def test_explain_reports_zero_graph_breaks():
@@ -173,6 +216,35 @@ def test_cuda_cublas_backend_compiles():
             x = torch.randn(m, 256, dtype=torch.bfloat16, device="cuda")
             torch.testing.assert_close(compiled(x), model(x), rtol=2**-6, atol=2**-6)
     assert _no_graph_breaks()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cuda_shared_quantization_scale_layout(dynamic):
+    """At M >= 64 auto sends e4m3 to cuBLAS, which reads M-major activation scales. A static-M
+    graph writes the shared quantization that way where cuBLAS will read it; a dynamic-M graph
+    keeps row-major scales (a per-M choice would recompile at 64) and cuBLAS calls transpose
+    them. Either way the compiled Block matches eager bit for bit on both sides of the
+    threshold (eager quantizes per Linear with the same kernel)."""
+    from blockwise_fp8 import ops
+
+    if not ops.cublas_blockwise_available(torch.device("cuda")):
+        pytest.skip("this GPU/torch build has no blockwise cuBLAS GEMM (needs sm_90, cuBLAS >= 12.9)")
+    torch.manual_seed(0)
+    model = Block(d=256, heads=4, ffn=512).to("cuda", torch.bfloat16)
+    quantize_(model, BlockwiseFP8Config())
+    capture = _GraphCapture()
+    compiled = torch.compile(model, fullgraph=True, backend=capture.backend, dynamic=dynamic)
+    layouts = []
+    with torch.no_grad():
+        for seq in (64, 8):  # M = 128 (cuBLAS) and 16 (our skinny kernel)
+            x = torch.randn(2, seq, 256, dtype=torch.bfloat16, device="cuda")
+            assert torch.equal(compiled(x), model(x))
+            nodes = [n for n in capture.graphs[-1].graph.nodes if n.target == torch.ops.blockwise_fp8.quantize_input.default]
+            assert len(nodes) == 4
+            layouts.append({n.args[2] for n in nodes})  # scale_m_major
+    assert layouts == ([{False}, {False}] if dynamic else [{True}, {False}])
+    assert len(capture.graphs) == (1 if dynamic else 2)
 
 
 @requires_cuda

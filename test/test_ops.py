@@ -167,6 +167,23 @@ def test_linear_and_gemm_keep_leading_shape(backend, lead):
     assert ((y.cpu().double() - ref).abs() <= 2.0**-8 * ref.abs() + acc).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale_m_major", [False, True])
+@pytest.mark.parametrize("M, K", [(1, 128), (3, 200), (67, 384)])
+def test_quantize_input_op_is_quantize_activation_with_chosen_scale_layout(backend, scale_m_major, M, K):
+    # The node compiled graphs use for linear's activation (shared by Linears of one input).
+    dev = _device(backend)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dev, torch.bfloat16)
+    q, s = torch.ops.blockwise_fp8.quantize_input(x, torch.float8_e4m3fn, scale_m_major, backend)
+    q_ref, s_ref = reference.quantize(x.cpu(), (1, 128), torch.float8_e4m3fn)
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
+    assert s.stride() == ((1, M) if scale_m_major else (s.shape[1], 1))
+    torch.library.opcheck(
+        torch.ops.blockwise_fp8.quantize_input.default, (x, torch.float8_e4m3fn, scale_m_major, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
 # Half an ulp of each output format, relative; float16 adds half its subnormal spacing.
 OUT_TOL = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
