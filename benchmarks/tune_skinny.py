@@ -48,20 +48,22 @@ def fused_vs_two_step(M: int, N: int, K: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--scales-ahead", type=int, choices=[0, 1], default=None,
+                    help="set gemm.SKINNY_SCALES_AHEAD for the whole sweep (default: the library's)")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--bn", default="64,128")
     ap.add_argument("--stages", default="4,6,8")
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--warps", default="4,8")
-    ap.add_argument("--reduce", default="last", help="last, kernel or both: who sums the split-K partials")
     ap.add_argument("--shapes", default=None, help="N:K,N:K,... (default: Llama-3-8B and grid shapes)")
     ap.add_argument("--repeat-check", type=int, default=0, help="re-run the plan N times, compare bits")
     ap.add_argument("--fused", action="store_true",
                     help="instead of the sweep: quantize + GEMM (two launches) vs linear_fused, current plan")
     args = ap.parse_args(argv)
+    if args.scales_ahead is not None:
+        G.SKINNY_SCALES_AHEAD = bool(args.scales_ahead)
     ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
     shapes = [tuple(int(t) for t in nk.split(":")) for nk in args.shapes.split(",")] if args.shapes else SHAPES
-    reduces = {"last": [True], "kernel": [False], "both": [True, False]}[args.reduce]
     lines = []
     say = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
     torch.manual_seed(0)
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
         return 0
-    grid = list(itertools.product(ints(args.bn), ints(args.stages), ints(args.splits), ints(args.warps), reduces))
+    grid = list(itertools.product(ints(args.bn), ints(args.stages), ints(args.splits), ints(args.warps)))
     for M in ints(args.ms):
         for N, K in shapes:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -90,18 +92,17 @@ def main(argv=None) -> int:
                     say(f"  M={M} N={N} K={K} current plan NOT DETERMINISTIC")
                     break
             results = []
-            for bn, st, sk, nw, last in grid:
+            for bn, st, sk, nw in grid:
                 if sk > 1 and triton.cdiv(triton.cdiv(K, 128), triton.cdiv(triton.cdiv(K, 128), sk)) != sk:
                     continue  # this split leaves empty splits: the launcher would run a smaller one
-                p = G.Plan("skinny", max(16, triton.next_power_of_2(M)), bn, num_warps=nw, num_stages=st, split_k=sk,
-                           last_reduces=last)
+                p = G.Plan("skinny", max(16, triton.next_power_of_2(M)), bn, num_warps=nw, num_stages=st, split_k=sk)
                 try:
                     out = G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p)
                     if not torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2):
                         say(f"  M={M} N={N} K={K} {p} WRONG")
                         continue
                     t = us(lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p))
-                    results.append((t, bn, st, sk, nw, "L" if last else "R"))
+                    results.append((t, bn, st, sk, nw))
                 except Exception as e:  # noqa: BLE001 -- a config that does not compile is skipped, reported
                     say(f"  M={M} N={N} K={K} bn={bn} st={st} sk={sk} nw={nw} failed: {type(e).__name__}")
             results.sort()
@@ -109,12 +110,12 @@ def main(argv=None) -> int:
             tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
             say(f"M={M:3d} N={N:6d} K={K:6d} bf16 {t_bf16:7.1f}  current(bn{cur.block_n} st{cur.num_stages} sk{cur.split_k}) "
                 f"{t_cur:7.1f} us {tb(t_cur):.2f} TB/s  best {best[0]:7.1f} us {tb(best[0]):.2f} TB/s "
-                f"(bn{best[1]} st{best[2]} sk{best[3]} nw{best[4]} {best[5]})  top5 " +
-                " ".join(f"{t:.1f}:bn{b}/st{s}/sk{k}/nw{n}/{r}" for t, b, s, k, n, r in results[:5]))
+                f"(bn{best[1]} st{best[2]} sk{best[3]} nw{best[4]})  top5 " +
+                " ".join(f"{t:.1f}:bn{b}/st{s}/sk{k}/nw{n}" for t, b, s, k, n in results[:5]))
             by_split = {}
-            for t, b, s_, k, n, r in results:
-                by_split.setdefault((k, r), t)
-            say("      best per split: " + " ".join(f"sk{k}{r}={t:.1f}" for (k, r), t in sorted(by_split.items())))
+            for t, b, s_, k, n in results:
+                by_split.setdefault(k, t)
+            say("      best per split: " + " ".join(f"sk{k}={t:.1f}" for k, t in sorted(by_split.items())))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

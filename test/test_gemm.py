@@ -330,6 +330,59 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path):
     assert counts["depbar"] == 2, "ptxas serialised the wgmma pipeline"
 
 
+_SKINNY_PDL_PROBE = """
+import inspect, json
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from blockwise_fp8.kernels import gemm as G
+from blockwise_fp8.kernels.rounding import format_constexprs, output_format_constexprs
+
+names = list(inspect.signature(G.gemm_skinny_kernel.fn).parameters)
+pointers = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32", bias_ptr="*fp32",
+                out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
+consts = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
+              **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, SCALES_AHEAD=True,
+              BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+              stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
+sig = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in names}
+aligned = [n for n in names if n in pointers or n in ("N", "K", "KB_PER_SPLIT", "stride_am", "stride_wn", "stride_om",
+                                                      "stride_asm", "stride_ask", "stride_wsn")]
+src = ASTSource(G.gemm_skinny_kernel, sig, {(names.index(k),): v for k, v in consts.items()},
+                attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 6}).asm["ptx"]
+wait = next(i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line)
+before = [line.strip() for line in ptx.splitlines()[:wait]]
+count = lambda *keys: sum(any(k in line for k in keys) for line in before)
+print(json.dumps({"trigger": count("griddepcontrol.launch_dependents"),
+                  "memory": count("ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count("ld.param")}))
+"""
+
+
+def test_skinny_pdl_prologue_compiles_for_sm90(tmp_path):
+    """Under PDL the skinny kernel may start while the kernel before it still writes the
+    activation: no memory access may come before its griddepcontrol.wait. It does not trigger
+    the next grid (measured slower). Compiled for sm_90 in a fresh process: the interpreter never
+    runs the PDL path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from blockwise_fp8.kernels import quant
+
+    if not quant._PDL_IN_TRITON:
+        pytest.skip("this Triton has no programmatic dependent launch")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", _SKINNY_PDL_PROBE], capture_output=True,
+                         text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    before_wait = json.loads(run.stdout.strip().splitlines()[-1])  # PTX lines before griddepcontrol.wait
+    assert before_wait == {"trigger": 0, "memory": 0}
+
+
 needs_cublas = pytest.mark.skipif(
     not (ON_GPU and ops.cublas_blockwise_available(torch.device("cuda"))), reason="needs sm_90 + cuBLAS blockwise"
 )

@@ -251,7 +251,7 @@ def gemm_skinny_kernel(
     FUSE_QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
-    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
@@ -260,7 +260,8 @@ def gemm_skinny_kernel(
     arrivals_ptr, one int32 per N tile, zero on entry and left zero) sums the partials in split
     order, so the result does not depend on who came last, and runs the epilogue. With PDL the
     grid may start while the kernel before it (the activation quantization) still runs, so it
-    waits for that grid before touching memory."""
+    waits for that grid before touching memory. It does not itself let the next grid start
+    early: a second GEMM launched under this one measured slower (benchmarks/NOTES.md, fifth session)."""
     if PDL:
         wait_for_previous_grid()
     pid_n = tl.program_id(0)
@@ -275,11 +276,21 @@ def gemm_skinny_kernel(
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb_start * BLOCK_K + rk)[None, :] * stride_wk
     a_ptrs = a_ptr + rm[:, None] * stride_am + (kb_start * BLOCK_K + rk)[None, :] * stride_ak
     w_s_ptrs = w_scale_ptr + (rn // BLOCK_K) * stride_wsn
+    a_s_ptrs = a_scale_ptr + rm * stride_asm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # The compiler pipelines the tiles (cp.async, num_stages deep) but not the scales. With
+    # SCALES_AHEAD the scales of K block kb + 1 are loaded at the end of step kb, after their
+    # registers' last use, so the load is in flight during the next step's tile wait and MMA;
+    # loaded where they are used, every K step waits a whole memory round trip for them.
+    if SCALES_AHEAD:  # every program has at least one K block (the launcher makes no empty splits)
+        w_s = tl.load(w_s_ptrs + kb_start * stride_wsk, mask=n_ok, other=0.0)
+        if not FUSE_QUANT:
+            a_s = tl.load(a_s_ptrs + kb_start * stride_ask, mask=m_ok, other=0.0)
     for kb in range(kb_start, kb_end):
         k_ok = rk < K - kb * BLOCK_K
         w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        w_s = tl.load(w_s_ptrs + kb * stride_wsk, mask=n_ok, other=0.0)
+        if not SCALES_AHEAD:
+            w_s = tl.load(w_s_ptrs + kb * stride_wsk, mask=n_ok, other=0.0)
         if FUSE_QUANT:
             x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             a, a_s = quantize_rows(
@@ -287,8 +298,14 @@ def gemm_skinny_kernel(
             )
         else:
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            a_s = tl.load(a_scale_ptr + rm * stride_asm + kb * stride_ask, mask=m_ok, other=0.0)
+            if not SCALES_AHEAD:
+                a_s = tl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
         acc += tl.dot(w, tl.trans(a)) * (w_s[:, None] * a_s[None, :])
+        if SCALES_AHEAD:  # after the last block, a harmless reload of its own scales
+            kb_next = tl.minimum(kb + 1, kb_end - 1)
+            w_s = tl.load(w_s_ptrs + kb_next * stride_wsk, mask=n_ok, other=0.0)
+            if not FUSE_QUANT:
+                a_s = tl.load(a_s_ptrs + kb_next * stride_ask, mask=m_ok, other=0.0)
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
 
@@ -410,7 +427,10 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
         block_m = max(16, triton.next_power_of_2(M))
         block_n = 64
         split = _skinny_split_k(triton.cdiv(N, block_n), k_blocks, num_sms)
-        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=6 if block_m == 16 else 4, split_k=split)
+        # 6 stages for the long K loops; a program of <= 8 K blocks runs 3-9% faster with 4
+        # (Llama q/o/k/v shapes, M = 1 and 16: results/tune-skinny-h100-2026-11-26-s5-ahead1.txt)
+        stages = 6 if block_m == 16 and triton.cdiv(k_blocks, split) > 8 else 4
+        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -519,6 +539,10 @@ def linear_fused(
     return _run(x, None, w, w_scale, bias, out_dtype, fuse_quant=True, plan_override=plan_override)
 
 
+# Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
+SKINNY_SCALES_AHEAD = True
+
+
 def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     M, K = a.shape
     N = w.shape[0]
@@ -559,7 +583,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             out.stride(0), out.stride(1),
             FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
             CVT_FP8=hardware_fp8_cast(a.device),
-            SPLIT_K=split, PDL=pdl, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
+            SPLIT_K=split, PDL=pdl, SCALES_AHEAD=SKINNY_SCALES_AHEAD, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
             num_warps=p.num_warps, num_stages=p.num_stages, **common, **pdl_launch_options(pdl),
         )
         return out
