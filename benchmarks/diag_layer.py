@@ -59,17 +59,17 @@ def main() -> None:
             return [ops._gemm_op(*qs[src], weights[n][1], weights[n][2], None, torch.bfloat16, "auto")
                     for n, (_, _, src) in LAYER.items()]
 
-        variants = [("bf16", bf16, None, None)]
+        variants = [("bf16", bf16, None, None, None)]
         for label, fn in (("eager", eager), ("shared", shared)):
-            for ahead in (False, True):
-                variants += [(f"ours-{label} pdl={pdl} ahead={int(ahead)}", fn, pdl, ahead) for pdl in ("off", "on")]
+            for pdl, ahead, trigger in (("off", True, False), ("on", True, False), ("on", True, True)):
+                variants.append((f"ours-{label} pdl={pdl} ahead={int(ahead)} trigger={int(trigger)}", fn, pdl, ahead, trigger))
         best = {}
         first_out = None
         for _ in range(args.rounds):
-            for label, fn, pdl, ahead in variants:
+            for label, fn, pdl, ahead, trigger in variants:
                 if pdl is not None:
                     os.environ["BLOCKWISE_FP8_PDL"] = "1" if pdl == "on" else "0"
-                    G.SKINNY_SCALES_AHEAD = ahead
+                    G.SKINNY_SCALES_AHEAD, G.SKINNY_TRIGGER_AFTER_LOOP = ahead, trigger
                 outs = fn()
                 if label != "bf16":
                     if first_out is None:

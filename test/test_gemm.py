@@ -200,6 +200,42 @@ def test_programmatic_launch_chain_matches_plain_launch(monkeypatch):
     assert torch.equal(results["0"][1], chain(x * 2))
 
 
+@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs a CUDA device")
+@pytest.mark.parametrize("M", [1, 16])
+def test_programmatic_launch_gemm_after_gemm_matches_plain_launch(monkeypatch, M):
+    """Linears that share one quantized input (q/k/v, gate/up in a compiled graph) run GEMM after
+    GEMM. Under PDL each skinny GEMM lets the next one launch after its K loop, while it still sums
+    its split-K partials through the per-stream arrival counters that the next one also uses: the
+    outputs must equal plain launches bit for bit, eager and replayed from a CUDA graph."""
+    g = torch.Generator().manual_seed(12)
+    ws_ = [bf.ops.quantize_weight((torch.randn(n, 4096, generator=g) * 0.05).to("cuda", torch.bfloat16))
+           for n in (4096, 1024, 1024, 14336, 1024)]
+    x = torch.randn(M, 4096, generator=g).to("cuda", torch.bfloat16)
+    assert G.plan(M, 1024, 4096, tma=True).split_k > 1  # the counters are in play
+
+    def layer(inp):
+        a_q, a_s = bf.ops.quantize_activation(inp)
+        return [bf.ops.gemm(a_q, a_s, q, s) for q, s in ws_]
+
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("BLOCKWISE_FP8_PDL", flag)
+        eager = layer(x)
+        static_x = x.clone()
+        layer(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(static_x)
+        static_x.copy_(x * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        results[flag] = (eager, [o.clone() for o in static_out])
+    for off, on in zip(results["0"], results["1"]):
+        assert all(torch.equal(a, b) for a, b in zip(off, on))
+    assert all(torch.equal(a, b) for a, b in zip(results["1"][1], layer(x * 2)))
+
+
 def test_programmatic_launch_off_where_it_cannot_apply(monkeypatch):
     from blockwise_fp8.kernels import quant
 
@@ -343,7 +379,7 @@ names = list(inspect.signature(G.gemm_skinny_kernel.fn).parameters)
 pointers = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32", bias_ptr="*fp32",
                 out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 consts = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
-              **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, SCALES_AHEAD=True,
+              **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, SCALES_AHEAD=True, TRIGGER_AFTER_LOOP=True,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
               stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
 sig = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in names}

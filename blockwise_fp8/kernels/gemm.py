@@ -57,6 +57,7 @@ from .quant import (
     hardware_fp8_cast,
     interpreting,
     pdl_launch_options,
+    allow_next_grid,
     programmatic_launch,
     quantize_rows,
     wait_for_previous_grid,
@@ -251,7 +252,7 @@ def gemm_skinny_kernel(
     FUSE_QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
-    SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
@@ -260,8 +261,9 @@ def gemm_skinny_kernel(
     arrivals_ptr, one int32 per N tile, zero on entry and left zero) sums the partials in split
     order, so the result does not depend on who came last, and runs the epilogue. With PDL the
     grid may start while the kernel before it (the activation quantization) still runs, so it
-    waits for that grid before touching memory. It does not itself let the next grid start
-    early: a second GEMM launched under this one measured slower (benchmarks/NOTES.md, fifth session)."""
+    waits for that grid before touching memory. With TRIGGER_AFTER_LOOP it lets the next grid
+    launch once its own K loop is done (earlier measured slower, benchmarks/NOTES.md, fifth
+    session); that grid must wait in turn before it reads what this one writes."""
     if PDL:
         wait_for_previous_grid()
     pid_n = tl.program_id(0)
@@ -309,6 +311,8 @@ def gemm_skinny_kernel(
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
 
+    if PDL and TRIGGER_AFTER_LOOP:
+        allow_next_grid()
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SPLIT_K == 1:
         _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
@@ -541,6 +545,12 @@ def linear_fused(
 
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
+# Under PDL, whether the skinny kernel lets the next grid (the GEMM of the next Linear on the
+# same input) launch once its K loop is done, so that launch overlaps this kernel's split-K sum
+# and epilogue: the Linears of a Llama layer 108.1 -> 106.4 us at M = 1, 117.1 -> 116.6 at M = 16
+# (H100, diag_layer.py). Triggered at the kernel's start instead, it measured slower (115.9 vs
+# 110.7 us): the next grid's programs then sit on the SMs through the whole weight stream.
+SKINNY_TRIGGER_AFTER_LOOP = True
 
 
 def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
@@ -583,7 +593,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             out.stride(0), out.stride(1),
             FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
             CVT_FP8=hardware_fp8_cast(a.device),
-            SPLIT_K=split, PDL=pdl, SCALES_AHEAD=SKINNY_SCALES_AHEAD, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
+            SPLIT_K=split, PDL=pdl, SCALES_AHEAD=SKINNY_SCALES_AHEAD,
+            TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
             num_warps=p.num_warps, num_stages=p.num_stages, **common, **pdl_launch_options(pdl),
         )
         return out
