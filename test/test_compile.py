@@ -177,6 +177,18 @@ def test_triton_backend_compiles(kernel_device):
     assert _no_graph_breaks()
 
 
+def test_triton_backend_shares_quantization(kernel_device):
+    # The Triton kernels (the interpreter on CPU) behind the shared quantize_input node: the
+    # compiled Block equals eager, where every Linear quantizes its input itself.
+    model = _quantized(Block, kernel_device, backend="triton")
+    capture = _GraphCapture()
+    compiled = torch.compile(model, fullgraph=True, backend=capture.backend)
+    x = torch.randn(1, 3, 160, dtype=torch.bfloat16, device=kernel_device)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+    assert capture.count(torch.ops.blockwise_fp8.quantize_input.default) == 4
+
+
 # --------------------------------------------------------------------------- CUDA only
 
 
