@@ -26,6 +26,7 @@ import os
 from typing import Optional, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 
@@ -465,26 +466,20 @@ def _(x, dtype, scale_m_major, backend):
 # under a proxy-tracing mode: there the reused result is a node of the graph being built. Eager
 # calls keep the single `linear` op (one dispatcher round trip, and nothing held between calls).
 
-_SHARED_INPUTS = None  # proxy mode -> (input tensor -> {key: (a_q, a_scale)}), created on first use
+_SHARED_INPUTS = WeakIdKeyDictionary()  # proxy mode -> (input tensor -> {key: (a_q, a_scale)})
 
 
 def _tracing_mode(x: torch.Tensor):
     """The proxy mode tracing ``x`` into a graph, or None when ``x`` is a real tensor."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if not is_fake(x):
+    if type(x) is torch.Tensor:  # the eager hot path: a plain tensor is never a fake one
         return None
+    from torch._subclasses.fake_tensor import is_fake
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    return get_proxy_mode()
+    return get_proxy_mode() if is_fake(x) else None
 
 
 def _shared_input(x: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype, scale_m_major: bool, backend: str, mode):
-    global _SHARED_INPUTS
-    from torch.utils.weak import WeakIdKeyDictionary
-
-    if _SHARED_INPUTS is None:
-        _SHARED_INPUTS = WeakIdKeyDictionary()
     per_input = _SHARED_INPUTS.setdefault(mode, WeakIdKeyDictionary())
     done = per_input.setdefault(x, {})
     key = (x._version, dtype, scale_m_major, backend)

@@ -54,10 +54,10 @@ import triton.language as tl
 
 from . import gemm_hopper
 from .quant import (
+    allow_next_grid,
     hardware_fp8_cast,
     interpreting,
     pdl_launch_options,
-    allow_next_grid,
     programmatic_launch,
     quantize_rows,
     wait_for_previous_grid,
