@@ -116,6 +116,21 @@ def test_shared_quantization_keeps_input_gradients():
     assert capture.count(torch.ops.blockwise_fp8.quantize_input.default) == 4
 
 
+def test_torch_export_shares_quantization():
+    # torch.export (the route to AOTInductor) traces the same way: one gemm per Linear, one
+    # quantize_input per distinct input, and the exported program equals eager.
+    model = _quantized(Block)
+    x = torch.randn(2, 8, 160, dtype=torch.bfloat16)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        assert torch.equal(program.module()(x), model(x))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.blockwise_fp8.gemm.default) == 7
+    assert targets.count(torch.ops.blockwise_fp8.quantize_input.default) == 4
+    weight = program.state_dict["q.weight"]
+    assert isinstance(weight, BlockwiseFP8Tensor) and weight.qdata.dtype == torch.float8_e4m3fn
+
+
 def test_explain_reports_zero_graph_breaks():
     model = _quantized(Block)
     x = torch.randn(2, 8, 160, dtype=torch.bfloat16)
