@@ -380,7 +380,7 @@ pointers = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale
                 out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 consts = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
               **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, SCALES_AHEAD=True, TRIGGER_AFTER_LOOP=True,
-              BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+              PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
               stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
 sig = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in names}
 aligned = [n for n in names if n in pointers or n in ("N", "K", "KB_PER_SPLIT", "stride_am", "stride_wn", "stride_om",
@@ -391,16 +391,32 @@ ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps"
 wait = next(i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line)
 before = [line.strip() for line in ptx.splitlines()[:wait]]
 count = lambda *keys: sum(any(k in line for k in keys) for line in before)
-print(json.dumps({"trigger": count("griddepcontrol.launch_dependents"),
-                  "memory": count("ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count("ld.param")}))
+skinny = {"trigger": count("griddepcontrol.launch_dependents"), "prefetch": count("prefetch.global.L2"),
+          "memory": count("ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count("ld.param")}
+
+from blockwise_fp8.kernels import quant as Q
+names = list(inspect.signature(Q.quantize_kernel.fn).parameters)
+consts = dict(FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, PDL=True, PDL_WAIT=True,
+              BLOCK_M=1, GROUP_M=1, BLOCK_K=128, GROUPS_K=8, stride_xk=1, stride_qk=1)
+sig = {n: dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32").get(n, "constexpr" if n in consts else "i32")
+       for n in names}
+src = ASTSource(Q.quantize_kernel, sig, {(names.index(k),): v for k, v in consts.items()},
+                attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "q_ptr", "scale_ptr", "K")})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+wait = next(i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line)
+before = [line.strip() for line in ptx.splitlines()[:wait]]
+quantize = {"trigger": count("griddepcontrol.launch_dependents"),
+            "memory": count("ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count("ld.param")}
+print(json.dumps({"skinny": skinny, "quantize": quantize}))
 """
 
 
-def test_skinny_pdl_prologue_compiles_for_sm90(tmp_path):
-    """Under PDL the skinny kernel may start while the kernel before it still writes the
-    activation: no memory access may come before its griddepcontrol.wait. It does not trigger
-    the next grid (measured slower). Compiled for sm_90 in a fresh process: the interpreter never
-    runs the PDL path."""
+def test_pdl_prologues_compile_for_sm90(tmp_path):
+    """Under PDL the skinny GEMM and the activation quantization may start while the kernel before
+    them still writes their input: nothing may read or write memory before griddepcontrol.wait.
+    The GEMM only asks L2 for its first weight blocks there, and does not trigger the next grid
+    (measured slower); the quantization triggers first (its GEMM may launch and wait). Compiled
+    for sm_90 in a fresh process: the interpreter never runs the PDL path."""
     import json
     import os
     import subprocess
@@ -416,7 +432,8 @@ def test_skinny_pdl_prologue_compiles_for_sm90(tmp_path):
                          text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     before_wait = json.loads(run.stdout.strip().splitlines()[-1])  # PTX lines before griddepcontrol.wait
-    assert before_wait == {"trigger": 0, "memory": 0}
+    assert before_wait["skinny"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
+    assert before_wait["quantize"] == {"trigger": 1, "memory": 0}
 
 
 needs_cublas = pytest.mark.skipif(

@@ -240,6 +240,13 @@ def gemm_tma_kernel(
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the cache line at each pointer (no register result, no wait)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def gemm_skinny_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     M, N, K, KB_PER_SPLIT,
@@ -253,6 +260,7 @@ def gemm_skinny_kernel(
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
+    PREFETCH_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
@@ -261,11 +269,11 @@ def gemm_skinny_kernel(
     arrivals_ptr, one int32 per N tile, zero on entry and left zero) sums the partials in split
     order, so the result does not depend on who came last, and runs the epilogue. With PDL the
     grid may start while the kernel before it (the activation quantization) still runs, so it
-    waits for that grid before touching memory. With TRIGGER_AFTER_LOOP it lets the next grid
-    launch once its own K loop is done (earlier measured slower, benchmarks/NOTES.md, fifth
-    session); that grid must wait in turn before it reads what this one writes."""
-    if PDL:
-        wait_for_previous_grid()
+    waits for that grid before touching memory, except for an L2 prefetch of its first
+    PREFETCH_BLOCKS weight blocks: a hint with no result, and L2 is where global memory is
+    coherent, so a line fetched early is still read fresh. With TRIGGER_AFTER_LOOP it lets the
+    next grid launch once its own K loop is done (earlier measured slower, benchmarks/NOTES.md,
+    fifth session); that grid must wait in turn before it reads what this one writes."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -275,6 +283,11 @@ def gemm_skinny_kernel(
     m_ok = rm < M
     kb_start = pid_k * KB_PER_SPLIT
     kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    if PDL:
+        for j in tl.static_range(PREFETCH_BLOCKS):
+            prefetch_l2(w_ptr + tl.minimum(rn, N - 1) * stride_wn
+                        + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K * stride_wk)
+        wait_for_previous_grid()
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb_start * BLOCK_K + rk)[None, :] * stride_wk
     a_ptrs = a_ptr + rm[:, None] * stride_am + (kb_start * BLOCK_K + rk)[None, :] * stride_ak
     w_s_ptrs = w_scale_ptr + (rn // BLOCK_K) * stride_wsn
@@ -551,6 +564,13 @@ SKINNY_SCALES_AHEAD = True
 # (H100, diag_layer.py). Triggered at the kernel's start instead, it measured slower (115.9 vs
 # 110.7 us): the next grid's programs then sit on the SMs through the whole weight stream.
 SKINNY_TRIGGER_AFTER_LOOP = True
+# Under PDL, how many of its first weight K blocks each skinny program asks L2 for before
+# griddepcontrol.wait: the weights do not depend on the grid before, so their first DRAM round
+# trip overlaps that grid's tail. H100, seven Linears of a layer in one CUDA graph, shared
+# quantization: M = 1 107.3 -> 104.7 / 103.9 / 105.6 us with 1 / 2 / 3 blocks, 8 blocks 111.9;
+# M = 16 116.8 -> 114.0 with 2 (benchmarks/NOTES.md, sixth session). Session 5's prefetch lost
+# because it came with a trigger at the kernel's start.
+SKINNY_PREFETCH_BLOCKS = 2
 
 
 def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
@@ -594,7 +614,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
             CVT_FP8=hardware_fp8_cast(a.device),
             SPLIT_K=split, PDL=pdl, SCALES_AHEAD=SKINNY_SCALES_AHEAD,
-            TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
+            TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
             num_warps=p.num_warps, num_stages=p.num_stages, **common, **pdl_launch_options(pdl),
         )
         return out

@@ -154,11 +154,13 @@ def quantize_kernel(
     FP8_MAX: tl.constexpr,
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
-    CVT_FP8: tl.constexpr, PDL: tl.constexpr,
+    CVT_FP8: tl.constexpr, PDL: tl.constexpr, PDL_WAIT: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
 ):
     if PDL:  # the GEMM that reads q may start now; it waits for this grid before its first load of q
         allow_next_grid()
+    if PDL_WAIT:  # launched programmatically: x may still be being written by the grid before
+        wait_for_previous_grid()
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -263,6 +265,15 @@ def _tiling(M: int, K: int, group_m: int, block_k: int, tiling=None) -> tuple[in
     return min(block_m, triton.next_power_of_2(max(M, 1))), groups_k, warps
 
 
+# Under PDL the quantization is also launched programmatically and waits for the grid before it
+# (griddepcontrol.wait ahead of its first load): it then launches during that grid's tail (the
+# skinny GEMM triggers after its K loop) instead of after it. H100, seven Linears of a Llama-3-8B
+# layer in one CUDA graph (with SKINNY_PREFETCH_BLOCKS = 2): eager 113.0 -> 104.1 us at M = 1,
+# shared quantization 104.6 -> 101.0; model decode (4 layers, compiled) batch 16 731.7 -> 722.6 us
+# (benchmarks/NOTES.md, sixth session).
+QUANT_WAITS = True
+
+
 def quantize(
     x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, *, scale_m_major: bool = False, tiling=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,13 +293,16 @@ def quantize(
         return q, scale
     block_m, groups_k, warps = _tiling(M, K, group_m, block_k, tiling)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k * groups_k))
+    pdl = programmatic_launch(x.device)
+    wait = pdl and QUANT_WAITS
     quantize_kernel[grid](
         x, q, scale,
         M, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         FP8_MAX=float(torch.finfo(dtype).max),
-        **format_constexprs(dtype), CVT_FP8=hardware_fp8_cast(x.device), PDL=programmatic_launch(x.device),
+        **format_constexprs(dtype), CVT_FP8=hardware_fp8_cast(x.device), PDL=pdl, PDL_WAIT=wait,
         BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k, num_warps=warps,
+        **pdl_launch_options(wait),
     )
     return q, scale
 
