@@ -394,6 +394,43 @@ def _(a_q, a_scale, w_q, w_scale, bias, out_dtype, backend):
     return a_q.new_empty((a_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
+@_custom_op("gemm_group")
+def _gemm_group_op(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_q: list[torch.Tensor],
+    w_scale: list[torch.Tensor],
+    bias: list[Optional[torch.Tensor]],
+    out_dtype: torch.dtype,
+    backend: str,
+) -> list[torch.Tensor]:
+    # gemm of one activation against several weights: what compiled graphs run for Linears that
+    # share an input (blockwise_fp8.fusion). The skinny kernel takes up to three weights per
+    # launch; weights that "auto" sends to cuBLAS, and every other backend, run one by one.
+    if backend == "reference":
+        return [_gemm_op.op(a_q, a_scale, w, s, b, out_dtype, backend) for w, s, b in zip(w_q, w_scale, bias)]
+    from .kernels import gemm as gemm_kernels
+
+    M, K = a_q.shape
+    with _on_device(a_q):
+        routes = [_gemm_backend_for_call(backend, M, K, a_q.dtype, w, out_dtype) for w in w_q]
+        ours = [i for i, r in enumerate(routes) if r != "cublas"]
+        outs: list = [None] * len(w_q)
+        for i, out in zip(ours, gemm_kernels.gemm_group(
+            a_q, a_scale, [w_q[i] for i in ours], [w_scale[i] for i in ours], [bias[i] for i in ours], out_dtype
+        )):
+            outs[i] = out
+        for i, r in enumerate(routes):
+            if r == "cublas":
+                outs[i] = _cublas_gemm(a_q, a_scale, w_q[i], w_scale[i], bias[i], out_dtype)
+        return outs
+
+
+@torch.library.register_fake(_gemm_group_op.op)
+def _(a_q, a_scale, w_q, w_scale, bias, out_dtype, backend):
+    return [a_q.new_empty((a_q.shape[0], w.shape[0]), dtype=out_dtype) for w in w_q]
+
+
 @_custom_op("linear")
 def _linear_op(
     x: torch.Tensor,

@@ -378,12 +378,15 @@ from blockwise_fp8.kernels.rounding import format_constexprs, output_format_cons
 names = list(inspect.signature(G.gemm_skinny_kernel.fn).parameters)
 pointers = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32", bias_ptr="*fp32",
                 out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
+for i in (1, 2):  # the other members' slots (three weights in one launch)
+    pointers.update({f"w{i}_ptr": "*fp8e4nv", f"w{i}_scale_ptr": "*fp32", f"bias{i}_ptr": "*fp32", f"out{i}_ptr": "*bf16"})
 consts = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
               **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, SCALES_AHEAD=True, TRIGGER_AFTER_LOOP=True,
-              PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+              PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
               stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
 sig = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in names}
-aligned = [n for n in names if n in pointers or n in ("N", "K", "KB_PER_SPLIT", "stride_am", "stride_wn", "stride_om",
+aligned = [n for n in names if n in pointers or n in ("N", "K", "KB_PER_SPLIT", "N1", "N2", "PARTIAL_N",
+                                                      "stride_am", "stride_wn", "stride_om",
                                                       "stride_asm", "stride_ask", "stride_wsn")]
 src = ASTSource(G.gemm_skinny_kernel, sig, {(names.index(k),): v for k, v in consts.items()},
                 attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
@@ -458,3 +461,60 @@ def test_cublas_refuses_what_it_cannot_run():
     x, aq, as_, wq, ws, b = _operands(1, 1024, 2048, torch.float8_e4m3fn, seed=0)
     with pytest.raises(bf.BackendUnavailableError):
         bf.gemm(aq, as_, wq, ws, backend="cublas")
+
+
+# --------------------------------------------------------------------------- gemm_group
+
+
+def _group_operands(M, Ns, K, dtypes, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.exp(torch.randn(M, 1, generator=g))
+    a = {dt: reference.quantize(x, (1, 128), dt) for dt in set(dtypes)}
+    members = []
+    for n, dt in zip(Ns, dtypes):
+        wq, ws = reference.quantize(torch.randn(n, K, generator=g) * 0.05, (128, 128), dt)
+        b = torch.randn(n, generator=g) if bias else None
+        members.append((wq.to(KERNEL_DEVICE), ws.to(KERNEL_DEVICE), None if b is None else b.to(KERNEL_DEVICE)))
+    return {dt: (q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE)) for dt, (q, s) in a.items()}, members
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,Ns,K,bias", [
+    (1, (128, 64, 200), 256, False),   # three members, one launch, ragged last member
+    (3, (64, 130), 300, True),         # two members, ragged N and K, bias
+    (2, (128, 64), 1280, False),       # split over K: partials and arrival counters per member tile
+    (5, (1, 64, 64, 100, 3), 512, True),  # five members: a launch of three, then one of two
+    (40, (64, 96), 256, True),         # M above the skinny kernel: one GEMM per weight
+])
+def test_gemm_group_matches_reference(M, Ns, K, bias, out_dtype):
+    a, members = _group_operands(M, Ns, K, [torch.float8_e4m3fn] * len(Ns), seed=M + K, bias=bias)
+    aq, as_ = a[torch.float8_e4m3fn]
+    outs = G.gemm_group(aq, as_, [m[0] for m in members], [m[1] for m in members], [m[2] for m in members],
+                        out_dtype)
+    assert len(outs) == len(members)
+    for out, (wq, ws, b) in zip(outs, members):
+        assert out.dtype == out_dtype and out.shape == (M, wq.shape[0]) and out.is_contiguous()
+        _check(out, aq, as_, wq, ws, b, out_dtype)
+
+
+def test_gemm_group_one_launch_where_it_can(monkeypatch):
+    """Three weights of one dtype and layout take one skinny launch; scales in another layout, or
+    a bias on only some, send the group back to one GEMM per weight (still right)."""
+    launches = []
+    real = G._launch_skinny
+    monkeypatch.setattr(G, "_launch_skinny", lambda a, s, members, p, **kw: (launches.append(len(members)),
+                                                                             real(a, s, members, p, **kw)))
+    a, members = _group_operands(2, (64, 256, 64), 256, [torch.float8_e4m3fn] * 3, seed=1, bias=False)
+    aq, as_ = a[torch.float8_e4m3fn]
+    G.gemm_group(aq, as_, [m[0] for m in members], [m[1] for m in members], [None] * 3, torch.bfloat16)
+    assert launches == [3]
+    launches.clear()
+    G.gemm_group(aq, as_, [m[0] for m in members], [m[1] for m in members],
+                 [None, torch.zeros(256, device=KERNEL_DEVICE), None], torch.bfloat16)
+    assert launches == [1, 1, 1]
+    launches.clear()
+    scales = [members[0][1], members[1][1].t().contiguous().t(), members[2][1]]  # column-major (2 x 2) scales
+    assert scales[1].stride() != members[1][1].stride()
+    outs = G.gemm_group(aq, as_, [m[0] for m in members], scales, [None] * 3, torch.bfloat16)
+    assert launches == [1, 1, 1]
+    _check(outs[1], aq, as_, members[1][0], scales[1], None, torch.bfloat16)

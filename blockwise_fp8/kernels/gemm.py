@@ -249,7 +249,8 @@ def prefetch_l2(ptrs):
 @triton.jit
 def gemm_skinny_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
-    M, N, K, KB_PER_SPLIT,
+    w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
+    M, N, K, KB_PER_SPLIT, N1, N2, PARTIAL_N,
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_wn, stride_wk, stride_wsn, stride_wsk,
     stride_om, stride_on,
@@ -260,7 +261,7 @@ def gemm_skinny_kernel(
     MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
-    PREFETCH_BLOCKS: tl.constexpr,
+    PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
@@ -273,19 +274,48 @@ def gemm_skinny_kernel(
     PREFETCH_BLOCKS weight blocks: a hint with no result, and L2 is where global memory is
     coherent, so a line fetched early is still read fresh. With TRIGGER_AFTER_LOOP it lets the
     next grid launch once its own K loop is done (earlier measured slower, benchmarks/NOTES.md,
-    fifth session); that grid must wait in turn before it reads what this one writes."""
+    fifth session); that grid must wait in turn before it reads what this one writes.
+
+    MEMBERS (1-3) weights of one activation share the launch (the q/k/v or gate/up projections
+    of a layer, see ``gemm_group``): w_ptr/w1_ptr/w2_ptr with N/N1/N2 rows, each with its own
+    scales, bias and output; the weights and the scales have the same strides, the outputs are
+    contiguous (the row stride of out1 and out2 is N1 and N2). The N tiles of the members follow one
+    another along the first grid axis; the split-K partials are (SPLIT_K, M, PARTIAL_N) float32
+    with PARTIAL_N >= the tiles' columns, one arrival counter per tile."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = pid_n  # this member's N tile
+    n_size = N
+    out_row = stride_om
+    if MEMBERS > 1:
+        # int32 values, not constexprs: Triton specializes an argument equal to 1 to a constant,
+        # which the branches below could not then reassign (N = 1 is a valid member)
+        zero = pid_n * 0
+        n_size = zero + N
+        out_row = zero + stride_om
+        tiles = tl.cdiv(N, BLOCK_N)
+        if tile >= tiles:
+            tile -= tiles
+            n_size = zero + N1
+            out_row = zero + N1
+            w_ptr, w_scale_ptr, bias_ptr, out_ptr = w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr
+            if MEMBERS > 2:
+                tiles = tl.cdiv(N1, BLOCK_N)
+                if tile >= tiles:
+                    tile -= tiles
+                    n_size = zero + N2
+                    out_row = zero + N2
+                    w_ptr, w_scale_ptr, bias_ptr, out_ptr = w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    n_ok = rn < N
+    n_ok = rn < n_size
     m_ok = rm < M
     kb_start = pid_k * KB_PER_SPLIT
     kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     if PDL:
         for j in tl.static_range(PREFETCH_BLOCKS):
-            prefetch_l2(w_ptr + tl.minimum(rn, N - 1) * stride_wn
+            prefetch_l2(w_ptr + tl.minimum(rn, n_size - 1) * stride_wn
                         + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K * stride_wk)
         wait_for_previous_grid()
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb_start * BLOCK_K + rk)[None, :] * stride_wk
@@ -328,13 +358,14 @@ def gemm_skinny_kernel(
         allow_next_grid()
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SPLIT_K == 1:
-        _epilogue_store(acc, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS,
+        _epilogue_store(acc, rm, rn, M, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
                         OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
     else:
-        # partial: (SPLIT_K, M, N) float32, contiguous
-        _finish_split(acc, partial_ptr + rm[:, None] * N + rn[None, :], M * N, m_ok[:, None] & n_ok[None, :],
-                      pid_k, arrivals_ptr + pid_n, SPLIT_K, rm, rn, M, N, bias_ptr, out_ptr, stride_om, stride_on,
-                      HAS_BIAS, OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+        pc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's columns in the partials
+        _finish_split(acc, partial_ptr + rm[:, None] * PARTIAL_N + pc[None, :], M * PARTIAL_N,
+                      m_ok[:, None] & n_ok[None, :], pid_k, arrivals_ptr + pid_n, SPLIT_K, rm, rn, M, n_size,
+                      bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
+                      OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
 
 
 # --------------------------------------------------------------------------- planning
@@ -594,29 +625,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
     bias_arg = bias if bias is not None else w_scale
     if p.kind == "skinny":
-        k_blocks = triton.cdiv(K, SCALE_BLOCK)
-        split = max(1, min(p.split_k, k_blocks))
-        kb_per = triton.cdiv(k_blocks, split)
-        split = triton.cdiv(k_blocks, kb_per)  # no empty splits
-        n_tiles = triton.cdiv(N, p.block_n)
-        partial = torch.empty((split, M, N), dtype=torch.float32, device=a.device) if split > 1 else out
-        arrivals = _arrival_counters(a.device, n_tiles) if split > 1 else w_scale
-        s_arg = a_scale if a_scale is not None else w_scale
-        fmt = format_constexprs(w.dtype)
-        pdl = programmatic_launch(a.device)
-        gemm_skinny_kernel[(n_tiles, split)](
-            a, s_arg, w, w_scale, bias_arg, out, partial, arrivals,
-            M, N, K, kb_per,
-            a.stride(0), a.stride(1),
-            s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
-            w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
-            out.stride(0), out.stride(1),
-            FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
-            CVT_FP8=hardware_fp8_cast(a.device),
-            SPLIT_K=split, PDL=pdl, SCALES_AHEAD=SKINNY_SCALES_AHEAD,
-            TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
-            num_warps=p.num_warps, num_stages=p.num_stages, **common, **pdl_launch_options(pdl),
-        )
+        _launch_skinny(a, a_scale, [(w, w_scale, bias, out)], p, fuse_quant=fuse_quant)
         return out
     if p.kind == "ws":
         if plan_override is not None and not ws_usable(a, w):  # plan() only picks ws where usable
@@ -665,3 +674,89 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         num_warps=p.num_warps, num_stages=p.num_stages, **common,
     )
     return out
+
+
+def _launch_skinny(a, a_scale, members, p: Plan, *, fuse_quant: bool = False) -> None:
+    """One launch of the skinny kernel for 1-3 ``(w, w_scale, bias, out)`` members sharing ``a``
+    (and the strides of the first member; the caller checks)."""
+    M, K = a.shape
+    w, w_scale, bias, out = members[0]
+    k_blocks = triton.cdiv(K, SCALE_BLOCK)
+    split = max(1, min(p.split_k, k_blocks))
+    kb_per = triton.cdiv(k_blocks, split)
+    split = triton.cdiv(k_blocks, kb_per)  # no empty splits
+    sizes = [m[0].shape[0] for m in members]
+    n_tiles = sum(triton.cdiv(n, p.block_n) for n in sizes)
+    partial_n = sizes[0] if len(members) == 1 else n_tiles * p.block_n
+    partial = torch.empty((split, M, partial_n), dtype=torch.float32, device=a.device) if split > 1 else out
+    arrivals = _arrival_counters(a.device, n_tiles) if split > 1 else w_scale
+    s_arg = a_scale if a_scale is not None else w_scale
+    padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
+    extra = [t if t is not None else w_scale for m in padded[1:] for t in (m[0], m[1], m[2], m[3])]
+    fmt = format_constexprs(w.dtype)
+    pdl = programmatic_launch(a.device)
+    gemm_skinny_kernel[(n_tiles, split)](
+        a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
+        M, sizes[0], K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n,
+        a.stride(0), a.stride(1),
+        s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
+        w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype),
+        FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
+        CVT_FP8=hardware_fp8_cast(a.device),
+        SPLIT_K=split, PDL=pdl, SCALES_AHEAD=SKINNY_SCALES_AHEAD,
+        TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS,
+        MEMBERS=len(members), BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
+        num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch_options(pdl),
+    )
+
+
+MAX_GROUP = 3  # weights per launch of gemm_group (the pointer slots of the skinny kernel)
+
+
+def _groupable(a: torch.Tensor, ws, w_scales, biases) -> bool:
+    """Whether the skinny kernel can take these weights in one launch: same dtype and strides
+    (weights, scales), K matching ``a``, no empty weight, biases all absent or all one dtype."""
+    w0, s0 = ws[0], w_scales[0]
+    if any(b is not None for b in biases):
+        if any(b is None or b.dtype != biases[0].dtype or b.stride(0) != 1 for b in biases):
+            return False
+    return all(
+        w.dtype == w0.dtype and w.shape[1] == a.shape[1] and w.shape[0] > 0 and w.stride() == w0.stride()
+        and s.stride() == s0.stride()
+        for w, s in zip(ws, w_scales)
+    )
+
+
+def gemm_group(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    ws: list,
+    w_scales: list,
+    biases: list,
+    out_dtype: torch.dtype,
+) -> list:
+    """``[gemm(a, a_scale, w, s, b, out_dtype) for ...]``: one activation against several weights
+    (a layer's q/k/v or gate/up projections). Where the skinny kernel serves M, up to MAX_GROUP
+    weights run in one launch: one ramp and one tail instead of one per weight. Elsewhere, or
+    where the weights differ in dtype or layout, one GEMM per weight. Results agree with the
+    separate GEMMs to float32 summation order (the split over K follows the group's width)."""
+    M, K = a.shape
+    outs: list = [None] * len(ws)
+    if len(ws) > 1 and M > 0 and K > 0 and _groupable(a, ws, w_scales, biases):
+        num_sms = _num_sms((a.device.index or 0) if a.device.type == "cuda" else 0)
+        block_n = plan(M, 1, K, tma=False, num_sms=num_sms).block_n
+        for start in range(0, len(ws), MAX_GROUP):
+            idx = list(range(start, min(start + MAX_GROUP, len(ws))))
+            width = sum(triton.cdiv(ws[i].shape[0], block_n) for i in idx) * block_n  # the tiles' columns
+            p = plan(M, width, K, tma=False, num_sms=num_sms)
+            if len(idx) == 1 or p.kind != "skinny":
+                continue
+            for i in idx:
+                outs[i] = torch.empty((M, ws[i].shape[0]), dtype=out_dtype, device=a.device)
+            _launch_skinny(a, a_scale, [(ws[i], w_scales[i], biases[i], outs[i]) for i in idx], p)
+    for i, done in enumerate(outs):
+        if done is None:
+            outs[i] = _run(a, a_scale, ws[i], w_scales[i], biases[i], out_dtype, fuse_quant=False, plan_override=None)
+    return outs
