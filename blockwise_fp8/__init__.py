@@ -1,7 +1,9 @@
 """blockwise_fp8: DeepSeek-V3 blockwise FP8 quantization (1x128 activations, 128x128 weights)
 for PyTorch, with Triton kernels and a pure-torch reference.
 
-The public face: re-exports only, nothing is defined here.
+The public face: re-exports only, nothing is defined here. Importing it adds one Inductor
+post-grad pass (``blockwise_fp8.fusion``: Linears that share an input run as one GEMM launch in
+compiled graphs); ``BLOCKWISE_FP8_FUSE_GEMMS=0`` keeps it out.
 """
 
 from .ops import (
@@ -17,6 +19,9 @@ from .ops import (
 from .tensor import BlockwiseFP8Tensor
 from .config import BlockwiseFP8Config
 from .checkpoint import CheckpointError, load_quantized, save_quantized
+from . import fusion
+
+fusion._install_on_import()
 
 __version__ = "0.1.0"
 
