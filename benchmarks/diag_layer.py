@@ -5,8 +5,9 @@ Contenders (all on the same inputs, CUDA-graph replay, median microseconds):
     ours-eager    seven blockwise_fp8.ops.linear (each quantizes its input)
     ours-shared   what a compiled graph runs since session 5: one quantize_input per distinct
                   input (q/k/v share one, gate/up share one) and seven gemm
-each of ours with programmatic dependent launch on and off (``BLOCKWISE_FP8_PDL``) and the skinny
-kernel's scales loaded one K block ahead or not (``gemm.SKINNY_SCALES_AHEAD``). Ours' outputs must
+each of ours with programmatic dependent launch on and off (``BLOCKWISE_FP8_PDL``), the skinny
+kernel's L2 prefetch of its first weight blocks before the PDL wait (``gemm.SKINNY_PREFETCH_BLOCKS``)
+and the activation quantization launched under PDL (``quant.QUANT_WAITS``). Ours' outputs must
 be bit-identical across the variants.
 
     python benchmarks/diag_layer.py [--ms 1,16] [--rounds 3]
@@ -23,6 +24,7 @@ from triton.testing import do_bench_cudagraph
 
 from blockwise_fp8 import ops
 from blockwise_fp8.kernels import gemm as G
+from blockwise_fp8.kernels import quant as Q
 
 # name: (N, K, which input)
 LAYER = {
@@ -61,15 +63,16 @@ def main() -> None:
 
         variants = [("bf16", bf16, None, None, None)]
         for label, fn in (("eager", eager), ("shared", shared)):
-            for pdl, ahead, trigger in (("off", True, False), ("on", True, False), ("on", True, True)):
-                variants.append((f"ours-{label} pdl={pdl} ahead={int(ahead)} trigger={int(trigger)}", fn, pdl, ahead, trigger))
+            for pdl, prefetch, wait in (("off", 0, False), ("on", 0, False), ("on", 2, False), ("on", 2, True)):
+                variants.append((f"ours-{label} pdl={pdl} prefetch={prefetch} quant-waits={int(wait)}", fn, pdl,
+                                 prefetch, wait))
         best = {}
         first_out = None
         for _ in range(args.rounds):
-            for label, fn, pdl, ahead, trigger in variants:
+            for label, fn, pdl, prefetch, wait in variants:
                 if pdl is not None:
                     os.environ["BLOCKWISE_FP8_PDL"] = "1" if pdl == "on" else "0"
-                    G.SKINNY_SCALES_AHEAD, G.SKINNY_TRIGGER_AFTER_LOOP = ahead, trigger
+                    G.SKINNY_PREFETCH_BLOCKS, Q.QUANT_WAITS = prefetch, wait
                 outs = fn()
                 if label != "bf16":
                     if first_out is None:
