@@ -18,7 +18,8 @@ Four kernels, chosen by :func:`plan` from the shape:
     on its N side (>= 16). The kernel is bound by streaming w once; split-K over a second grid
     axis adds programs when N alone does not fill the card; the last program of each N tile to
     finish sums the float32 partials in split order (deterministic) and runs the epilogue, so
-    split-K costs no second launch. With
+    split-K costs no second launch. One launch can serve up to three weights of one activation
+    (``gemm_group``: a layer's q/k/v or gate/up), one ramp and tail instead of three. With
     ``FUSE_QUANT`` the program reads the high-precision activation and quantizes its 1x128 blocks
     in registers with exactly the arithmetic of ``quant.quantize_kernel`` (same helper), so the
     decode path is one launch.
