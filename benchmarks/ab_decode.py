@@ -61,13 +61,7 @@ def main() -> None:
         call = lambda: fn(xs[b], pos)  # noqa: E731
         out = call().clone()
         ms = bm.time_ms(call, dev, 3 if args.smoke else 50)
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(3 if args.smoke else 30):
-            call()
-        host = (time.perf_counter() - t0) / (3 if args.smoke else 30) * 1e3
-        sync()
+        host = bm.issue_ms(call, dev, 3 if args.smoke else 20)
         torch._dynamo.reset()
         return ms, host, out
 

@@ -18,7 +18,9 @@ Phases, each contender ``torch.compile``d:
               positions, mode="reduce-overhead" (CUDA graphs); tokens/s = batch / step time
     prefill   1 x ``--prefill`` tokens, causal attention, default mode; tokens/s = tokens / time
 
-Times are the median over 5 repeats of the mean over ``--iters`` back-to-back calls (CUDA events).
+Times are the median over 5 repeats of the mean over ``--iters`` back-to-back calls (CUDA events);
+"host ms to issue" is the host time per call without waiting for the GPU: where it reaches the
+step time, the row measures the host (marked host-bound), not the kernels.
 SQNR (dB) of each contender's output against the bf16 stack's output on the same input.
 Written: the CSV (``#`` header lines: card, versions, date, configuration) and a Markdown table
 beside it (same name, .md). The table is printed last. A budget (``--budget-s``) skips what is
@@ -78,6 +80,21 @@ def time_ms(fn, device: torch.device, iters: int, repeats: int = 5) -> float:
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(times)
+
+
+def issue_ms(fn, device: torch.device, calls: int = 20) -> float:
+    """Host time to issue one call, without waiting for the device (CUDA: the queue is emptied
+    first and is deep enough for ``calls`` calls). Where it is close to the measured step time,
+    the host, not the GPU, sets the pace."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / calls
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return host
 
 
 def profile_table(call, device: torch.device, calls: int = 5, rows: int = 25) -> str:
@@ -218,6 +235,7 @@ def run(args) -> tuple[list, list, str]:
                         call = lambda: fn(x)  # noqa: E731
                     out = call().clone()
                     ms = time_ms(call, device, iters if phase == "decode" else max(1, iters // 5))
+                    host = issue_ms(call, device, min(20, iters))
                     if args.profile:
                         profiles.append(f"## {name} {phase} batch {batch}: 5 calls\n{profile_table(call, device)}")
             except Exception as e:  # noqa: BLE001 -- one failing contender must not hide the others
@@ -232,7 +250,7 @@ def run(args) -> tuple[list, list, str]:
             ref = ref_out.get((phase, batch))
             tokens = batch * (1 if phase == "decode" else prefill)
             rows.append({
-                "phase": phase, "batch": batch, "tokens": tokens, "contender": name, "ms": ms,
+                "phase": phase, "batch": batch, "tokens": tokens, "contender": name, "ms": ms, "host_ms": host,
                 "tokens_per_s": tokens / ms * 1e3, "sqnr_db": sqnr_db(ref, out) if ref is not None else float("nan"),
             })
             log(f"{name:8s} {phase:8s} b{batch:<3d} {ms:9.3f} ms  {tokens / ms * 1e3:12.0f} tok/s  "
@@ -254,11 +272,14 @@ def run(args) -> tuple[list, list, str]:
 
 
 def table(rows: list, notes: list) -> str:
-    out = ["| phase | batch x tokens | contender | ms | tokens/s | x bf16 | SQNR vs bf16 dB |", "|---|---|---|---|---|---|---|"]
+    out = ["| phase | batch x tokens | contender | ms | host ms to issue | tokens/s | x bf16 | SQNR vs bf16 dB |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bt = f"{r['batch']} x {r['tokens'] // r['batch']}"
         sq = "-" if r["contender"] == "bf16" else f"{r['sqnr_db']:.1f}"
-        out.append(f"| {r['phase']} | {bt} | {r['contender']} | {r['ms']:.3f} | {r['tokens_per_s']:.0f} | {r['x_bf16']:.2f}x | {sq} |")
+        bound = " (host-bound)" if r["host_ms"] >= 0.9 * r["ms"] else ""
+        out.append(f"| {r['phase']} | {bt} | {r['contender']} | {r['ms']:.3f} | {r['host_ms']:.3f}{bound} | "
+                   f"{r['tokens_per_s']:.0f} | {r['x_bf16']:.2f}x | {sq} |")
     checks = []
     ours = {(r["phase"], r["batch"]): r for r in rows if r["contender"] == "ours"}
     ao = {(r["phase"], r["batch"]): r for r in rows if r["contender"] == "torchao"}
@@ -306,7 +327,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:
         f.write(header + "\n")
-        fields = ["phase", "batch", "tokens", "contender", "ms", "tokens_per_s", "x_bf16", "sqnr_db"]
+        fields = ["phase", "batch", "tokens", "contender", "ms", "host_ms", "tokens_per_s", "x_bf16", "sqnr_db"]
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:

@@ -37,6 +37,7 @@ def test_smoke_run_writes_csv_and_table(tmp_path, capsys, bench_model):
         assert {(c, "decode", "1"), (c, "decode", "2"), (c, "prefill", "1")} <= got
     for r in rows:
         assert float(r["ms"]) > 0 and math.isclose(float(r["tokens_per_s"]), int(r["tokens"]) / float(r["ms"]) * 1e3, rel_tol=1e-3)
+        assert float(r["host_ms"]) > 0  # issue time per call (on CPU the same work as the step)
         if r["contender"] == "ours":
             # two e4m3 layers: each GEMM operand within 1/28 of its block amax, ~28 dB per layer
             assert float(r["sqnr_db"]) > 20
