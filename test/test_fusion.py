@@ -158,3 +158,24 @@ def test_environment_opt_out(flag, expect):
                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == expect
+
+
+def test_dynamic_batch_grouped_equals_separate():
+    # A dynamic M reaches gemm_group as a symbol: one compiled graph serves every batch size, and
+    # (reference backend: each weight's product computed alone either way) grouped and separate
+    # graphs give the same bits.
+    torch.manual_seed(0)
+    model = Block().to(torch.bfloat16)
+    quantize_(model, BlockwiseFP8Config())
+    xs = [torch.randn(b, 4, 160, dtype=torch.bfloat16) for b in (2, 3, 5)]
+    outs = {}
+    for fuse in (True, False):
+        fusion.install() if fuse else fusion.uninstall()
+        torch._dynamo.reset()
+        groups = fusion._PASS.groups
+        compiled = torch.compile(model, dynamic=True, fullgraph=True)
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            outs[fuse] = [compiled(x) for x in xs]
+        assert fusion._PASS.groups - groups == (2 if fuse else 0)  # one graph for all three sizes
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
