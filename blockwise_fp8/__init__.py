@@ -18,6 +18,7 @@ from .ops import (
 )
 from .tensor import BlockwiseFP8Tensor
 from .config import BlockwiseFP8Config
+from .modules import BlockwiseFP8Linear, unwrap_for_compile
 from .checkpoint import CheckpointError, load_quantized, save_quantized
 from . import fusion
 
@@ -30,6 +31,7 @@ __all__ = [
     "FP8_DTYPES",
     "BackendUnavailableError",
     "BlockwiseFP8Config",
+    "BlockwiseFP8Linear",
     "BlockwiseFP8Tensor",
     "CheckpointError",
     "dequantize",
@@ -39,5 +41,6 @@ __all__ = [
     "quantize_activation",
     "quantize_weight",
     "save_quantized",
+    "unwrap_for_compile",
     "__version__",
 ]

@@ -2,7 +2,8 @@
 
 A Llama layer's q/k/v projections read one normalised activation, and so do the MLP's gate and
 up projections. Compiled, each is a ``blockwise_fp8::gemm`` node on the same quantized input (the
-quantization itself is shared already, see ``ops._shared_input``). At decode sizes every GEMM
+pass first merges equal ``quantize_input`` nodes, which Dynamo's trace of ``BlockwiseFP8Linear``
+records once per Linear; the subclass path shares them while tracing, ``ops._shared_input``). At decode sizes every GEMM
 launch pays a ramp and a tail of a few microseconds on top of streaming its weights, and the
 small k and v projections are mostly that. This Inductor post-grad pass rewrites the gemm nodes
 that share (quantized input, scales, output dtype, backend) into one ``blockwise_fp8::gemm_group``
@@ -30,12 +31,50 @@ __all__ = ["FuseSiblingGemms", "install", "uninstall", "installed"]
 class FuseSiblingGemms(CustomGraphPass):
     """Group ``blockwise_fp8::gemm`` nodes with the same activation operands into one
     ``gemm_group`` node placed where the first of them was. A gemm whose weight, scales or bias
-    is computed after that point stays on its own. ``groups`` counts the groups made (tests)."""
+    is computed after that point stays on its own. Equal activation quantizations are merged
+    first. ``groups`` and ``merged`` count what was done (tests)."""
 
     def __init__(self) -> None:
         self.groups = 0
+        self.merged = 0
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        self._merge_quantizations(graph)
+        self._group_gemms(graph)
+
+    def _merge_quantizations(self, graph: torch.fx.Graph) -> None:
+        """One ``quantize_input`` node per (input, dtype, scale layout, backend). Graphs traced
+        through the tensor subclass share them already (``ops._shared_input``); Dynamo's trace of
+        ``BlockwiseFP8Linear`` records a reshape and a quantization per Linear. Equal reshapes of
+        one node, then equal quantizations of one reshape, then equal getitems of one quantization
+        are merged, in graph order so that each merge exposes the next. Safe because the ops are
+        functional and the graph reads a node only while its value is live (Inductor mutates a
+        buffer in place only where the old value has no later reader)."""
+        quantize = torch.ops.blockwise_fp8.quantize_input.default
+        views = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+        first: dict = {}
+        for n in list(graph.nodes):
+            if n.op != "call_function" or n.kwargs:
+                continue
+            is_item = (n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)
+                       and n.args[0].target is quantize)
+            if not (n.target is quantize or n.target in views or is_item):
+                continue
+            key = (n.target, *(tuple(a) if isinstance(a, (list, tuple)) else a for a in n.args))
+            if n.target in views and not any(u.target is quantize for u in n.users):
+                continue  # only the reshapes that feed a quantization
+            try:
+                seen = key in first
+            except TypeError:  # an argument that cannot be a dict key: leave the node alone
+                continue
+            if seen:
+                self.merged += n.target is quantize
+                n.replace_all_uses_with(first[key])
+                graph.erase_node(n)
+            else:
+                first[key] = n
+
+    def _group_gemms(self, graph: torch.fx.Graph) -> None:
         gemm = torch.ops.blockwise_fp8.gemm.default
         group_op = torch.ops.blockwise_fp8.gemm_group.default
         order = {n: i for i, n in enumerate(graph.nodes)}

@@ -20,7 +20,6 @@ back silently.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from typing import Optional, Sequence
@@ -130,9 +129,13 @@ def _cdiv(a: int, b: int) -> int:
 # --------------------------------------------------------------------------- backend choice
 
 
-@functools.lru_cache(maxsize=None)
+# Found once at import (without importing triton): torch.compile traces `linear`, and a call
+# into importlib there would break the graph at every Linear.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def _interpreting() -> bool:
@@ -218,8 +221,7 @@ def choose_gemm_backend(
     return "triton"
 
 
-@functools.lru_cache(maxsize=None)
-def _cublas_blockwise_available(device_index: int) -> bool:
+def _probe_cublas_blockwise(device_index: int) -> bool:
     F = torch.nn.functional
     if not (torch.cuda.is_available() and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
         return False
@@ -229,9 +231,19 @@ def _cublas_blockwise_available(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0) and (major, minor) >= (12, 9)
 
 
+# device index -> answer. A plain dict, not functools.lru_cache: torch.compile traces `linear`
+# (BlockwiseFP8Linear) and reads a filled dict as a constant.
+_CUBLAS_BLOCKWISE: dict = {}
+
+
 def cublas_blockwise_available(device: torch.device) -> bool:
     """Whether this torch build and GPU offer the blockwise cuBLAS GEMM."""
-    return device.type == "cuda" and _cublas_blockwise_available(device.index or 0)
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CUBLAS_BLOCKWISE:
+        _CUBLAS_BLOCKWISE[index] = _probe_cublas_blockwise(index)
+    return _CUBLAS_BLOCKWISE[index]
 
 
 def _m_major(a_scale: torch.Tensor) -> torch.Tensor:
@@ -698,7 +710,7 @@ def linear(
     backend = resolve_backend(backend, device, op="linear")
     x2 = x.reshape(-1, K)
     mode = _tracing_mode(x)
-    if mode is None:
+    if mode is None and not torch.compiler.is_dynamo_compiling():
         out = _linear_op(x2, w_q, w_scale, bias, activation_dtype, out_dtype, backend)
     else:
         # The scale layout _linear_op would pick, where M is a plain int. For a dynamic M the
@@ -709,6 +721,11 @@ def linear(
         m_major = isinstance(M, int) and (
             backend == "cublas" or _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype) == "cublas"
         )
-        a_q, a_scale = _shared_input(x, x2, activation_dtype, m_major, backend, mode)
+        if mode is None:
+            # Dynamo traces this call (BlockwiseFP8Linear): it records the two halves, and the
+            # fusion pass merges the quantizations of one input (fusion.FuseSiblingGemms).
+            a_q, a_scale = _quantize_input_op(x2, activation_dtype, m_major, backend)
+        else:
+            a_q, a_scale = _shared_input(x, x2, activation_dtype, m_major, backend, mode)
         out = _gemm_op(a_q, a_scale, w_q, w_scale, bias, out_dtype, backend)
     return out.view(*x.shape[:-1], N)

@@ -312,12 +312,17 @@ def _addmm_impl(
         w_q, w_scale = weight.qdata, weight.scale
     else:
         w_q, w_scale = weight.qdata.t(), weight.scale.t()
-    args = (x, w_q, w_scale, bias, weight.activation_dtype, x.dtype, weight.backend)
-    needs_grad = isinstance(x, torch.Tensor) and x.requires_grad or (
-        isinstance(bias, torch.Tensor) and bias.requires_grad
-    )
     if torch.is_grad_enabled() and weight.requires_grad:
         _warn_frozen_weight()
+    return linear_nk(x, w_q, w_scale, bias, weight.activation_dtype, weight.backend)
+
+
+def linear_nk(x, w_q, w_scale, bias, activation_dtype, backend) -> torch.Tensor:
+    """``x @ W.T + bias`` for the NK weight ``(w_q, w_scale)``, in x's dtype, with gradients for
+    ``x`` and ``bias`` where they are asked for (the weight is frozen). Shared with
+    ``modules.BlockwiseFP8Linear``, which holds the same two tensors as plain parameters."""
+    args = (x, w_q, w_scale, bias, activation_dtype, x.dtype, backend)
+    needs_grad = x.requires_grad or (isinstance(bias, torch.Tensor) and bias.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
         return _QuantizedLinearFn.apply(*args)
     return _linear(*args)
