@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--smoke", action="store_true", help="bench_model's tiny stack on any device (checks the script)")
     args = ap.parse_args()
-    from torchao.utils import unwrap_tensor_subclass
+    from blockwise_fp8 import unwrap_for_compile
 
     combos = args.combos.split(",")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +50,7 @@ def main() -> None:
     init_weights(base, seed=0)
     base.eval()
     models, _ = bm.build_contenders(base, False, True)
-    unwrap_tensor_subclass(models["ours"])
+    unwrap_for_compile(models["ours"])
     pos = torch.tensor([args.ctx - 1], device=dev)
     g = torch.Generator(device=dev).manual_seed(1)
     xs = {b: torch.randn(b, 1, cfg.hidden, generator=g, device=dev, dtype=torch.bfloat16) for b in (1, 16)}

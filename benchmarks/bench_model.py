@@ -180,7 +180,7 @@ def run(args) -> tuple[list, list, str]:
         f"# decode: batch {batches}, KV cache {ctx}, torch.compile mode=reduce-overhead (CUDA graphs)" if compile_ else
         f"# decode: batch {batches}, KV cache {ctx}, eager (no torch.compile)",
         f"# prefill: 1 x {prefill} tokens, " + ("torch.compile default mode" if compile_ else "eager"),
-        f"# ours: {'torchao.utils.unwrap_tensor_subclass before torch.compile' if compile_ and args.unwrap else 'tensor subclasses as quantize_ left them'}; torchao: as quantize_ left it",
+        f"# ours: {'blockwise_fp8.unwrap_for_compile before torch.compile' if compile_ and args.unwrap else 'tensor subclasses as quantize_ left them'}; torchao: as quantize_ left it",
         f"# time: median of 5 repeats of the mean of {iters} calls; SQNR: output vs the bf16 stack's output",
     ]
     for h in header:
@@ -192,14 +192,15 @@ def run(args) -> tuple[list, list, str]:
     base.eval()
     models, notes = build_contenders(base, not args.no_torchao, not args.no_ours)
     if compile_ and args.unwrap and "ours" in models:
-        # Without this, every compiled call re-flattens each quantized weight in Python (AOTAutograd's
-        # runtime subclass unwrapping, ~15 us per weight on the H100 host: benchmarks/host_overhead.py),
-        # which a CUDA graph cannot hide. torchao's own recipe (torchao.utils), applied to ours only:
-        # with torchao 0.18's Float8Tensor, compiling after it fails ("'Float8Tensor' object has no
-        # attribute 'block_size'", H100 run of 2026-11-26), so torchao runs as quantize_ left it.
-        from torchao.utils import unwrap_tensor_subclass
+        # Plain FP8 parameters (blockwise_fp8.BlockwiseFP8Linear): as quantize_ left them, every
+        # compiled call checks and flattens each subclass weight in Python, and torchao's
+        # unwrap_tensor_subclass costs ~70 guards a weight; either can exceed the GPU time of a
+        # CUDA-graph decode step on the H100 hosts (docs/design.md, "Host time"). Applied to ours
+        # only: torchao 0.18's Float8Tensor fails to compile after torchao's own unwrap ("'Float8Tensor'
+        # object has no attribute 'block_size'", H100 run of 2026-11-26), so torchao runs as quantize_ left it.
+        from blockwise_fp8 import unwrap_for_compile
 
-        unwrap_tensor_subclass(models["ours"])
+        unwrap_for_compile(models["ours"])
     for n in notes:
         log("note:", n)
     log(f"built {', '.join(models)} in {time.monotonic() - t_start:.1f} s")
@@ -313,7 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ours", action="store_true",
                     help="bf16 and torchao only (torchao compiles for ~2 min a phase: a separate call fits the device's limit)")
     ap.add_argument("--no-unwrap", dest="unwrap", action="store_false",
-                    help="compile ours without torchao.utils.unwrap_tensor_subclass (torchao never gets it: see run())")
+                    help="compile ours as quantize_ left it, without blockwise_fp8.unwrap_for_compile (see run())")
     ap.add_argument("--profile", action="store_true",
                     help="also write <out>.profile.txt: the kernels of each contender and phase (torch.profiler)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="skip what is left after this many seconds")
