@@ -59,3 +59,33 @@ def test_torchao_missing_is_a_note_not_a_failure(tmp_path, capsys, bench_model, 
     profile = (tmp_path / "m.profile.txt").read_text()
     assert profile.count("\n## ") == 4 and "blockwise_fp8::linear" in profile
     assert "note: torchao skipped: torchao not importable (ImportError: test)" in capsys.readouterr().out
+
+
+def test_inductor_settings_are_the_run_s_and_the_same_for_every_contender(tmp_path, bench_model):
+    # torchao's quantize_ would switch on coordinate-descent tuning for the whole process (and so
+    # for bf16 compiled after it); the benchmark tells it not to and sets --inductor itself,
+    # only for the run.
+    from torch._inductor import config
+
+    cfg, _ = bench_model.torchao_config()
+    assert cfg is not None and cfg.set_inductor_config is False
+    before = config.coordinate_descent_tuning
+    seen = []
+    real_run = bench_model.run
+
+    def spy(args):
+        seen.append(config.coordinate_descent_tuning)
+        return real_run(args)
+
+    bench_model.run = spy
+    try:
+        for which, expect in (("tuned", True), ("default", before)):
+            out = tmp_path / f"{which}.csv"
+            assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu", "--phases", "decode",
+                                     "--decode-batches", "1", "--no-torchao", "--inductor", which]) == 0
+            header, _ = _rows(out)
+            assert any(h.startswith("# inductor: " + ("coordinate-descent" if which == "tuned" else "default"))
+                       for h in header)
+            assert seen[-1] is expect and config.coordinate_descent_tuning == before
+    finally:
+        bench_model.run = real_run
