@@ -181,6 +181,11 @@ def test_dynamic_batch_grouped_equals_separate():
     assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
 
 
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
+    reason="torch 2.11 (the H100 machine) segfaults loading an AOTInductor package of a model with our ops, "
+    "CPU and CUDA, with and without this pass (docs/usage.md); runs on 2.13",
+)
 def test_aoti_package_runs_the_grouped_graph(tmp_path):
     # AOTInductor compiles the exported graph with the same post-grad passes; its C++ runner
     # calls gemm_group (Tensor[] in, Tensor[] out) through the proxy executor.
