@@ -105,7 +105,10 @@ class FuseSiblingGemms(CustomGraphPass):
             self.groups += 1
 
     def uuid(self):
-        return get_hash_for_files((__file__,))
+        # Inductor's caches key compiled graphs on this: the pass and the ops it rewrites to
+        from . import ops
+
+        return get_hash_for_files((__file__, ops.__file__))
 
 
 _PASS = FuseSiblingGemms()
