@@ -180,3 +180,21 @@ def test_errors_say_what_was_expected():
         plain([1.0])
     with pytest.raises(ValueError, match="K"):
         plain(torch.randn(2, 100, dtype=torch.bfloat16))
+
+
+def test_compiled_dynamic_batch_and_gradients_match_eager():
+    # A symbolic M (dynamic=True) takes the row-major scale layout; gradients flow through the
+    # autograd.Function that Dynamo traces around the two recorded ops.
+    torch.manual_seed(0)
+    model = unwrap_for_compile(_quantized(MLP().to(torch.float32)))
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for batch in (3, 5):
+            x = torch.randn(batch, 200)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    x1 = torch.randn(4, 200, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = torch.randn(4, 200)
+    model(x1).backward(g)
+    torch.compile(model, fullgraph=True)(x2).backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
