@@ -35,7 +35,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--smoke", action="store_true", help="bench_model's tiny stack on any device (checks the script)")
+    ap.add_argument("--inductor", choices=["tuned", "default"], default="tuned",
+                    help="Inductor settings for bf16 and ours alike, as in bench_model.py")
     args = ap.parse_args()
+    from torch._inductor import config as inductor_config
+
+    settings, what = bm.inductor_settings(args.inductor)
+    print(f"# inductor: {what}", flush=True)
+    with inductor_config.patch(settings):
+        run(args)
+
+
+def run(args) -> None:
     from blockwise_fp8 import unwrap_for_compile
 
     combos = args.combos.split(",")

@@ -1,6 +1,6 @@
 """Host time of a compiled decode step, by the form ours' weights take: bench_model's stack (4
 Llama-3-8B layers, KV cache 2048), batch ``B`` (default 1), CUDA graphs, torch's default Inductor
-settings. Each variant prints the step time (bench_model.time_ms), the host time to issue one call
+settings (``INDUCTOR=tuned``: coordinate-descent tuning, as bench_model's default). Each variant prints the step time (bench_model.time_ms), the host time to issue one call
 (median of 5 x bench_model.issue_ms) and the SQNR against bf16:
 
     bf16 / bf16+gf            the stack as it is; +gf: guard_filter_fn=skip_guard_on_all_nn_modules_unsafe
@@ -30,6 +30,8 @@ layers = int(os.environ.get("L", "4")); ctx = 128 if smoke else 2048
 B = int(os.environ.get("B", "1"))
 cfg = bm.SMOKE if smoke else DecoderConfig(LLAMA3_8B.hidden, LLAMA3_8B.ffn, LLAMA3_8B.heads, LLAMA3_8B.kv_heads, layers)
 only = os.environ.get("ONLY")
+# INDUCTOR=tuned: coordinate-descent tuning for every variant (bench_model.py --inductor tuned)
+torch._inductor.config.patch(bm.inductor_settings(os.environ.get("INDUCTOR", "default"))[0]).__enter__()
 
 
 from blockwise_fp8 import unwrap_for_compile as plain_form
