@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .tensor import WEIGHT_BLOCK, BlockwiseFP8Tensor, _check_components, _dtype_names, linear_nk
+from .tensor import HP_DTYPES, WEIGHT_BLOCK, BlockwiseFP8Tensor, _check_components, _dtype_names, linear_nk
 
 __all__ = ["BlockwiseFP8Linear", "unwrap_for_compile"]
 
@@ -94,6 +94,27 @@ class BlockwiseFP8Linear(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         return linear_nk(x, self.weight, self.weight_scale_inv, self.bias, self.activation_dtype, self.backend)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.float16) / .half() / .bfloat16() would cast the FP8 data and round the
+        # scales like any floating-point parameter. As for a BlockwiseFP8Tensor weight, a dtype
+        # change only changes the high-precision dtype (bias, outputs follow the input); the
+        # two quantized tensors move to the new device and keep their dtypes.
+        frozen = (self.weight, self.weight_scale_inv)
+        new_hp = []
+
+        def keep_quantized(t):
+            out = fn(t)
+            if any(t is f for f in frozen) and out.dtype != t.dtype:
+                if t is self.weight and out.dtype in HP_DTYPES:
+                    new_hp.append(out.dtype)
+                out = t.to(out.device)
+            return out
+
+        result = super()._apply(keep_quantized, recurse)
+        if new_hp:
+            self.hp_dtype = new_hp[0]
+        return result
 
     def extra_repr(self) -> str:
         return (

@@ -198,3 +198,21 @@ def test_compiled_dynamic_batch_and_gradients_match_eager():
     model(x1).backward(g)
     torch.compile(model, fullgraph=True)(x2).backward(g)
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cast", ["to", "half"])
+def test_a_dtype_cast_keeps_the_weight_quantized_like_the_subclass(cast):
+    torch.manual_seed(0)
+    sub = _quantized(MLP().to(torch.bfloat16))
+    plain = unwrap_for_compile(copy.deepcopy(sub))
+    w8, s32 = plain.up.weight.detach().clone(), plain.up.weight_scale_inv.detach().clone()
+    for m in (sub, plain):
+        m.to(torch.float16) if cast == "to" else m.half()
+    assert plain.up.weight.dtype == torch.float8_e4m3fn and torch.equal(plain.up.weight.view(torch.uint8), w8.view(torch.uint8))
+    assert plain.up.weight_scale_inv.dtype == torch.float32 and torch.equal(plain.up.weight_scale_inv, s32)
+    assert plain.up.bias.dtype == torch.float16 and plain.up.hp_dtype == torch.float16
+    assert isinstance(plain.up.weight, nn.Parameter) and sub.up.weight.dtype == torch.float16
+    x = torch.randn(3, 200, dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.equal(plain(x), sub(x))
+    assert plain.up.weight_tensor().dtype == torch.float16
