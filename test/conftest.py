@@ -35,3 +35,18 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def kernel_device() -> str:
     return KERNEL_DEVICE
+
+
+@pytest.fixture
+def fresh_compile():
+    """A clean torch.compile state around a test: Dynamo's caches and counters, and Inductor's
+    post-grad pass setting (which the fusion tests change) restored afterwards."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    counters.clear()
+    before = inductor_config.post_grad_custom_post_pass
+    yield
+    inductor_config.post_grad_custom_post_pass = before
+    torch._dynamo.reset()

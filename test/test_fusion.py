@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
@@ -23,14 +22,7 @@ GEMM = torch.ops.blockwise_fp8.gemm.default
 GROUP = torch.ops.blockwise_fp8.gemm_group.default
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    before = inductor_config.post_grad_custom_post_pass
-    yield
-    inductor_config.post_grad_custom_post_pass = before
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def _compiled_run(model, x, fuse: bool):

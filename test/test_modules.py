@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 from torchao.quantization import quantize_
@@ -19,14 +18,7 @@ from blockwise_fp8 import unwrap_for_compile
 from .test_config import MLP, Block
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    before = inductor_config.post_grad_custom_post_pass
-    yield
-    inductor_config.post_grad_custom_post_pass = before
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def _quantized(model, **cfg):
