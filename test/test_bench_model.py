@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,3 +90,23 @@ def test_inductor_settings_are_the_run_s_and_the_same_for_every_contender(tmp_pa
             assert seen[-1] is expect and config.coordinate_descent_tuning == before
     finally:
         bench_model.run = real_run
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_ab_gemv_formula_is_the_reference_linear(dtype):
+    # benchmarks/ab_gemv.py's batch-1 linear in plain torch ops must compute what ours computes
+    # (the reference: float64 products of the quantized operands), or its timings compare apples
+    # with pears.
+    spec = importlib.util.spec_from_file_location("ab_gemv", os.path.join(ROOT, "benchmarks", "ab_gemv.py"))
+    ab_gemv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab_gemv)
+    from blockwise_fp8 import quantize_weight, reference
+
+    torch.manual_seed(0)
+    N, K = 256, 384
+    w_q, w_s = quantize_weight(torch.randn(N, K, dtype=torch.bfloat16), dtype)
+    x, bias = torch.randn(1, 1, K, dtype=torch.bfloat16), torch.randn(N, dtype=torch.bfloat16)
+    got = ab_gemv.gemv_linear(x, w_q, w_s, bias, dtype)
+    want = reference.linear(x.reshape(1, K), w_q, w_s, bias, activation_dtype=dtype, out_dtype=torch.bfloat16)
+    assert got.shape == (1, 1, N)
+    torch.testing.assert_close(got.reshape(1, N), want, rtol=2**-8, atol=1e-3)
