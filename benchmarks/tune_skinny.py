@@ -4,7 +4,8 @@
 
 For Llama-3-8B and grid shapes at M = 1 and 16 it times every (BLOCK_N, stages, split-K) of a small
 grid with ``do_bench_cudagraph`` next to bf16 ``F.linear`` and the current ``plan()`` choice, and
-prints the best config per shape with its weight-streaming bandwidth.
+prints the best config per shape with its weight-streaming bandwidth. ``--gemv``: the same for the
+M = 1 gemv kernel's meta-parameters, next to the skinny kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from blockwise_fp8 import ops  # noqa: E402
 from blockwise_fp8.kernels import gemm as G  # noqa: E402
 
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (10240, 8192), (57344, 8192), (8192, 28672)]
+SHAPES = [(4096, 4096), (1024, 4096), (6144, 4096), (14336, 4096), (28672, 4096), (4096, 14336), (8192, 8192),
+          (10240, 8192), (57344, 8192), (8192, 28672)]
 
 
 def us(fn) -> float:
@@ -45,6 +47,32 @@ def fused_vs_two_step(M: int, N: int, K: int) -> str:
             f"fused {t1:7.1f} us  identical={same}")
 
 
+def gemv_sweep(N: int, K: int) -> str:
+    """M = 1: plan()'s gemv config, the skinny kernel's plan, and a small grid of gemv configs."""
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    wq, ws = ops.quantize_weight(w)
+    aq, as_ = ops.quantize_activation(x)
+    run = lambda p: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p)  # noqa: E731
+    cur = G.plan(1, N, K, tma=True)
+    sk = G._skinny_plan(1, N, K, triton.cdiv(K, 128), G._num_sms(0))
+    ref = run(sk).float()
+    tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
+    t_cur, t_sk, t_bf16 = us(lambda: run(cur)), us(lambda: run(sk)), us(lambda: F.linear(x, w))
+    results = []
+    for bn, g, nw, split in itertools.product((16, 32), (4, 8, 16), (4, 8), (1, 2, 3, 4)):
+        p = G.Plan("gemv", 1, bn, nw, 1, split_k=split, groups_k=g)
+        out = run(p).float()
+        if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
+            return f"N={N} K={K} {p} WRONG"
+        results.append((us(lambda: run(p)), bn, g, nw, split))
+    results.sort()
+    return (f"M=1 N={N:6d} K={K:6d} bf16 {t_bf16:6.1f} skinny {t_sk:6.1f} us {tb(t_sk):.2f} TB/s  "
+            f"plan(bn{cur.block_n} g{cur.groups_k} nw{cur.num_warps} sk{cur.split_k}) {t_cur:6.1f} us {tb(t_cur):.2f} TB/s "
+            f"({t_sk / t_cur:.2f}x skinny)  top5 " +
+            " ".join(f"{t:.1f}:bn{b}/g{g}/nw{n}/sk{k}" for t, b, g, n, k in results[:5]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -57,6 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--shapes", default=None, help="N:K,N:K,... (default: Llama-3-8B and grid shapes)")
     ap.add_argument("--repeat-check", type=int, default=0, help="re-run the plan N times, compare bits")
+    ap.add_argument("--gemv", action="store_true",
+                    help="instead of the sweep: M = 1, the gemv kernel's (BLOCK_N, K blocks per step, warps, split) "
+                         "next to plan()'s choice and the skinny kernel")
     ap.add_argument("--fused", action="store_true",
                     help="instead of the sweep: quantize + GEMM (two launches) vs linear_fused, current plan")
     args = ap.parse_args(argv)
@@ -67,6 +98,13 @@ def main(argv=None) -> int:
     lines = []
     say = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
     torch.manual_seed(0)
+    if args.gemv:
+        for N, K in shapes:
+            say(gemv_sweep(N, K))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return 0
     if args.fused:
         for M in ints(args.ms):
             for N, K in shapes:

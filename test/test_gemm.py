@@ -1,6 +1,6 @@
 """The blockwise GEMM kernels against the float64 reference.
 
-On CPU the kernels run through Triton's interpreter on tiny shapes; every plan kind ("skinny",
+On CPU the kernels run through Triton's interpreter on tiny shapes; every plan kind ("gemv", "skinny",
 "tiled", "tma") is forced through ``plan_override`` so each kernel's logic is covered, including
 the descriptor-based kernel (the interpreter emulates tensor descriptors). What only the GPU run
 covers: the real TMA copies, the persistent grid at full size, ``flatten``, the warp-specialised
@@ -59,6 +59,8 @@ def _check(out, aq, as_, wq, ws, b, out_dtype, acc_rel=2.0**-12):
 
 def _plans(M, K, ws=False):
     ps = [G.Plan("tiled", 16, 64, 4, 2), G.Plan("tiled", 64, 128, 4, 2)]
+    if M == 1:  # K blocks per step 1-4 against 1-3 blocks of K: ragged last steps and splits
+        ps += [G.Plan("gemv", 1, bn, 4, 1, split_k=s, groups_k=g) for bn, g, s in ((16, 1, 1), (32, 2, 2), (8, 4, 1))]
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         ps += [G.Plan("skinny", bm, 64, 4, 2, split_k=s) for s in (1, 2, 3)]
@@ -209,9 +211,9 @@ def test_programmatic_launch_gemm_after_gemm_matches_plain_launch(monkeypatch, M
     outputs must equal plain launches bit for bit, eager and replayed from a CUDA graph."""
     g = torch.Generator().manual_seed(12)
     ws_ = [bf.ops.quantize_weight((torch.randn(n, 4096, generator=g) * 0.05).to("cuda", torch.bfloat16))
-           for n in (4096, 1024, 1024, 14336, 1024)]
+           for n in (4096, 1024, 256, 14336, 256)]
     x = torch.randn(M, 4096, generator=g).to("cuda", torch.bfloat16)
-    assert G.plan(M, 1024, 4096, tma=True).split_k > 1  # the counters are in play
+    assert G.plan(M, 256, 4096, tma=True).split_k > 1  # the counters are in play
 
     def layer(inp):
         a_q, a_s = bf.ops.quantize_activation(inp)
@@ -272,14 +274,21 @@ def test_fused_rejects_large_plan():
 
 
 def test_plan_heuristic_ranges():
-    assert G.plan(1, 8192, 8192, tma=True).kind == "skinny"
+    assert G.plan(1, 8192, 8192, tma=True).kind == "gemv"
+    assert G.plan(2, 8192, 8192, tma=True).kind == "skinny"
     assert G.plan(G.SKINNY_MAX_M, 8192, 8192, tma=True).kind == "skinny"
     assert G.plan(G.SKINNY_MAX_M + 1, 8192, 8192, tma=True).kind == "tma"
     assert G.plan(4096, 8192, 8192, tma=False).kind == "tiled"
     # split-K only where N alone leaves the card under-filled
-    assert G.plan(1, 8192, 8192, tma=True).split_k > 1
-    assert G.plan(1, 57344, 8192, tma=True).split_k == 1
-    assert G.plan(1, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
+    assert G.plan(16, 8192, 8192, tma=True).split_k > 1
+    assert G.plan(16, 57344, 8192, tma=True).split_k == 1
+    assert G.plan(16, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
+    # gemv (16-row tiles): split only under one program per 4 SMs, to ~2 per SM in whole steps of 8
+    assert G.plan(1, 4096, 28672, tma=True, num_sms=132).split_k == 1
+    assert G.plan(1, 1024, 4096, tma=True, num_sms=132).split_k == 1  # 64 tiles
+    assert G.plan(1, 512, 8192, tma=True, num_sms=132).split_k == 3  # 32 tiles: ceil(132 / 64)
+    assert G.plan(1, 128, 4096, tma=True, num_sms=132).split_k == 4  # 8 tiles; 32 / 8 K blocks
+    assert G.plan(1, 256, 512, tma=True, num_sms=132).split_k == 1  # 4 K blocks: one partial step
     # mid M: count waves (132 SMs): M = 128, N = 10240 is 160 tiles of 64 rows but 80 of 128
     assert G.plan(128, 10240, 8192, tma=True, num_sms=132).block_m == 128
     assert G.plan(128, 8192, 8192, tma=True, num_sms=132).block_m == 64
@@ -290,6 +299,7 @@ def test_plan_heuristic_ranges():
     assert G.plan(128, 10240, 8192, tma=True, ws=True, num_sms=132).kind == "ws"
     assert G.plan(128, 8192, 8192, tma=True, ws=True, num_sms=132).kind == "tma"  # 64-row tiles stay
     assert G.plan(16, 8192, 8192, tma=True, ws=True).kind == "skinny"
+    assert G.plan(1, 8192, 8192, tma=True, ws=True).kind == "gemv"
     assert G.plan(4096, 8192, 8192, tma=False, ws=False).kind == "tiled"
     # a tail wave under half full is split over K (at most 4 ways, >= 8 K blocks each), and
     # then the tma kernel beats the ws kernel's extra wave where it saves enough K steps
@@ -366,7 +376,7 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path):
     assert counts["depbar"] == 2, "ptxas serialised the wgmma pipeline"
 
 
-_SKINNY_PDL_PROBE = """
+_PDL_PROBE = """
 import inspect, json
 import torch
 import triton
@@ -375,51 +385,61 @@ from triton.compiler import ASTSource
 from blockwise_fp8.kernels import gemm as G
 from blockwise_fp8.kernels.rounding import format_constexprs, output_format_constexprs
 
-names = list(inspect.signature(G.gemm_skinny_kernel.fn).parameters)
 pointers = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32", bias_ptr="*fp32",
                 out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 for i in (1, 2):  # the other members' slots (three weights in one launch)
     pointers.update({f"w{i}_ptr": "*fp8e4nv", f"w{i}_scale_ptr": "*fp32", f"bias{i}_ptr": "*fp32", f"out{i}_ptr": "*bf16"})
-consts = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
-              **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, SCALES_AHEAD=True, TRIGGER_AFTER_LOOP=True,
-              PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
-              stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
-sig = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in names}
-aligned = [n for n in names if n in pointers or n in ("N", "K", "KB_PER_SPLIT", "N1", "N2", "PARTIAL_N",
-                                                      "stride_am", "stride_wn", "stride_om",
-                                                      "stride_asm", "stride_ask", "stride_wsn")]
-src = ASTSource(G.gemm_skinny_kernel, sig, {(names.index(k),): v for k, v in consts.items()},
-                attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 6}).asm["ptx"]
-wait = next(i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line)
-before = [line.strip() for line in ptx.splitlines()[:wait]]
-count = lambda *keys: sum(any(k in line for k in keys) for line in before)
-skinny = {"trigger": count("griddepcontrol.launch_dependents"), "prefetch": count("prefetch.global.L2"),
-          "memory": count("ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count("ld.param")}
+streaming = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), SPLIT_K=4, PDL=True, TRIGGER_AFTER_LOOP=True,
+                 PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_K=128,
+                 stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
+
+
+def before_wait(kernel, consts, num_stages):
+    names = list(inspect.signature(kernel.fn).parameters)
+    consts = {k: v for k, v in consts.items() if k in names}
+    sig = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in names}
+    aligned = [n for n in names if n in pointers or n in ("N", "K", "KB_PER_SPLIT", "N1", "N2", "PARTIAL_N",
+                                                          "stride_am", "stride_wn", "stride_om",
+                                                          "stride_asm", "stride_ask", "stride_wsn")]
+    src = ASTSource(kernel, sig, {(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": num_stages}).asm["ptx"]
+    wait = next(i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line)
+    return [line.strip() for line in ptx.splitlines()[:wait]]
+
+
+def count(lines, *keys):
+    return sum(any(k in line for k in keys) for line in lines)
+
+
+def gemm_counts(lines):
+    return {"trigger": count(lines, "griddepcontrol.launch_dependents"), "prefetch": count(lines, "prefetch.global.L2"),
+            "memory": count(lines, "ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count(lines, "ld.param")}
+
+
+skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(
+    streaming, FUSE_QUANT=False, FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True,
+    SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64), num_stages=6))
+gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_N=16, GROUPS_K=8), num_stages=1))
 
 from blockwise_fp8.kernels import quant as Q
-names = list(inspect.signature(Q.quantize_kernel.fn).parameters)
 consts = dict(FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, PDL=True, PDL_WAIT=True,
               BLOCK_M=1, GROUP_M=1, BLOCK_K=128, GROUPS_K=8, stride_xk=1, stride_qk=1)
-sig = {n: dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32").get(n, "constexpr" if n in consts else "i32")
-       for n in names}
-src = ASTSource(Q.quantize_kernel, sig, {(names.index(k),): v for k, v in consts.items()},
-                attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "q_ptr", "scale_ptr", "K")})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-wait = next(i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line)
-before = [line.strip() for line in ptx.splitlines()[:wait]]
-quantize = {"trigger": count("griddepcontrol.launch_dependents"),
-            "memory": count("ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count("ld.param")}
-print(json.dumps({"skinny": skinny, "quantize": quantize}))
+pointers = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32", K="i32")
+lines = before_wait(Q.quantize_kernel, consts, num_stages=3)
+quantize = {"trigger": count(lines, "griddepcontrol.launch_dependents"),
+            "memory": count(lines, "ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count(lines, "ld.param")}
+print(json.dumps({"skinny": skinny, "gemv": gemv, "quantize": quantize}))
 """
 
 
 def test_pdl_prologues_compile_for_sm90(tmp_path):
-    """Under PDL the skinny GEMM and the activation quantization may start while the kernel before
-    them still writes their input: nothing may read or write memory before griddepcontrol.wait.
-    The GEMM only asks L2 for its first weight blocks there, and does not trigger the next grid
-    (measured slower); the quantization triggers first (its GEMM may launch and wait). Compiled
-    for sm_90 in a fresh process: the interpreter never runs the PDL path."""
+    """Under PDL the weight-streaming GEMMs (gemv, skinny) and the activation quantization may
+    start while the kernel before them still writes their input: nothing may read or write memory
+    before griddepcontrol.wait. A GEMM only asks L2 for its first weight blocks there, and does
+    not trigger the next grid (measured slower); the quantization triggers first (its GEMM may
+    launch and wait). Compiled for sm_90 in a fresh process: the interpreter never runs the PDL
+    path."""
     import json
     import os
     import subprocess
@@ -431,11 +451,12 @@ def test_pdl_prologues_compile_for_sm90(tmp_path):
         pytest.skip("this Triton has no programmatic dependent launch")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", _SKINNY_PDL_PROBE], capture_output=True,
+    run = subprocess.run([sys.executable, "-c", _PDL_PROBE], capture_output=True,
                          text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     before_wait = json.loads(run.stdout.strip().splitlines()[-1])  # PTX lines before griddepcontrol.wait
     assert before_wait["skinny"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
+    assert before_wait["gemv"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
     assert before_wait["quantize"] == {"trigger": 1, "memory": 0}
 
 
@@ -483,6 +504,7 @@ def _group_operands(M, Ns, K, dtypes, seed, bias=True):
     (1, (128, 64, 200), 256, False),   # three members, one launch, ragged last member
     (3, (64, 130), 300, True),         # two members, ragged N and K, bias
     (2, (128, 64), 1280, False),       # split over K: partials and arrival counters per member tile
+    (1, (128, 48), 2304, True),        # gemv split over K in whole steps of 8 blocks: 16 + 2
     (5, (1, 64, 64, 100, 3), 512, True),  # five members: a launch of three, then one of two
     (40, (64, 96), 256, True),         # M above the skinny kernel: one GEMM per weight
 ])
@@ -497,24 +519,26 @@ def test_gemm_group_matches_reference(M, Ns, K, bias, out_dtype):
         _check(out, aq, as_, wq, ws, b, out_dtype)
 
 
-def test_gemm_group_one_launch_where_it_can(monkeypatch):
-    """Three weights of one dtype and layout take one skinny launch; scales in another layout, or
-    a bias on only some, send the group back to one GEMM per weight (still right)."""
+@pytest.mark.parametrize("M", [1, 2])  # the gemv and skinny kernels
+def test_gemm_group_one_launch_where_it_can(monkeypatch, M):
+    """Three weights of one dtype and layout take one weight-streaming launch; scales in another
+    layout, or a bias on only some, send the group back to one GEMM per weight (still right)."""
     launches = []
-    real = G._launch_skinny
-    monkeypatch.setattr(G, "_launch_skinny", lambda a, s, members, p, **kw: (launches.append(len(members)),
-                                                                             real(a, s, members, p, **kw)))
-    a, members = _group_operands(2, (64, 256, 64), 256, [torch.float8_e4m3fn] * 3, seed=1, bias=False)
+    real = G._launch_streaming
+    monkeypatch.setattr(G, "_launch_streaming", lambda a, s, members, p, **kw: (launches.append((len(members), p.kind)),
+                                                                                real(a, s, members, p, **kw)))
+    kind = "gemv" if M == 1 else "skinny"
+    a, members = _group_operands(M, (64, 256, 64), 256, [torch.float8_e4m3fn] * 3, seed=1, bias=False)
     aq, as_ = a[torch.float8_e4m3fn]
     G.gemm_group(aq, as_, [m[0] for m in members], [m[1] for m in members], [None] * 3, torch.bfloat16)
-    assert launches == [3]
+    assert launches == [(3, kind)]
     launches.clear()
     G.gemm_group(aq, as_, [m[0] for m in members], [m[1] for m in members],
                  [None, torch.zeros(256, device=KERNEL_DEVICE), None], torch.bfloat16)
-    assert launches == [1, 1, 1]
+    assert launches == [(1, kind)] * 3
     launches.clear()
     scales = [members[0][1], members[1][1].t().contiguous().t(), members[2][1]]  # column-major (2 x 2) scales
     assert scales[1].stride() != members[1][1].stride()
     outs = G.gemm_group(aq, as_, [m[0] for m in members], scales, [None] * 3, torch.bfloat16)
-    assert launches == [1, 1, 1]
+    assert launches == [(1, kind)] * 3
     _check(outs[1], aq, as_, members[1][0], scales[1], None, torch.bfloat16)

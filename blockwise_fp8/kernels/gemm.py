@@ -10,8 +10,14 @@ Layout (NT, like ``nn.Linear``):
 Every path steps K one scale block (128) at a time: each partial product of the tensor cores is
 promoted to the float32 accumulator with both scales applied, as DeepSeek-V3 does.
 
-Four kernels, chosen by :func:`plan` from the shape:
+Five kernels, chosen by :func:`plan` from the shape:
 
+``gemv`` (M = 1, single-token decode)
+    CUDA cores, no tensor cores: each program streams a slab of w (BLOCK_N rows, GROUPS_K scale
+    blocks per step) from global memory into registers and reduces it against the one activation
+    row. With no shared memory, more programs share an SM and keep more weight bytes in flight
+    than the skinny kernel's tensor-core tiles (padded from one row to 16) allow. Split-K, members
+    and PDL as in ``skinny``, through the same launcher.
 ``skinny`` (M <= SKINNY_MAX_M, decode and small batches)
     Swapped operands: each program computes a (BLOCK_N x BLOCK_M) tile of out.T = w @ a.T, so
     the large N dimension fills the MMA's M side (64 rows per warpgroup) and the few tokens sit
@@ -67,6 +73,7 @@ from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
 SKINNY_MAX_M = 32  # largest M served by the swapped-operand kernel (see plan())
+GEMV_MAX_M = 1  # M served by the gemv kernel (1; 0 sends M = 1 to the skinny kernel, for A/B runs)
 
 try:  # host-side tensor descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -248,6 +255,39 @@ def prefetch_l2(ptrs):
 
 
 @triton.jit
+def _weight_member(pid_n, N, N1, N2, stride_om, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                   w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
+                   MEMBERS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which of the 1-3 weights of a weight-streaming launch the N tile ``pid_n`` belongs to: the
+    members' tiles follow one another along the grid. Returns (the tile within that member, its
+    N, its output row stride, its weight / scale / bias / output pointers); members after the
+    first have contiguous outputs (row stride N1, N2)."""
+    tile = pid_n
+    n_size = N
+    out_row = stride_om
+    if MEMBERS > 1:
+        # int32 values, not constexprs: Triton specializes an argument equal to 1 to a constant,
+        # which the branches below could not then reassign (N = 1 is a valid member)
+        zero = pid_n * 0
+        n_size = zero + N
+        out_row = zero + stride_om
+        tiles = tl.cdiv(N, BLOCK_N)
+        if tile >= tiles:
+            tile -= tiles
+            n_size = zero + N1
+            out_row = zero + N1
+            w_ptr, w_scale_ptr, bias_ptr, out_ptr = w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr
+            if MEMBERS > 2:
+                tiles = tl.cdiv(N1, BLOCK_N)
+                if tile >= tiles:
+                    tile -= tiles
+                    n_size = zero + N2
+                    out_row = zero + N2
+                    w_ptr, w_scale_ptr, bias_ptr, out_ptr = w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr
+    return tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr
+
+
+@triton.jit
 def gemm_skinny_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
@@ -285,28 +325,9 @@ def gemm_skinny_kernel(
     with PARTIAL_N >= the tiles' columns, one arrival counter per tile."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    tile = pid_n  # this member's N tile
-    n_size = N
-    out_row = stride_om
-    if MEMBERS > 1:
-        # int32 values, not constexprs: Triton specializes an argument equal to 1 to a constant,
-        # which the branches below could not then reassign (N = 1 is a valid member)
-        zero = pid_n * 0
-        n_size = zero + N
-        out_row = zero + stride_om
-        tiles = tl.cdiv(N, BLOCK_N)
-        if tile >= tiles:
-            tile -= tiles
-            n_size = zero + N1
-            out_row = zero + N1
-            w_ptr, w_scale_ptr, bias_ptr, out_ptr = w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr
-            if MEMBERS > 2:
-                tiles = tl.cdiv(N1, BLOCK_N)
-                if tile >= tiles:
-                    tile -= tiles
-                    n_size = zero + N2
-                    out_row = zero + N2
-                    w_ptr, w_scale_ptr, bias_ptr, out_ptr = w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr
+    tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
+        pid_n, N, N1, N2, stride_om, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+        w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr, MEMBERS, BLOCK_N)
     rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -369,12 +390,88 @@ def gemm_skinny_kernel(
                       OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
 
 
+@triton.jit
+def gemm_gemv_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
+    N, K, KB_PER_SPLIT, N1, N2, PARTIAL_N,
+    stride_ak, stride_ask,
+    stride_wn, stride_wk, stride_wsn, stride_wsk,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+    OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+    OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
+    PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUPS_K: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """M = 1: out[0, n] = sum over K blocks of (sum of w[n, k] * a[0, k] over the block) *
+    w_scale * a_scale, on the CUDA cores. Each program streams a (BLOCK_N, K range) slab of w
+    straight into registers, GROUPS_K scale blocks per step: no shared memory and no tensor-core
+    tile padded from one row to 16, so many programs fit on an SM and keep more weight bytes in
+    flight than the skinny kernel's shared-memory ring allows. The products of two FP8 values are
+    exact in float32 and each block's sum is float32, so the result is at least as accurate as
+    the tensor cores' (benchmarks/NOTES.md, eighth session, for the speed).
+
+    BLOCK_N divides 128, so a tile lies in one weight-scale row. Split-K, the arrival counters,
+    the members (1-3 weights of one activation) and PDL work as in ``gemm_skinny_kernel``, whose
+    launcher serves both; KB_PER_SPLIT is a multiple of GROUPS_K."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
+        pid_n, N, N1, N2, stride_om, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+        w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr, MEMBERS, BLOCK_N)
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < n_size
+    rg = tl.arange(0, GROUPS_K)
+    kb_start = pid_k * KB_PER_SPLIT
+    kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    k_end = min(kb_end * BLOCK_K, K)
+    if PDL:
+        for j in tl.static_range(PREFETCH_BLOCKS):
+            prefetch_l2(w_ptr + tl.minimum(rn, n_size - 1) * stride_wn
+                        + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K * stride_wk)
+        wait_for_previous_grid()
+    rk = kb_start * BLOCK_K + rg[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # (GROUPS_K, BLOCK_K)
+    w_ptrs = w_ptr + rn[:, None, None] * stride_wn + rk[None, :, :] * stride_wk
+    a_ptrs = a_ptr + rk * stride_ak
+    w_s_ptrs = w_scale_ptr + (tile * BLOCK_N // BLOCK_K) * stride_wsn + (kb_start + rg) * stride_wsk
+    a_s_ptrs = a_scale_ptr + (kb_start + rg) * stride_ask
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kb in range(kb_start, kb_end, GROUPS_K):
+        k_ok = rk < k_end
+        g_ok = kb + rg < kb_end
+        w = tl.load(w_ptrs, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        s = tl.load(a_s_ptrs, mask=g_ok, other=0.0) * tl.load(w_s_ptrs, mask=g_ok, other=0.0)
+        acc += tl.sum(tl.sum(w * a[None, :, :], axis=2) * s[None, :], axis=1)
+        rk += GROUPS_K * BLOCK_K
+        w_ptrs += GROUPS_K * BLOCK_K * stride_wk
+        a_ptrs += GROUPS_K * BLOCK_K * stride_ak
+        w_s_ptrs += GROUPS_K * stride_wsk
+        a_s_ptrs += GROUPS_K * stride_ask
+
+    if PDL and TRIGGER_AFTER_LOOP:
+        allow_next_grid()
+    rm = tl.arange(0, 1)
+    acc2 = acc[None, :]  # (1, BLOCK_N), the epilogue's (rows, columns) tile
+    if SPLIT_K == 1:
+        _epilogue_store(acc2, rm, rn, 1, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
+                        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+    else:
+        pc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's columns in the partials
+        _finish_split(acc2, partial_ptr + pc[None, :], PARTIAL_N, n_ok[None, :], pid_k, arrivals_ptr + pid_n,
+                      SPLIT_K, rm, rn, 1, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
+                      OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+
+
 # --------------------------------------------------------------------------- planning
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Which kernel runs a shape, and its meta-parameters. ``kind`` is "skinny", "tma", "ws" or "tiled"."""
+    """Which kernel runs a shape, and its meta-parameters. ``kind`` is "gemv", "skinny", "tma", "ws"
+    or "tiled"."""
 
     kind: str
     block_m: int
@@ -387,6 +484,7 @@ class Plan:
     warp_specialize: bool = False
     tail_split: int = 1  # "tma": split the last, partial wave's tiles over K among this many programs
     num_programs: int = 0  # "tma": persistent programs (0: one per SM); tests use fewer
+    groups_k: int = 1  # "gemv": 128-wide K blocks per loop step
 
 
 @functools.lru_cache(maxsize=None)
@@ -422,6 +520,17 @@ def ws_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
     """The Gluon kernel needs what the TMA kernel needs, Gluon itself, and Hopper's wgmma (sm_90
     exactly: later architectures dropped wgmma)."""
     return gemm_hopper.AVAILABLE and tma_usable(a, w) and _sm90(a.device.index or 0)
+
+
+def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> int:
+    """Split K only where the N tiles give fewer than one program per 4 SMs (N < 528 at 16 rows
+    on 132 SMs), then to about 2 per SM, in whole loop steps. On an H100 no split beat none for
+    the Llama and grid shapes, down to N = 1024 (64 tiles: 4.3 us with 4 splits, 3.9 with none;
+    K = 28672: 87.0 vs 80.3 us; results/tune-gemv-h100-2026-11-26-s8.txt): with many programs per
+    SM and no shared memory the card is full without it, and the partials cost."""
+    if 4 * n_tiles >= num_sms:
+        return 1
+    return max(1, min(-(-num_sms // (2 * n_tiles)), k_blocks // groups_k))
 
 
 def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
@@ -472,14 +581,30 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
     tiles, 10-22% faster on every measured shape, M = 256..8192, except where the tma kernel's
     tail split saves more, see ``_wide_plan``)."""
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
+    if M <= GEMV_MAX_M:
+        # 16 rows x 8 K blocks (16 KB of weights) per step, 4 warps: on an H100, of 48 configs
+        # (16 / 32 rows, 4 / 8 / 16 blocks, 4 / 8 warps, 1-4 splits) on ten Llama and grid
+        # shapes, within 4% of the best on each but N = 1024 (g16: 3.9 vs 4.1 us) and
+        # 1.01-1.19x the skinny kernel's time (results/tune-gemv-h100-2026-11-26-s8.txt)
+        block_n, groups_k = 16, 8
+        split = _gemv_split_k(triton.cdiv(N, block_n), k_blocks, groups_k, num_sms)
+        return Plan("gemv", 1, block_n, num_warps=4, num_stages=1, split_k=split, groups_k=groups_k)
     if M <= SKINNY_MAX_M:
-        block_m = max(16, triton.next_power_of_2(M))
-        block_n = 64
-        split = _skinny_split_k(triton.cdiv(N, block_n), k_blocks, num_sms)
-        # 6 stages for the long K loops; a program of <= 8 K blocks runs 3-9% faster with 4
-        # (Llama q/o/k/v shapes, M = 1 and 16: results/tune-skinny-h100-2026-11-26-s5-ahead1.txt)
-        stages = 6 if block_m == 16 and triton.cdiv(k_blocks, split) > 8 else 4
-        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
+        return _skinny_plan(M, N, K, k_blocks, num_sms)
+    return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms)
+
+
+def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
+    block_m = max(16, triton.next_power_of_2(M))
+    block_n = 64
+    split = _skinny_split_k(triton.cdiv(N, block_n), k_blocks, num_sms)
+    # 6 stages for the long K loops; a program of <= 8 K blocks runs 3-9% faster with 4
+    # (Llama q/o/k/v shapes, M = 1 and 16: results/tune-skinny-h100-2026-11-26-s5-ahead1.txt)
+    stages = 6 if block_m == 16 and triton.cdiv(k_blocks, split) > 8 else 4
+    return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
+
+
+def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int) -> Plan:
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -500,7 +625,7 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
 
 
 _ARRIVALS: dict = {}
-_MIN_ARRIVALS = 1 << 16  # N tiles of 64 columns: N up to 4M before a bigger buffer is needed
+_MIN_ARRIVALS = 1 << 16  # N tiles (of 16 columns at least): N up to 1M before a bigger buffer is needed
 
 
 def _arrival_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
@@ -615,18 +740,20 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
     dev = (a.device.index or 0) if a.device.type == "cuda" else 0
     num_sms = _num_sms(dev)
-    if plan_override is None:
+    if plan_override is not None:
+        p = plan_override
+    elif fuse_quant:  # only the skinny kernel quantizes in registers
+        p = _skinny_plan(M, N, K, triton.cdiv(K, SCALE_BLOCK), num_sms)
+    else:
         tma = tma_usable(a, w)  # checked once per call: ws_usable would repeat it
         ws = tma and gemm_hopper.AVAILABLE and _sm90(dev)
         p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms)
-    else:
-        p = plan_override
     if fuse_quant and p.kind != "skinny":
         raise ValueError(f"the fused activation quantization runs only in the skinny kernel, not {p.kind!r}")
     common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
     bias_arg = bias if bias is not None else w_scale
-    if p.kind == "skinny":
-        _launch_skinny(a, a_scale, [(w, w_scale, bias, out)], p, fuse_quant=fuse_quant)
+    if p.kind in STREAMING_KINDS:
+        _launch_streaming(a, a_scale, [(w, w_scale, bias, out)], p, fuse_quant=fuse_quant)
         return out
     if p.kind == "ws":
         if plan_override is not None and not ws_usable(a, w):  # plan() only picks ws where usable
@@ -677,14 +804,20 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     return out
 
 
-def _launch_skinny(a, a_scale, members, p: Plan, *, fuse_quant: bool = False) -> None:
-    """One launch of the skinny kernel for 1-3 ``(w, w_scale, bias, out)`` members sharing ``a``
-    (and the strides of the first member; the caller checks)."""
+STREAMING_KINDS = ("gemv", "skinny")  # the weight-streaming kernels: split-K, members, PDL
+
+
+def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False) -> None:
+    """One launch of the gemv (M = 1) or skinny kernel for 1-3 ``(w, w_scale, bias, out)`` members
+    sharing ``a`` (and the strides of the first member; the caller checks)."""
     M, K = a.shape
+    if p.kind == "gemv" and (M != 1 or p.block_n > SCALE_BLOCK or SCALE_BLOCK % p.block_n or p.groups_k < 1):
+        raise ValueError(f"the 'gemv' plan needs M = 1 and a BLOCK_N dividing 128, got M = {M} and {p}")
     w, w_scale, bias, out = members[0]
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
+    step = p.groups_k if p.kind == "gemv" else 1  # K blocks per loop step; a split is whole steps
     split = max(1, min(p.split_k, k_blocks))
-    kb_per = triton.cdiv(k_blocks, split)
+    kb_per = triton.cdiv(triton.cdiv(k_blocks, split), step) * step
     split = triton.cdiv(k_blocks, kb_per)  # no empty splits
     sizes = [m[0].shape[0] for m in members]
     n_tiles = sum(triton.cdiv(n, p.block_n) for n in sizes)
@@ -694,22 +827,29 @@ def _launch_skinny(a, a_scale, members, p: Plan, *, fuse_quant: bool = False) ->
     s_arg = a_scale if a_scale is not None else w_scale
     padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
     extra = [t if t is not None else w_scale for m in padded[1:] for t in (m[0], m[1], m[2], m[3])]
-    fmt = format_constexprs(w.dtype)
     pdl = programmatic_launch(a.device)
+    pointers = (a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra)
+    sizes_args = (K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n)
+    w_strides = (w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0), out.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype), SPLIT_K=split, PDL=pdl,
+                TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS,
+                MEMBERS=len(members), BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
+                num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch_options(pdl))
+    if p.kind == "gemv":
+        gemm_gemv_kernel[(n_tiles, split)](
+            *pointers, sizes[0], *sizes_args,
+            a.stride(1), s_arg.stride(1),
+            *w_strides,
+            GROUPS_K=p.groups_k, **meta,
+        )
+        return
     gemm_skinny_kernel[(n_tiles, split)](
-        a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
-        M, sizes[0], K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n,
+        *pointers, M, sizes[0], *sizes_args,
         a.stride(0), a.stride(1),
         s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
-        w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype),
-        FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **fmt,
-        CVT_FP8=hardware_fp8_cast(a.device),
-        SPLIT_K=split, PDL=pdl, SCALES_AHEAD=SKINNY_SCALES_AHEAD,
-        TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS,
-        MEMBERS=len(members), BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
-        num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch_options(pdl),
+        *w_strides,
+        FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **format_constexprs(w.dtype),
+        CVT_FP8=hardware_fp8_cast(a.device), SCALES_AHEAD=SKINNY_SCALES_AHEAD, BLOCK_M=p.block_m, **meta,
     )
 
 
@@ -739,8 +879,9 @@ def gemm_group(
     out_dtype: torch.dtype,
 ) -> list:
     """``[gemm(a, a_scale, w, s, b, out_dtype) for ...]``: one activation against several weights
-    (a layer's q/k/v or gate/up projections). Where the skinny kernel serves M, up to MAX_GROUP
-    weights run in one launch: one ramp and one tail instead of one per weight. Elsewhere, or
+    (a layer's q/k/v or gate/up projections). Where a weight-streaming kernel (gemv, skinny)
+    serves M, up to MAX_GROUP weights run in one launch: one ramp and one tail instead of one per
+    weight. Elsewhere, or
     where the weights differ in dtype or layout, one GEMM per weight. Results agree with the
     separate GEMMs to float32 summation order (the split over K follows the group's width)."""
     M, K = a.shape
@@ -752,11 +893,11 @@ def gemm_group(
             idx = list(range(start, min(start + MAX_GROUP, len(ws))))
             width = sum(triton.cdiv(ws[i].shape[0], block_n) for i in idx) * block_n  # the tiles' columns
             p = plan(M, width, K, tma=False, num_sms=num_sms)
-            if len(idx) == 1 or p.kind != "skinny":
+            if len(idx) == 1 or p.kind not in STREAMING_KINDS:
                 continue
             for i in idx:
                 outs[i] = torch.empty((M, ws[i].shape[0]), dtype=out_dtype, device=a.device)
-            _launch_skinny(a, a_scale, [(ws[i], w_scales[i], biases[i], outs[i]) for i in idx], p)
+            _launch_streaming(a, a_scale, [(ws[i], w_scales[i], biases[i], outs[i]) for i in idx], p)
     for i, done in enumerate(outs):
         if done is None:
             outs[i] = _run(a, a_scale, ws[i], w_scales[i], biases[i], out_dtype, fuse_quant=False, plan_override=None)
