@@ -43,8 +43,15 @@ def fused_vs_two_step(M: int, N: int, K: int) -> str:
     same = torch.equal(two().view(torch.int16), one().view(torch.int16))
     t2, t1 = us(two), us(one)
     t_bf16 = us(lambda: F.linear(x, w))
-    return (f"fused M={M:3d} N={N:6d} K={K:6d} {G.plan(M, N, K, tma=True)} bf16 {t_bf16:7.1f} two-step {t2:7.1f} "
+    line = (f"fused M={M:3d} N={N:6d} K={K:6d} {G.plan(M, N, K, tma=True)} bf16 {t_bf16:7.1f} two-step {t2:7.1f} "
             f"fused {t1:7.1f} us  identical={same}")
+    if M == 1:  # the gemv kernel's fused quantization: every program re-quantizes its K range
+        cells = []
+        for bn, g in itertools.product((16, 32, 64), (4, 8)):
+            p = G.Plan("gemv", 1, bn, 4, 1, split_k=1, groups_k=g)
+            cells.append(f"bn{bn}/g{g}={us(lambda: G.linear_fused(x, wq, ws, None, torch.bfloat16, plan_override=p)):.1f}")
+        line += "\n      gemv fused, split 1: " + " ".join(cells)
+    return line
 
 
 def gemv_sweep(N: int, K: int) -> str:

@@ -103,15 +103,17 @@ def test_m_major_scales_read_correctly():
 @pytest.mark.parametrize("dtype", FP8)
 @pytest.mark.parametrize("M", [1, 3])
 def test_fused_quant_is_bit_identical_to_two_step(M, dtype):
-    """The skinny kernel's in-register quantization equals quant.quantize + the same GEMM plan."""
+    """The gemv and skinny kernels' in-register quantization equals quant.quantize + the same plan."""
     from blockwise_fp8.kernels import quant
 
     g = torch.Generator().manual_seed(M)
     x = (torch.randn(M, 300, generator=g) * 3).to(torch.bfloat16).to(KERNEL_DEVICE)
     x[0, 5] = 0.0
     _, _, _, wq, ws, b = _operands(M, 200, 300, dtype, seed=1)
-    for split in (1, 2):
-        p = G.Plan("skinny", 16, 64, 4, 2, split_k=split)
+    plans = [G.Plan("skinny", 16, 64, 4, 2, split_k=split) for split in (1, 2)]
+    if M == 1:
+        plans += [G.Plan("gemv", 1, 16, 4, 1, split_k=split, groups_k=2) for split in (1, 2)]
+    for p in plans:
         aq, as_ = quant.quantize(x, 1, 128, dtype)
         two_step = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
         fused = G.linear_fused(x, wq, ws, b, torch.bfloat16, plan_override=p)
@@ -389,7 +391,8 @@ pointers = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale
                 out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 for i in (1, 2):  # the other members' slots (three weights in one launch)
     pointers.update({f"w{i}_ptr": "*fp8e4nv", f"w{i}_scale_ptr": "*fp32", f"bias{i}_ptr": "*fp32", f"out{i}_ptr": "*bf16"})
-streaming = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), SPLIT_K=4, PDL=True, TRIGGER_AFTER_LOOP=True,
+streaming = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
+                 **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, TRIGGER_AFTER_LOOP=True,
                  PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_K=128,
                  stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
 
@@ -417,9 +420,8 @@ def gemm_counts(lines):
             "memory": count(lines, "ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count(lines, "ld.param")}
 
 
-skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(
-    streaming, FUSE_QUANT=False, FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True,
-    SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64), num_stages=6))
+skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64),
+                                 num_stages=6))
 gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_N=16, GROUPS_K=8), num_stages=1))
 
 from blockwise_fp8.kernels import quant as Q

@@ -401,6 +401,9 @@ def gemm_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
     OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
+    FUSE_QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+    SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUPS_K: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -414,8 +417,9 @@ def gemm_gemv_kernel(
     the tensor cores' (benchmarks/NOTES.md, eighth session, for the speed).
 
     BLOCK_N divides 128, so a tile lies in one weight-scale row. Split-K, the arrival counters,
-    the members (1-3 weights of one activation) and PDL work as in ``gemm_skinny_kernel``, whose
-    launcher serves both; KB_PER_SPLIT is a multiple of GROUPS_K."""
+    the members (1-3 weights of one activation), FUSE_QUANT (every program quantizes the blocks
+    of the activation row it reads) and PDL work as in ``gemm_skinny_kernel``, whose launcher
+    serves both; KB_PER_SPLIT is a multiple of GROUPS_K."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
@@ -442,8 +446,16 @@ def gemm_gemv_kernel(
         k_ok = rk < k_end
         g_ok = kb + rg < kb_end
         w = tl.load(w_ptrs, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
-        a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-        s = tl.load(a_s_ptrs, mask=g_ok, other=0.0) * tl.load(w_s_ptrs, mask=g_ok, other=0.0)
+        if FUSE_QUANT:
+            x = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            a_q, a_s = quantize_rows(
+                x, w_ptr.dtype.element_ty, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8
+            )
+            a = a_q.to(tl.float32)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            a_s = tl.load(a_s_ptrs, mask=g_ok, other=0.0)
+        s = a_s * tl.load(w_s_ptrs, mask=g_ok, other=0.0)
         acc += tl.sum(tl.sum(w * a[None, :, :], axis=2) * s[None, :], axis=1)
         rk += GROUPS_K * BLOCK_K
         w_ptrs += GROUPS_K * BLOCK_K * stride_wk
@@ -708,7 +720,7 @@ def linear_fused(
     plan_override: Plan | None = None,
 ) -> torch.Tensor:
     """Quantize ``x`` (M <= SKINNY_MAX_M, high precision) in 1x128 blocks to ``w``'s FP8 dtype
-    inside the skinny GEMM. Bit-identical to quantize-then-gemm with the same plan."""
+    inside the gemv or skinny GEMM. Bit-identical to quantize-then-gemm with the same plan."""
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1]
     return _run(x, None, w, w_scale, bias, out_dtype, fuse_quant=True, plan_override=plan_override)
 
@@ -742,14 +754,16 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     num_sms = _num_sms(dev)
     if plan_override is not None:
         p = plan_override
-    elif fuse_quant:  # only the skinny kernel quantizes in registers
-        p = _skinny_plan(M, N, K, triton.cdiv(K, SCALE_BLOCK), num_sms)
+    elif fuse_quant:  # only the weight-streaming kernels quantize in registers
+        p = plan(M, N, K, tma=False, num_sms=num_sms)
+        if p.kind not in STREAMING_KINDS:
+            p = _skinny_plan(M, N, K, triton.cdiv(K, SCALE_BLOCK), num_sms)
     else:
         tma = tma_usable(a, w)  # checked once per call: ws_usable would repeat it
         ws = tma and gemm_hopper.AVAILABLE and _sm90(dev)
         p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms)
-    if fuse_quant and p.kind != "skinny":
-        raise ValueError(f"the fused activation quantization runs only in the skinny kernel, not {p.kind!r}")
+    if fuse_quant and p.kind not in STREAMING_KINDS:
+        raise ValueError(f"the fused activation quantization runs only in the gemv and skinny kernels, not {p.kind!r}")
     common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
     bias_arg = bias if bias is not None else w_scale
     if p.kind in STREAMING_KINDS:
@@ -831,7 +845,9 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     pointers = (a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra)
     sizes_args = (K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n)
     w_strides = (w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0), out.stride(1))
-    meta = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype), SPLIT_K=split, PDL=pdl,
+    meta = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype),
+                FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **format_constexprs(w.dtype),
+                CVT_FP8=hardware_fp8_cast(a.device), SPLIT_K=split, PDL=pdl,
                 TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS,
                 MEMBERS=len(members), BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
                 num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch_options(pdl))
@@ -848,8 +864,7 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
         a.stride(0), a.stride(1),
         s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
         *w_strides,
-        FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **format_constexprs(w.dtype),
-        CVT_FP8=hardware_fp8_cast(a.device), SCALES_AHEAD=SKINNY_SCALES_AHEAD, BLOCK_M=p.block_m, **meta,
+        SCALES_AHEAD=SKINNY_SCALES_AHEAD, BLOCK_M=p.block_m, **meta,
     )
 
 
