@@ -7,8 +7,9 @@ records once per Linear; the subclass path shares them while tracing, ``ops._sha
 launch pays a ramp and a tail of a few microseconds on top of streaming its weights, and the
 small k and v projections are mostly that. This Inductor post-grad pass rewrites the gemm nodes
 that share (quantized input, scales, output dtype, backend) into one ``blockwise_fp8::gemm_group``
-node, which runs up to three weights in one launch of the skinny kernel where that kernel serves
-M (and the same GEMMs one by one elsewhere), so the weights are neither copied nor concatenated.
+node, which runs up to three weights in one launch of a weight-streaming kernel (gemv, skinny)
+where one serves M (and the same GEMMs one by one elsewhere), so the weights are neither copied
+nor concatenated.
 
 The pass is installed into ``torch._inductor.config.post_grad_custom_post_pass`` when
 blockwise_fp8 is imported, beside any pass already there where this torch takes a list of passes

@@ -187,15 +187,16 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize")
 # cuBLAS's blockwise kernel (torch._scaled_mm with 1x128 / 128x128 float32 scales) exists only on
 # sm_90 with cuBLAS >= 12.9, takes only e4m3 operands, needs 16-byte aligned leading dimensions
 # and refuses small M (M = 1 and 2 seen; 8 runs). Where it runs, whether it is faster than our Triton kernels depends on M:
-# the skinny (weight-streaming) Triton kernel wins the decode range, the persistent TMA kernel and
+# the weight-streaming Triton kernels (gemv at M = 1, skinny) win the decode range, the persistent TMA kernel and
 # cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
 # (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
 CUBLAS_MIN_M = 64  # auto uses cuBLAS for M >= this where cuBLAS supports the call
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
-# linear: quantize inside the skinny GEMM for M <= this. 0 = off: on the H100 the fused kernel
-# (which quantizes a 16-row padded tile per K block in every program) measured 132 us at M=1,
-# 8192x8192, against about 32 us for quantize + GEMM; with the cheaper quantization of session 3
-# still 47.5 vs 30.0 us there, and slower at every M = 1..32 and shape tried
+# linear: quantize inside the weight-streaming GEMM for M <= this. 0 = off: on the H100 the fused
+# skinny kernel (which quantizes a 16-row padded tile per K block in every program) measured 132 us
+# at M=1, 8192x8192, against about 32 us for quantize + GEMM; with the cheaper quantization of
+# session 3 still 47.5 vs 30.0 us there, and slower at every M = 1..32 and shape tried; the gemv
+# kernel's (session 8, M = 1) 6.7 vs 6.3 us at N = K = 4096, 45.7 vs 42.1 at gate|up
 # (benchmarks/tune_skinny.py --fused). Kept, tested bit-identical, for a later rework.
 FUSED_QUANT_MAX_M = 0
 
@@ -417,8 +418,8 @@ def _gemm_group_op(
     backend: str,
 ) -> list[torch.Tensor]:
     # gemm of one activation against several weights: what compiled graphs run for Linears that
-    # share an input (blockwise_fp8.fusion). The skinny kernel takes up to three weights per
-    # launch; weights that "auto" sends to cuBLAS, and every other backend, run one by one.
+    # share an input (blockwise_fp8.fusion). The gemv and skinny kernels take up to three weights
+    # per launch; weights that "auto" sends to cuBLAS, and every other backend, run one by one.
     if backend == "reference":
         return [_gemm_op.op(a_q, a_scale, w, s, b, out_dtype, backend) for w, s, b in zip(w_q, w_scale, bias)]
     from .kernels import gemm as gemm_kernels
@@ -466,7 +467,7 @@ def _linear_op(
     M, K = x.shape
     with _on_device(x):
         if backend == "auto" and M <= FUSED_QUANT_MAX_M and activation_dtype == w_q.dtype:
-            # quantize inside the skinny GEMM, one launch (bit-identical to the two-step path)
+            # quantize inside the GEMM, one launch (bit-identical to the two-step path)
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
         backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
         # cuBLAS wants the activation scales M-major (strides (1, M)): write them so directly.
