@@ -291,15 +291,15 @@ def test_cuda_reduce_overhead_split_k_decode():
     """Decode shapes whose GEMM splits K: its arrival counters must come from outside the CUDA
     graph pool (cudagraph trees refuse untracked allocations made while recording)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1024, 512), nn.GELU(), nn.Linear(512, 1024)).to("cuda", torch.bfloat16)
+    model = nn.Sequential(nn.Linear(4096, 256), nn.GELU(), nn.Linear(256, 4096)).to("cuda", torch.bfloat16)
     quantize_(model, BlockwiseFP8Config())
     from blockwise_fp8.kernels import gemm as G
 
-    assert G.plan(1, 512, 1024, tma=True).split_k > 1
+    assert G.plan(1, 256, 4096, tma=True).split_k > 1
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
         for _ in range(4):
-            x = torch.randn(1, 1024, dtype=torch.bfloat16, device="cuda")
+            x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
             out = compiled(x).clone()
             assert torch.equal(out, model(x))  # same kernels, same deterministic split-K sum
 
