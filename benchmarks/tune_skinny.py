@@ -54,28 +54,29 @@ def fused_vs_two_step(M: int, N: int, K: int) -> str:
     return line
 
 
-def gemv_sweep(N: int, K: int) -> str:
-    """M = 1: plan()'s gemv config, the skinny kernel's plan, and a small grid of gemv configs."""
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+def gemv_sweep(M: int, N: int, K: int) -> str:
+    """plan()'s config, the skinny kernel's plan, and a small grid of gemv configs (BLOCK_M = M
+    rounded up to a power of two; plan() itself sends only M <= GEMV_MAX_M to the gemv kernel)."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     wq, ws = ops.quantize_weight(w)
     aq, as_ = ops.quantize_activation(x)
     run = lambda p: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p)  # noqa: E731
-    cur = G.plan(1, N, K, tma=True)
-    sk = G._skinny_plan(1, N, K, triton.cdiv(K, 128), G._num_sms(0))
+    cur = G.plan(M, N, K, tma=True)
+    sk = G._skinny_plan(M, N, K, triton.cdiv(K, 128), G._num_sms(0))
     ref = run(sk).float()
     tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
     t_cur, t_sk, t_bf16 = us(lambda: run(cur)), us(lambda: run(sk)), us(lambda: F.linear(x, w))
     results = []
     for bn, g, nw, split in itertools.product((16, 32), (4, 8, 16), (4, 8), (1, 2, 3, 4)):
-        p = G.Plan("gemv", 1, bn, nw, 1, split_k=split, groups_k=g)
+        p = G.Plan("gemv", triton.next_power_of_2(M), bn, nw, 1, split_k=split, groups_k=g)
         out = run(p).float()
         if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
             return f"N={N} K={K} {p} WRONG"
         results.append((us(lambda: run(p)), bn, g, nw, split))
     results.sort()
-    return (f"M=1 N={N:6d} K={K:6d} bf16 {t_bf16:6.1f} skinny {t_sk:6.1f} us {tb(t_sk):.2f} TB/s  "
-            f"plan(bn{cur.block_n} g{cur.groups_k} nw{cur.num_warps} sk{cur.split_k}) {t_cur:6.1f} us {tb(t_cur):.2f} TB/s "
+    return (f"M={M} N={N:6d} K={K:6d} bf16 {t_bf16:6.1f} skinny {t_sk:6.1f} us {tb(t_sk):.2f} TB/s  "
+            f"plan({cur.kind} bn{cur.block_n} g{cur.groups_k} nw{cur.num_warps} sk{cur.split_k}) {t_cur:6.1f} us {tb(t_cur):.2f} TB/s "
             f"({t_sk / t_cur:.2f}x skinny)  top5 " +
             " ".join(f"{t:.1f}:bn{b}/g{g}/nw{n}/sk{k}" for t, b, g, n, k in results[:5]))
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--scales-ahead", type=int, choices=[0, 1], default=None,
                     help="set gemm.SKINNY_SCALES_AHEAD for the whole sweep (default: the library's)")
-    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--ms", default=None, help="M values, comma-separated (default 1,16; with --gemv 1)")
     ap.add_argument("--bn", default="64,128")
     ap.add_argument("--stages", default="4,6,8")
     ap.add_argument("--splits", default="1,2,4,8")
@@ -93,8 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="N:K,N:K,... (default: Llama-3-8B and grid shapes)")
     ap.add_argument("--repeat-check", type=int, default=0, help="re-run the plan N times, compare bits")
     ap.add_argument("--gemv", action="store_true",
-                    help="instead of the sweep: M = 1, the gemv kernel's (BLOCK_N, K blocks per step, warps, split) "
-                         "next to plan()'s choice and the skinny kernel")
+                    help="instead of the sweep: the gemv kernel's (BLOCK_N, K blocks per step, warps, split) "
+                         "next to plan()'s choice and the skinny kernel, at M = 1 unless --ms is given")
     ap.add_argument("--fused", action="store_true",
                     help="instead of the sweep: quantize + GEMM (two launches) vs linear_fused, current plan")
     args = ap.parse_args(argv)
@@ -102,18 +103,20 @@ def main(argv=None) -> int:
         G.SKINNY_SCALES_AHEAD = bool(args.scales_ahead)
     ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
     shapes = [tuple(int(t) for t in nk.split(":")) for nk in args.shapes.split(",")] if args.shapes else SHAPES
+    ms = ints(args.ms) if args.ms else ([1] if args.gemv else [1, 16])
     lines = []
     say = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
     torch.manual_seed(0)
     if args.gemv:
-        for N, K in shapes:
-            say(gemv_sweep(N, K))
+        for M in ms:
+            for N, K in shapes:
+                say(gemv_sweep(M, N, K))
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
         return 0
     if args.fused:
-        for M in ints(args.ms):
+        for M in ms:
             for N, K in shapes:
                 say(fused_vs_two_step(M, N, K))
         if args.out:
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
                 f.write("\n".join(lines) + "\n")
         return 0
     grid = list(itertools.product(ints(args.bn), ints(args.stages), ints(args.splits), ints(args.warps)))
-    for M in ints(args.ms):
+    for M in ms:
         for N, K in shapes:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5

@@ -59,8 +59,9 @@ def _check(out, aq, as_, wq, ws, b, out_dtype, acc_rel=2.0**-12):
 
 def _plans(M, K, ws=False):
     ps = [G.Plan("tiled", 16, 64, 4, 2), G.Plan("tiled", 64, 128, 4, 2)]
-    if M == 1:  # K blocks per step 1-4 against 1-3 blocks of K: ragged last steps and splits
-        ps += [G.Plan("gemv", 1, bn, 4, 1, split_k=s, groups_k=g) for bn, g, s in ((16, 1, 1), (32, 2, 2), (8, 4, 1))]
+    if M <= 4:  # K blocks per step 1-4 against 1-3 blocks of K: ragged last steps and splits
+        bm = 1 << (M - 1).bit_length()
+        ps += [G.Plan("gemv", bm, bn, 4, 1, split_k=s, groups_k=g) for bn, g, s in ((16, 1, 1), (32, 2, 2), (8, 4, 1))]
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         ps += [G.Plan("skinny", bm, 64, 4, 2, split_k=s) for s in (1, 2, 3)]
@@ -111,8 +112,7 @@ def test_fused_quant_is_bit_identical_to_two_step(M, dtype):
     x[0, 5] = 0.0
     _, _, _, wq, ws, b = _operands(M, 200, 300, dtype, seed=1)
     plans = [G.Plan("skinny", 16, 64, 4, 2, split_k=split) for split in (1, 2)]
-    if M == 1:
-        plans += [G.Plan("gemv", 1, 16, 4, 1, split_k=split, groups_k=2) for split in (1, 2)]
+    plans += [G.Plan("gemv", 1 << (M - 1).bit_length(), 16, 4, 1, split_k=split, groups_k=2) for split in (1, 2)]
     for p in plans:
         aq, as_ = quant.quantize(x, 1, 128, dtype)
         two_step = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
@@ -275,6 +275,18 @@ def test_fused_rejects_large_plan():
         G.linear_fused(x.to(torch.bfloat16), wq, ws, None, torch.bfloat16, plan_override=G.Plan("tiled", 16, 64, 4, 2))
 
 
+def test_gemv_range_follows_gemv_max_m(monkeypatch):
+    monkeypatch.setattr(G, "GEMV_MAX_M", 0)  # A/B runs: M = 1 back on the skinny kernel
+    assert G.plan(1, 4096, 4096, tma=True).kind == "skinny"
+    monkeypatch.setattr(G, "GEMV_MAX_M", 4)
+    p = G.plan(3, 4096, 4096, tma=True)
+    assert (p.kind, p.block_m) == ("gemv", 4)
+    assert G.plan(5, 4096, 4096, tma=True).kind == "skinny"
+    x, aq, as_, wq, ws, b = _operands(3, 200, 300, torch.float8_e4m3fn, seed=5)
+    with pytest.raises(ValueError, match="block_m"):  # a plan too short for M
+        G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("gemv", 2, 16, 4, 1))
+
+
 def test_plan_heuristic_ranges():
     assert G.plan(1, 8192, 8192, tma=True).kind == "gemv"
     assert G.plan(2, 8192, 8192, tma=True).kind == "skinny"
@@ -422,7 +434,7 @@ def gemm_counts(lines):
 
 skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64),
                                  num_stages=6))
-gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_N=16, GROUPS_K=8), num_stages=1))
+gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=16, GROUPS_K=8), num_stages=1))
 
 from blockwise_fp8.kernels import quant as Q
 consts = dict(FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, PDL=True, PDL_WAIT=True,

@@ -12,12 +12,12 @@ promoted to the float32 accumulator with both scales applied, as DeepSeek-V3 doe
 
 Five kernels, chosen by :func:`plan` from the shape:
 
-``gemv`` (M = 1, single-token decode)
+``gemv`` (M <= GEMV_MAX_M, single-token decode)
     CUDA cores, no tensor cores: each program streams a slab of w (BLOCK_N rows, GROUPS_K scale
-    blocks per step) from global memory into registers and reduces it against the one activation
+    blocks per step) from global memory into registers and reduces it against each activation
     row. With no shared memory, more programs share an SM and keep more weight bytes in flight
-    than the skinny kernel's tensor-core tiles (padded from one row to 16) allow. Split-K, members
-    and PDL as in ``skinny``, through the same launcher.
+    than the skinny kernel's tensor-core tiles (padded to 16 rows) allow. Split-K, members and
+    PDL as in ``skinny``, through the same launcher.
 ``skinny`` (M <= SKINNY_MAX_M, decode and small batches)
     Swapped operands: each program computes a (BLOCK_N x BLOCK_M) tile of out.T = w @ a.T, so
     the large N dimension fills the MMA's M side (64 rows per warpgroup) and the few tokens sit
@@ -73,7 +73,7 @@ from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
 SKINNY_MAX_M = 32  # largest M served by the swapped-operand kernel (see plan())
-GEMV_MAX_M = 1  # M served by the gemv kernel (1; 0 sends M = 1 to the skinny kernel, for A/B runs)
+GEMV_MAX_M = 1  # largest M served by the gemv kernel (0 sends M = 1 to the skinny kernel, for A/B runs)
 
 try:  # host-side tensor descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -394,8 +394,8 @@ def gemm_skinny_kernel(
 def gemm_gemv_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
-    N, K, KB_PER_SPLIT, N1, N2, PARTIAL_N,
-    stride_ak, stride_ask,
+    M, N, K, KB_PER_SPLIT, N1, N2, PARTIAL_N,
+    stride_am, stride_ak, stride_asm, stride_ask,
     stride_wn, stride_wk, stride_wsn, stride_wsk,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr,
@@ -406,27 +406,31 @@ def gemm_gemv_kernel(
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUPS_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """M = 1: out[0, n] = sum over K blocks of (sum of w[n, k] * a[0, k] over the block) *
-    w_scale * a_scale, on the CUDA cores. Each program streams a (BLOCK_N, K range) slab of w
-    straight into registers, GROUPS_K scale blocks per step: no shared memory and no tensor-core
-    tile padded from one row to 16, so many programs fit on an SM and keep more weight bytes in
-    flight than the skinny kernel's shared-memory ring allows. The products of two FP8 values are
-    exact in float32 and each block's sum is float32, so the result is at least as accurate as
-    the tensor cores' (benchmarks/NOTES.md, eighth session, for the speed).
+    """M <= BLOCK_M (a few tokens): out[m, n] = sum over K blocks of (sum of w[n, k] * a[m, k]
+    over the block) * w_scale * a_scale[m], on the CUDA cores. Each program streams a (BLOCK_N,
+    K range) slab of w straight into registers, GROUPS_K scale blocks per step, and reduces it
+    against each activation row in turn: no shared memory and no tensor-core tile padded to 16
+    rows, so many programs fit on an SM and keep more weight bytes in flight than the skinny
+    kernel's shared-memory ring allows. The products of two FP8 values are exact in float32 and
+    each block's sum is float32, so the result is at least as accurate as the tensor cores'
+    (benchmarks/NOTES.md, eighth session, for the speed).
 
-    BLOCK_N divides 128, so a tile lies in one weight-scale row. Split-K, the arrival counters,
-    the members (1-3 weights of one activation), FUSE_QUANT (every program quantizes the blocks
-    of the activation row it reads) and PDL work as in ``gemm_skinny_kernel``, whose launcher
-    serves both; KB_PER_SPLIT is a multiple of GROUPS_K."""
+    Same arguments as ``gemm_skinny_kernel`` (one launcher serves both), plus GROUPS_K; BLOCK_N
+    divides 128, so a tile lies in one weight-scale row, and KB_PER_SPLIT is a multiple of
+    GROUPS_K. Split-K, the arrival counters, the members (1-3 weights of one activation),
+    FUSE_QUANT (every program quantizes the blocks of the activation rows it reads) and PDL work
+    as there."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
         pid_n, N, N1, N2, stride_om, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
         w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr, MEMBERS, BLOCK_N)
     rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
     n_ok = rn < n_size
+    m_ok = rm < M
     rg = tl.arange(0, GROUPS_K)
     kb_start = pid_k * KB_PER_SPLIT
     kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
@@ -438,25 +442,31 @@ def gemm_gemv_kernel(
         wait_for_previous_grid()
     rk = kb_start * BLOCK_K + rg[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # (GROUPS_K, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None, None] * stride_wn + rk[None, :, :] * stride_wk
-    a_ptrs = a_ptr + rk * stride_ak
+    a_ptrs = a_ptr + rk * stride_ak  # row 0; row m at + m * stride_am
     w_s_ptrs = w_scale_ptr + (tile * BLOCK_N // BLOCK_K) * stride_wsn + (kb_start + rg) * stride_wsk
     a_s_ptrs = a_scale_ptr + (kb_start + rg) * stride_ask
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb_start, kb_end, GROUPS_K):
         k_ok = rk < k_end
         g_ok = kb + rg < kb_end
         w = tl.load(w_ptrs, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
-        if FUSE_QUANT:
-            x = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-            a_q, a_s = quantize_rows(
-                x, w_ptr.dtype.element_ty, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8
-            )
-            a = a_q.to(tl.float32)
-        else:
-            a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-            a_s = tl.load(a_s_ptrs, mask=g_ok, other=0.0)
-        s = a_s * tl.load(w_s_ptrs, mask=g_ok, other=0.0)
-        acc += tl.sum(tl.sum(w * a[None, :, :], axis=2) * s[None, :], axis=1)
+        w_s = tl.load(w_s_ptrs, mask=g_ok, other=0.0)
+        for m in tl.static_range(BLOCK_M):  # the weight slab stays in registers for every row
+            row_ok = m < M + rg * 0  # a tensor: the interpreter refuses a Python bool in a mask
+            if FUSE_QUANT:
+                x = tl.load(a_ptrs + m * stride_am, mask=k_ok & row_ok[:, None], other=0.0).to(tl.float32)
+                a_q, a_s = quantize_rows(
+                    x, w_ptr.dtype.element_ty, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8
+                )
+                a = a_q.to(tl.float32)
+            else:
+                a = tl.load(a_ptrs + m * stride_am, mask=k_ok & row_ok[:, None], other=0.0).to(tl.float32)
+                a_s = tl.load(a_s_ptrs + m * stride_asm, mask=g_ok & row_ok, other=0.0)
+            part = tl.sum(tl.sum(w * a[None, :, :], axis=2) * (a_s * w_s)[None, :], axis=1)
+            if BLOCK_M == 1:
+                acc += part[None, :]
+            else:
+                acc += tl.where(rm[:, None] == m, part[None, :], 0.0)
         rk += GROUPS_K * BLOCK_K
         w_ptrs += GROUPS_K * BLOCK_K * stride_wk
         a_ptrs += GROUPS_K * BLOCK_K * stride_ak
@@ -465,15 +475,14 @@ def gemm_gemv_kernel(
 
     if PDL and TRIGGER_AFTER_LOOP:
         allow_next_grid()
-    rm = tl.arange(0, 1)
-    acc2 = acc[None, :]  # (1, BLOCK_N), the epilogue's (rows, columns) tile
     if SPLIT_K == 1:
-        _epilogue_store(acc2, rm, rn, 1, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
+        _epilogue_store(acc, rm, rn, M, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
                         OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
     else:
         pc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's columns in the partials
-        _finish_split(acc2, partial_ptr + pc[None, :], PARTIAL_N, n_ok[None, :], pid_k, arrivals_ptr + pid_n,
-                      SPLIT_K, rm, rn, 1, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
+        _finish_split(acc, partial_ptr + rm[:, None] * PARTIAL_N + pc[None, :], M * PARTIAL_N,
+                      m_ok[:, None] & n_ok[None, :], pid_k, arrivals_ptr + pid_n, SPLIT_K, rm, rn, M, n_size,
+                      bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
                       OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
 
 
@@ -601,7 +610,8 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
         # it is faster); 0.96-1.19x the skinny kernel's speed (results/tune-gemv-h100-2026-11-26-s8.txt)
         block_n, groups_k = 16, 8
         split = _gemv_split_k(triton.cdiv(N, block_n), k_blocks, groups_k, num_sms)
-        return Plan("gemv", 1, block_n, num_warps=4, num_stages=1, split_k=split, groups_k=groups_k)
+        return Plan("gemv", triton.next_power_of_2(M), block_n, num_warps=4, num_stages=1, split_k=split,
+                    groups_k=groups_k)
     if M <= SKINNY_MAX_M:
         return _skinny_plan(M, N, K, k_blocks, num_sms)
     return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms)
@@ -823,11 +833,11 @@ STREAMING_KINDS = ("gemv", "skinny")  # the weight-streaming kernels: split-K, m
 
 
 def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False) -> None:
-    """One launch of the gemv (M = 1) or skinny kernel for 1-3 ``(w, w_scale, bias, out)`` members
+    """One launch of the gemv or skinny kernel for 1-3 ``(w, w_scale, bias, out)`` members
     sharing ``a`` (and the strides of the first member; the caller checks)."""
     M, K = a.shape
-    if p.kind == "gemv" and (M != 1 or p.block_n > SCALE_BLOCK or SCALE_BLOCK % p.block_n or p.groups_k < 1):
-        raise ValueError(f"the 'gemv' plan needs M = 1 and a BLOCK_N dividing 128, got M = {M} and {p}")
+    if p.kind == "gemv" and (M > p.block_m or p.block_n > SCALE_BLOCK or SCALE_BLOCK % p.block_n or p.groups_k < 1):
+        raise ValueError(f"the 'gemv' plan needs M <= its block_m and a BLOCK_N dividing 128, got M = {M} and {p}")
     w, w_scale, bias, out = members[0]
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     step = p.groups_k if p.kind == "gemv" else 1  # K blocks per loop step; a split is whole steps
@@ -843,29 +853,22 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
     extra = [t if t is not None else w_scale for m in padded[1:] for t in (m[0], m[1], m[2], m[3])]
     pdl = programmatic_launch(a.device)
-    pointers = (a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra)
-    sizes_args = (K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n)
-    w_strides = (w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0), out.stride(1))
-    meta = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype),
-                FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **format_constexprs(w.dtype),
-                CVT_FP8=hardware_fp8_cast(a.device), SPLIT_K=split, PDL=pdl,
-                TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS,
-                MEMBERS=len(members), BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK,
-                num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch_options(pdl))
+    kernel, kind_meta = gemm_skinny_kernel, dict(SCALES_AHEAD=SKINNY_SCALES_AHEAD)
     if p.kind == "gemv":
-        gemm_gemv_kernel[(n_tiles, split)](
-            *pointers, sizes[0], *sizes_args,
-            a.stride(1), s_arg.stride(1),
-            *w_strides,
-            GROUPS_K=p.groups_k, **meta,
-        )
-        return
-    gemm_skinny_kernel[(n_tiles, split)](
-        *pointers, M, sizes[0], *sizes_args,
+        kernel, kind_meta = gemm_gemv_kernel, dict(GROUPS_K=p.groups_k)
+    kernel[(n_tiles, split)](
+        a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
+        M, sizes[0], K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n,
         a.stride(0), a.stride(1),
         s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
-        *w_strides,
-        SCALES_AHEAD=SKINNY_SCALES_AHEAD, BLOCK_M=p.block_m, **meta,
+        w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype),
+        FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **format_constexprs(w.dtype),
+        CVT_FP8=hardware_fp8_cast(a.device), SPLIT_K=split, PDL=pdl,
+        TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS,
+        MEMBERS=len(members), BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, **kind_meta,
+        num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch_options(pdl),
     )
 
 
