@@ -435,6 +435,7 @@ def gemm_counts(lines):
 skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64),
                                  num_stages=6))
 gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=16, GROUPS_K=8), num_stages=1))
+gemv_rows = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=4, BLOCK_N=16, GROUPS_K=4), num_stages=1))
 
 from blockwise_fp8.kernels import quant as Q
 consts = dict(FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, PDL=True, PDL_WAIT=True,
@@ -443,7 +444,7 @@ pointers = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32", K="i32")
 lines = before_wait(Q.quantize_kernel, consts, num_stages=3)
 quantize = {"trigger": count(lines, "griddepcontrol.launch_dependents"),
             "memory": count(lines, "ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count(lines, "ld.param")}
-print(json.dumps({"skinny": skinny, "gemv": gemv, "quantize": quantize}))
+print(json.dumps({"skinny": skinny, "gemv": gemv, "gemv_rows": gemv_rows, "quantize": quantize}))
 """
 
 
@@ -471,6 +472,7 @@ def test_pdl_prologues_compile_for_sm90(tmp_path):
     before_wait = json.loads(run.stdout.strip().splitlines()[-1])  # PTX lines before griddepcontrol.wait
     assert before_wait["skinny"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
     assert before_wait["gemv"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
+    assert before_wait["gemv_rows"] == before_wait["gemv"]  # BLOCK_M = 4: not GPU-run yet, compiled here
     assert before_wait["quantize"] == {"trigger": 1, "memory": 0}
 
 
