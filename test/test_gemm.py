@@ -521,6 +521,7 @@ def _group_operands(M, Ns, K, dtypes, seed, bias=True):
     (3, (64, 130), 300, True),         # two members, ragged N and K, bias
     (2, (128, 64), 1280, False),       # split over K: partials and arrival counters per member tile
     (1, (128, 48), 2304, True),        # gemv split over K in whole steps of 8 blocks: 16 + 2
+    (1, (1, 100, 3), 300, True),       # gemv members of N = 1 and ragged N (int32 member sizes)
     (5, (1, 64, 64, 100, 3), 512, True),  # five members: a launch of three, then one of two
     (40, (64, 96), 256, True),         # M above the skinny kernel: one GEMM per weight
 ])
