@@ -148,6 +148,21 @@ def test_compiled_with_the_pass_off_still_matches():
     torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6)
 
 
+def test_compiled_with_inductor_freezing_matches():
+    """Inference users turn on Inductor's freezing (parameters folded into the graph as
+    constants): the FP8 weights and scales must survive it, in either weight form."""
+    torch.manual_seed(0)
+    subclass = _quantized(Block().to(torch.bfloat16))
+    module = unwrap_for_compile(copy.deepcopy(subclass))
+    x = torch.randn(2, 4, 160, dtype=torch.bfloat16)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        want = subclass(x)
+        for model in (subclass, module):
+            torch._dynamo.reset()
+            got = torch.compile(model, fullgraph=True)(x)
+            torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6)
+
+
 def test_errors_say_what_was_expected():
     with pytest.raises(TypeError, match="expected an nn.Module"):
         unwrap_for_compile("model")
