@@ -288,6 +288,38 @@ def _weight_member(pid_n, N, N1, N2, stride_om, w_ptr, w_scale_ptr, bias_ptr, ou
 
 
 @triton.jit
+def _prefetch_then_wait(w_ptr, rn, n_size, kb_start, kb_end, stride_wn, stride_wk,
+                        PREFETCH_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The PDL prologue of the weight-streaming kernels: ask L2 for each row's first
+    PREFETCH_BLOCKS weight blocks (no register result; the weights do not depend on the grid
+    before), then wait for that grid before any real memory access."""
+    for j in tl.static_range(PREFETCH_BLOCKS):
+        prefetch_l2(w_ptr + tl.minimum(rn, n_size - 1) * stride_wn
+                    + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K * stride_wk)
+    wait_for_previous_grid()
+
+
+@triton.jit
+def _finish_streaming(acc, rm, rn, M, n_size, m_ok, n_ok, pid_n, pid_k, partial_ptr, PARTIAL_N, arrivals_ptr,
+                      bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS: tl.constexpr,
+                      OUT_MANTISSA_BITS: tl.constexpr, OUT_MIN_NORMAL: tl.constexpr,
+                      OUT_SUBNORMAL_SHIFTER: tl.constexpr, OUT_NAN_BITS: tl.constexpr, OUT_ROUND: tl.constexpr,
+                      SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) of a weight-streaming program: the epilogue, or with SPLIT_K > 1
+    this split's partial ((SPLIT_K, M, PARTIAL_N) float32, the tile's columns at pid_n *
+    BLOCK_N) and the last arrival's sum."""
+    if SPLIT_K == 1:
+        _epilogue_store(acc, rm, rn, M, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
+                        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+    else:
+        pc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _finish_split(acc, partial_ptr + rm[:, None] * PARTIAL_N + pc[None, :], M * PARTIAL_N,
+                      m_ok[:, None] & n_ok[None, :], pid_k, arrivals_ptr + pid_n, SPLIT_K, rm, rn, M, n_size,
+                      bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
+                      OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+
+
+@triton.jit
 def gemm_skinny_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
@@ -336,10 +368,7 @@ def gemm_skinny_kernel(
     kb_start = pid_k * KB_PER_SPLIT
     kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     if PDL:
-        for j in tl.static_range(PREFETCH_BLOCKS):
-            prefetch_l2(w_ptr + tl.minimum(rn, n_size - 1) * stride_wn
-                        + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K * stride_wk)
-        wait_for_previous_grid()
+        _prefetch_then_wait(w_ptr, rn, n_size, kb_start, kb_end, stride_wn, stride_wk, PREFETCH_BLOCKS, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb_start * BLOCK_K + rk)[None, :] * stride_wk
     a_ptrs = a_ptr + rm[:, None] * stride_am + (kb_start * BLOCK_K + rk)[None, :] * stride_ak
     w_s_ptrs = w_scale_ptr + (rn // BLOCK_K) * stride_wsn
@@ -379,15 +408,10 @@ def gemm_skinny_kernel(
     if PDL and TRIGGER_AFTER_LOOP:
         allow_next_grid()
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
-    if SPLIT_K == 1:
-        _epilogue_store(acc, rm, rn, M, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
-                        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
-    else:
-        pc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's columns in the partials
-        _finish_split(acc, partial_ptr + rm[:, None] * PARTIAL_N + pc[None, :], M * PARTIAL_N,
-                      m_ok[:, None] & n_ok[None, :], pid_k, arrivals_ptr + pid_n, SPLIT_K, rm, rn, M, n_size,
+    _finish_streaming(acc, rm, rn, M, n_size, m_ok, n_ok, pid_n, pid_k, partial_ptr, PARTIAL_N, arrivals_ptr,
                       bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
-                      OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+                      OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND,
+                      SPLIT_K, BLOCK_N)
 
 
 @triton.jit
@@ -436,10 +460,7 @@ def gemm_gemv_kernel(
     kb_end = min(kb_start + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
     k_end = min(kb_end * BLOCK_K, K)
     if PDL:
-        for j in tl.static_range(PREFETCH_BLOCKS):
-            prefetch_l2(w_ptr + tl.minimum(rn, n_size - 1) * stride_wn
-                        + tl.minimum(kb_start + j, kb_end - 1) * BLOCK_K * stride_wk)
-        wait_for_previous_grid()
+        _prefetch_then_wait(w_ptr, rn, n_size, kb_start, kb_end, stride_wn, stride_wk, PREFETCH_BLOCKS, BLOCK_K)
     rk = kb_start * BLOCK_K + rg[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # (GROUPS_K, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None, None] * stride_wn + rk[None, :, :] * stride_wk
     a_ptrs = a_ptr + rk * stride_ak  # row 0; row m at + m * stride_am
@@ -475,15 +496,10 @@ def gemm_gemv_kernel(
 
     if PDL and TRIGGER_AFTER_LOOP:
         allow_next_grid()
-    if SPLIT_K == 1:
-        _epilogue_store(acc, rm, rn, M, n_size, bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
-                        OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
-    else:
-        pc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's columns in the partials
-        _finish_split(acc, partial_ptr + rm[:, None] * PARTIAL_N + pc[None, :], M * PARTIAL_N,
-                      m_ok[:, None] & n_ok[None, :], pid_k, arrivals_ptr + pid_n, SPLIT_K, rm, rn, M, n_size,
+    _finish_streaming(acc, rm, rn, M, n_size, m_ok, n_ok, pid_n, pid_k, partial_ptr, PARTIAL_N, arrivals_ptr,
                       bias_ptr, out_ptr, out_row, stride_on, HAS_BIAS,
-                      OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND)
+                      OUT_MANTISSA_BITS, OUT_MIN_NORMAL, OUT_SUBNORMAL_SHIFTER, OUT_NAN_BITS, OUT_ROUND,
+                      SPLIT_K, BLOCK_N)
 
 
 # --------------------------------------------------------------------------- planning
