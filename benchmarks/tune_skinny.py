@@ -107,18 +107,11 @@ def main(argv=None) -> int:
     lines = []
     say = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
     torch.manual_seed(0)
-    if args.gemv:
+    mode = gemv_sweep if args.gemv else fused_vs_two_step if args.fused else None
+    if mode is not None:  # one line per (M, shape) instead of the skinny sweep
         for M in ms:
             for N, K in shapes:
-                say(gemv_sweep(M, N, K))
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(lines) + "\n")
-        return 0
-    if args.fused:
-        for M in ms:
-            for N, K in shapes:
-                say(fused_vs_two_step(M, N, K))
+                say(mode(M, N, K))
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
