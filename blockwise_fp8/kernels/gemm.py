@@ -622,8 +622,8 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
         # 16 rows x 8 K blocks (16 KB of weights) per step, 4 warps: on an H100, of 48 configs
         # (16 / 32 rows, 4 / 8 / 16 blocks, 4 / 8 warps, 1-4 splits) on ten Llama and grid
         # shapes, within 3% of the best on seven; 5% off at N = 1024 (g16: 3.9 vs 4.1 us), 8% at
-        # N = 14336, K = 4096 (g4: 22.1 vs 23.8; the skinny kernel 22.8, the one shape where
-        # it is faster); 0.96-1.19x the skinny kernel's speed (results/tune-gemv-h100-2026-11-26-s8.txt)
+        # N = 14336, K = 4096 (g4: 22.1 vs 23.8; the skinny kernel 22.8) and > 2.5% at
+        # N = 4096, K = 14336 (g16: 23.5; skinny 24.4) (results/tune-gemv-h100-2026-11-26-s8.txt)
         block_n, groups_k = 16, 8
         split = _gemv_split_k(triton.cdiv(N, block_n), k_blocks, groups_k, num_sms)
         return Plan("gemv", triton.next_power_of_2(M), block_n, num_warps=4, num_stages=1, split_k=split,
