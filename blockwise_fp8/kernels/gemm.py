@@ -791,11 +791,11 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms)
     if fuse_quant and p.kind not in STREAMING_KINDS:
         raise ValueError(f"the fused activation quantization runs only in the gemv and skinny kernels, not {p.kind!r}")
-    common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
-    bias_arg = bias if bias is not None else w_scale
     if p.kind in STREAMING_KINDS:
         _launch_streaming(a, a_scale, [(w, w_scale, bias, out)], p, fuse_quant=fuse_quant)
         return out
+    common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
+    bias_arg = bias if bias is not None else w_scale
     if p.kind == "ws":
         if plan_override is not None and not ws_usable(a, w):  # plan() only picks ws where usable
             raise ValueError(
