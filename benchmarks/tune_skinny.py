@@ -54,9 +54,13 @@ def fused_vs_two_step(M: int, N: int, K: int) -> str:
     return line
 
 
+GEMV_GRID = dict(bn=(16, 32), groups=(4, 8, 16), warps=(4, 8), splits=(1, 2, 3, 4))
+
+
 def gemv_sweep(M: int, N: int, K: int) -> str:
-    """plan()'s config, the skinny kernel's plan, and a small grid of gemv configs (BLOCK_M = M
-    rounded up to a power of two; plan() itself sends only M <= GEMV_MAX_M to the gemv kernel)."""
+    """plan()'s config, the skinny kernel's plan, and a small grid of gemv configs (GEMV_GRID;
+    BLOCK_M = M rounded up to a power of two; plan() itself sends only M <= GEMV_MAX_M to the
+    gemv kernel)."""
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     wq, ws = ops.quantize_weight(w)
@@ -68,7 +72,7 @@ def gemv_sweep(M: int, N: int, K: int) -> str:
     tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
     t_cur, t_sk, t_bf16 = us(lambda: run(cur)), us(lambda: run(sk)), us(lambda: F.linear(x, w))
     results = []
-    for bn, g, nw, split in itertools.product((16, 32), (4, 8, 16), (4, 8), (1, 2, 3, 4)):
+    for bn, g, nw, split in itertools.product(*GEMV_GRID.values()):
         p = G.Plan("gemv", triton.next_power_of_2(M), bn, nw, 1, split_k=split, groups_k=g)
         out = run(p).float()
         if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
@@ -96,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv", action="store_true",
                     help="instead of the sweep: the gemv kernel's (BLOCK_N, K blocks per step, warps, split) "
                          "next to plan()'s choice and the skinny kernel, at M = 1 unless --ms is given")
+    ap.add_argument("--gemv-grid", default=None, metavar="BN/GROUPS/WARPS/SPLITS",
+                    help="with --gemv: the configs swept, e.g. 16,32/4,8/4,8/1 (default %s)"
+                         % "/".join(",".join(map(str, v)) for v in GEMV_GRID.values()))
     ap.add_argument("--fused", action="store_true",
                     help="instead of the sweep: quantize + GEMM (two launches) vs linear_fused, current plan")
     args = ap.parse_args(argv)
@@ -104,6 +111,11 @@ def main(argv=None) -> int:
     ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
     shapes = [tuple(int(t) for t in nk.split(":")) for nk in args.shapes.split(",")] if args.shapes else SHAPES
     ms = ints(args.ms) if args.ms else ([1] if args.gemv else [1, 16])
+    if args.gemv_grid:
+        fields = args.gemv_grid.split("/")
+        if len(fields) != len(GEMV_GRID):
+            ap.error(f"--gemv-grid wants {len(GEMV_GRID)} '/'-separated lists, got {args.gemv_grid!r}")
+        GEMV_GRID.update(zip(GEMV_GRID, (tuple(ints(f)) for f in fields)))
     lines = []
     say = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
     torch.manual_seed(0)
