@@ -597,17 +597,31 @@ def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
     return max(1, min(num_sms // rest, k_blocks // 8, 4))
 
 
-def _wide_plan(tiles: int, k_blocks: int, *, ws: bool, num_sms: int) -> Plan:
+# What a 192 x 128 tile of the ws kernel (three consumers) costs against 1.5 tiles of 128 x 128:
+# 0.93-0.96 on an H100 at M = 4096-8192 (results/ws-tiles-h100-2026-11-26-s9.log).
+WS192_COST = 0.95
+
+
+def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int) -> Plan:
     """128 x 128 tiles: the ws kernel, or the tma kernel when splitting the tail wave (which only
-    the tma kernel can) costs less in K steps of a tile than the ws kernel's extra wave."""
+    the tma kernel can) costs less in K steps of a tile than the ws kernel's extra wave. The ws
+    kernel takes 192 x 128 tiles where, counted in waves of the persistent grid, they cost less:
+    from 8 waves of 128-row tiles up, so that a partial last wave or a part-empty last row of
+    tiles weighs little (M = 2048, N = 8192: 5.3 waves of 192-row tiles, 6% slower; M = 4096: 3%
+    faster, M = 8192: 4%)."""
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
     tma = Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False, tail_split=split)
     if not ws:
         return tma
-    ws_steps = triton.cdiv(tiles, num_sms) * k_blocks
+    waves = triton.cdiv(tiles, num_sms)
+    ws_steps = waves * k_blocks
     tma_steps = (tiles // num_sms) * k_blocks + triton.cdiv(k_blocks, split)
     if split > 1 and tma_steps * WS_SPEEDUP < ws_steps:
         return tma
+    waves_192 = triton.cdiv(triton.cdiv(M, 192) * triton.cdiv(N, 128), num_sms)
+    if waves >= 8 and 1.5 * waves_192 * WS192_COST <= waves:
+        return Plan("ws", 192, 128, num_warps=4, num_stages=4)  # 4 stages: 164 KB, as fast as 5
     return Plan("ws", 128, 128, num_warps=4, num_stages=5)  # 5 stages: results/tune-ws-h100-2026-11-26.txt
 
 
@@ -655,7 +669,7 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
             if 2 * rounds(64) < 3 * rounds(128):
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True)
-        return _wide_plan(triton.cdiv(M, 128) * triton.cdiv(N, 128), k_blocks, ws=ws, num_sms=num_sms)
+        return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -802,10 +816,10 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
                 "the 'ws' plan needs Triton's Gluon, an sm_90 GPU and 16-byte aligned operand rows; "
                 f"got a on {a.device} with strides {tuple(a.stride())}, w with strides {tuple(w.stride())}"
             )
-        if (p.block_m, p.block_n) != (gemm_hopper.BLOCK, gemm_hopper.BLOCK):
-            raise ValueError(f"the 'ws' plan has fixed 128 x 128 tiles, got {p.block_m} x {p.block_n}")
-        return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, num_sms=num_sms, stages=p.num_stages,
-                                   group_m=p.group_m)
+        if p.block_m not in gemm_hopper.BLOCK_MS or p.block_n != SCALE_BLOCK:
+            raise ValueError(f"the 'ws' plan has 128 x 128 or 192 x 128 tiles, got {p.block_m} x {p.block_n}")
+        return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, num_sms=num_sms, block_m=p.block_m,
+                                   stages=p.num_stages, group_m=p.group_m)
     if p.kind == "tma":
         _set_tma_allocator()
         a_desc = TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK])

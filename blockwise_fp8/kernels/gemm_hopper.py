@@ -10,12 +10,15 @@ memory stage), so both warpgroups promote in lockstep and the tensor cores idle 
 (Nsight Compute, H100, 8192^3: ~48% of warp stall cycles at those barriers; ~830 TFLOPS).
 
 Here the roles are split (``gl.warp_specialize``):
-    producer (1 warp)       TMA-loads the A (128 x 128) and W (128 x 128) tiles of each K step
-                            into a STAGES-deep ring; ``ready[s]`` completes when both landed
-    consumers (2 x 4 warps) each owns 64 rows of the tile: waits ``ready[s]``, issues its
+    producer (1 warp)       TMA-loads the A (64 C x 128) and W (128 x 128) tiles of each K step
+                            into a STAGES-deep ring; ``ready[s]`` completes when all landed
+    consumers (C x 4 warps) each owns 64 rows of the tile: waits ``ready[s]``, issues its
                             wgmma, waits for it, releases the stage through ``empty[s]`` (one
                             arrival per consumer), promotes; runs the epilogue (bias, output
                             cast, masked store)
+C = 2 (128 x 128 tiles) or 3 (192 x 128). Three consumers read 17% fewer operand bytes from L2 per
+product and keep one more promotion in the shadow of the other two's MMAs: 4-7% faster per tile on
+an H100 at M >= 4096 (bit-identical; ``gemm._wide_plan`` says when the coarser tiles pay).
 No CTA-wide barrier remains in the K loop (only each warpgroup's own), so the two consumers drift
 apart and one's promotion overlaps the other's MMAs, as in DeepGEMM's design.
 
@@ -24,7 +27,8 @@ registers safe it serialises every wgmma (info C7511/C7514; 16 waits instead of 
 which made two earlier versions slower than ``tma``: one kept a wgmma in flight across the loop's
 back edge, one issued the next K step's wgmma before promoting this one. Here each K step issues,
 waits for and promotes its own wgmma, and ``setmaxnreg`` (``warp_specialize``'s register list)
-gives each consumer 232 registers and the producer 40 (the 12 warps would otherwise cap all at 168).
+gives each consumer 232 registers and the producer 40 (the 12 warps would otherwise cap all at 168);
+with three consumers 160 and 24.
 
 The Triton interpreter cannot run Gluon, so this path is covered by the GPU test run only.
 """
@@ -52,11 +56,10 @@ except ImportError:  # pragma: no cover - Triton without Gluon
 
 
 if AVAILABLE:
-    BLOCK = gl.constexpr(128)  # tile rows, tile columns and K step (the scale block)
-    CONSUMER_REGS = gl.constexpr(232)  # per consumer thread: acc + one product (64 each) + addresses
-    PRODUCER_REGS = gl.constexpr(40)
+    BLOCK = gl.constexpr(128)  # tile columns and K step (the scale block)
+    ROWS = gl.constexpr(64)  # tile rows per consumer warpgroup (one wgmma's M)
 else:
-    BLOCK = 128
+    BLOCK, ROWS = 128, 64
 
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared, later versions async_load (and make
@@ -89,10 +92,13 @@ if AVAILABLE:
 
     @gluon.jit
     def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K,
-                  GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr):
-        """TMA-loads each K step's A and W tiles into ring slot it % STAGES once both consumers
-        have released its previous contents."""
-        num_m = gl.cdiv(M, BLOCK)
+                  CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr):
+        """TMA-loads each K step's A and W tiles into ring slot it % STAGES once every consumer
+        has released its previous contents. Three consumers get one 64-row A box each (shared
+        memory shapes are powers of two, 192 is not); two share one 128-row box, which measured
+        up to 5% faster at M = N = K = 8192 than two 64-row boxes."""
+        BLOCK_M: gl.constexpr = ROWS * CONSUMERS
+        num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK)
         k_blocks = gl.cdiv(K, BLOCK)
         it = 0
@@ -103,29 +109,35 @@ if AVAILABLE:
                 # a fresh barrier counts as released in the phase before its first, so the first
                 # lap over the ring does not wait
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                _tma_load(a_desc, pid_m * BLOCK, kb * BLOCK, ready.index(s), a_bufs.index(s))
+                if CONSUMERS == 2:
+                    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                    _tma_load(a_desc, pid_m * BLOCK_M, kb * BLOCK, ready.index(s), a_bufs.index(s))
+                else:
+                    mbarrier.expect(ready.index(s), CONSUMERS * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                    for c in gl.static_range(CONSUMERS):
+                        _tma_load(a_desc, pid_m * BLOCK_M + c * ROWS, kb * BLOCK, ready.index(s),
+                                  a_bufs.index(s * CONSUMERS + c))
                 _tma_load(w_desc, pid_n * BLOCK, kb * BLOCK, ready.index(s), w_bufs.index(s))
                 it += 1
 
     @gluon.jit
     def _consumer(a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
                   M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                  HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                  STAGES: gl.constexpr, HALF: gl.constexpr):
-        """Rows [64 HALF, 64 HALF + 64) of each tile."""
-        ROWS: gl.constexpr = BLOCK // 2
+                  HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr,
+                  NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr):
+        """Rows [64 PART, 64 PART + 64) of each tile."""
+        BLOCK_M: gl.constexpr = ROWS * CONSUMERS
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, mma)
         col_layout: gl.constexpr = gl.SliceLayout(0, mma)
-        num_m = gl.cdiv(M, BLOCK)
+        num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK)
         k_blocks = gl.cdiv(K, BLOCK)
         zero = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
         it = 0
         for tile in range(gl.program_id(0), num_m * num_n, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            rm = pid_m * BLOCK + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
+            rm = pid_m * BLOCK_M + PART * ROWS + gl.arange(0, ROWS, layout=row_layout)
             m_ok = rm < M
             a_s_ptrs = a_scale_ptr + rm * stride_asm
             w_s_ptr = w_scale_ptr + pid_n * stride_wsn
@@ -135,8 +147,11 @@ if AVAILABLE:
                 # loaded before the wgmma is waited for, so its latency hides behind it
                 scale = gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                part = warpgroup_mma(a_bufs.index(s).slice(HALF * ROWS, ROWS), w_bufs.index(s).permute((1, 0)),
-                                     zero, use_acc=False, is_async=True)
+                if CONSUMERS == 2:
+                    a_tile = a_bufs.index(s).slice(PART * ROWS, ROWS)
+                else:
+                    a_tile = a_bufs.index(s * CONSUMERS + PART)
+                part = warpgroup_mma(a_tile, w_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
                 part = warpgroup_mma_wait(0, deps=(part,))
                 mbarrier.arrive(empty.index(s), count=1)
                 acc += part * gl.expand_dims(scale, 1)
@@ -155,49 +170,80 @@ if AVAILABLE:
         M, N, K,
         stride_asm, stride_ask, stride_wsn, stride_wsk,
         stride_om, stride_on,
-        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+        HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ):
-        """Layouts as in ``kernels/gemm.py``; a_desc and w_desc are 128 x 128 fp8 TMA descriptors."""
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK, BLOCK], a_desc.layout)
+        """Layouts as in ``kernels/gemm.py``; CONSUMERS 2 or 3; w_desc is a 128 x 128 fp8 TMA
+        descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three."""
+        if CONSUMERS == 2:
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 2 * ROWS, BLOCK], a_desc.layout)
+        else:
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, ROWS, BLOCK], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK, BLOCK], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
         fence_async_shared()  # the initialised barriers must be visible to the TMA engine
-        gl.warp_specialize([
-            (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                         M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                         HAS_BIAS, GROUP_M, NUM_PROGRAMS, STAGES, 0)),
-            (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                         M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                         HAS_BIAS, GROUP_M, NUM_PROGRAMS, STAGES, 1)),
-            (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, GROUP_M, NUM_PROGRAMS, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        # (warp_specialize takes its partitions as a literal list, hence the two spellings)
+        if CONSUMERS == 2:
+            gl.warp_specialize([
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 1)),
+                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 1)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 2)),
+                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
+
+# setmaxnreg per thread, by consumer count: a consumer holds acc + one product (64 each) + addresses;
+# three consumers and the producer's warpgroup must share the 64K registers (3 x 128 x 160 + 128 x 24).
+# At 160, Triton 3.6's ptxas spills a few registers (10 local loads/stores), Triton 3.9's none; the
+# 192-row tiles are faster all the same. The producer only issues TMA copies.
+CONSUMER_REGS = {2: 232, 3: 160}
+PRODUCER_REGS = {2: 40, 3: 24}
+BLOCK_MS = (128, 192)  # tile rows: 64 per consumer
 
 _GL_FP8 = {}
 if AVAILABLE:
     _GL_FP8 = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
 
 
-def gemm_ws(a, a_scale, w, w_scale, bias, out, *, num_sms: int, stages: int = 5, group_m: int = 8) -> torch.Tensor:
+def gemm_ws(a, a_scale, w, w_scale, bias, out, *, num_sms: int, block_m: int = 128, stages: int = 5,
+            group_m: int = 8) -> torch.Tensor:
     """Launch on operands that ``kernels.gemm._run`` has checked, into its ``out``."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
-    layout = gl.NVMMASharedLayout.get_default_for([block, block], _GL_FP8[a.dtype])
-    a_desc = GluonDescriptor.from_tensor(a, [block, block], layout)
-    w_desc = GluonDescriptor.from_tensor(w, [block, block], layout)
-    programs = min(num_sms, triton.cdiv(M, block) * triton.cdiv(N, block))
+    consumers = block_m // int(ROWS)
+    box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
+    a_desc = GluonDescriptor.from_tensor(a, [box, block], gl.NVMMASharedLayout.get_default_for([box, block], _GL_FP8[a.dtype]))
+    w_desc = GluonDescriptor.from_tensor(w, [block, block], gl.NVMMASharedLayout.get_default_for([block, block], _GL_FP8[w.dtype]))
+    programs = min(num_sms, triton.cdiv(M, block_m) * triton.cdiv(N, block))
     gemm_ws_kernel[(programs,)](
         a_desc, w_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
         M, N, K,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
+        HAS_BIAS=bias is not None, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
+        CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers], num_warps=4,
     )
     return out
