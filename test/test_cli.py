@@ -214,3 +214,28 @@ def test_bench_runs_the_benchmark_scripts(tmp_path, capsys, monkeypatch):
     assert model[2:] == ["--out", str(tmp_path / "r" / "model.csv"), "--layers", "2"]
     monkeypatch.setattr(cli, "BENCHMARKS", tmp_path / "nowhere")
     assert main(["bench"]) == 1 and "not found" in capsys.readouterr().err
+
+
+def test_bench_gemm_rotates_the_contender_order_between_rounds():
+    """benchmarks/bench_gemm.time_contenders: every contender timed once per round, the order
+    shifted by one each round, each keeping its best median (CPU: a fake timer records the order)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_gemm.py")
+    spec = importlib.util.spec_from_file_location("bench_gemm_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    times = {"a": [5.0, 3.0, 4.0], "b": [1.0, 2.0, 0.5], "c": [7.0, 7.0, 6.0]}
+
+    def timer(fn, rep):
+        name = fn()
+        calls.append(name)
+        return times[name][sum(c == name for c in calls) - 1]
+
+    best = bench.time_contenders({n: (lambda n=n: n) for n in "abc"}, rep=10, rounds=3, timer=timer)
+    assert calls == list("abc" "bca" "cab")
+    assert best == {"a": 3.0, "b": 0.5, "c": 6.0}
+    calls.clear()
+    assert bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=1, timer=timer) == {"a": 5.0, "b": 1.0}
+    assert calls == ["a", "b"]
