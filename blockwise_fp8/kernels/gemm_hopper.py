@@ -16,11 +16,12 @@ Here the roles are split (``gl.warp_specialize``):
                             wgmma, waits for it, releases the stage through ``empty[s]`` (one
                             arrival per consumer), promotes; runs the epilogue (bias, output
                             cast, masked store)
-C = 2 (128 x 128 tiles) or 3 (192 x 128). Three consumers read 17% fewer operand bytes from L2 per
-product and keep one more promotion in the shadow of the other two's MMAs: 4-7% faster per tile on
-an H100 at M >= 4096 (bit-identical; ``gemm._wide_plan`` says when the coarser tiles pay).
-No CTA-wide barrier remains in the K loop (only each warpgroup's own), so the two consumers drift
-apart and one's promotion overlaps the other's MMAs, as in DeepGEMM's design.
+C = 2 (128 x 128 tiles) or 3 (192 x 128). No CTA-wide barrier remains in the K loop (only each
+warpgroup's own), so the consumers drift apart and one's promotion overlaps the others' MMAs, as in
+DeepGEMM's design. Three consumers read 17% fewer operand bytes from L2 per product and hide one
+more promotion: 4-10% faster per product on an H100 at M >= 4096 (bit-identical;
+benchmarks/results/ws-tiles-h100-2026-11-26-s9.log; ``gemm._wide_plan`` says when the coarser
+tiles pay).
 
 What ptxas accepts decides whether this pays: when it cannot prove a wgmma's accumulator
 registers safe it serialises every wgmma (info C7511/C7514; 16 waits instead of 2 in the SASS),
@@ -95,8 +96,8 @@ if AVAILABLE:
                   CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr):
         """TMA-loads each K step's A and W tiles into ring slot it % STAGES once every consumer
         has released its previous contents. Three consumers get one 64-row A box each (shared
-        memory shapes are powers of two, 192 is not); two share one 128-row box, which measured
-        up to 5% faster at M = N = K = 8192 than two 64-row boxes."""
+        memory shapes are powers of two, 192 is not); two share one 128-row box, as before the
+        three-consumer variant existed (the same PTX as the GPU-tested two-consumer kernel)."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
         num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK)
