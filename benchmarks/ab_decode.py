@@ -6,7 +6,11 @@ graphs (mode="reduce-overhead"), batch 1 and 16, bf16 beside ours under each com
     FUSE      blockwise_fp8.fusion installed (Linears of one input as one gemm_group node)
     GEMV      kernels.gemm.GEMV_MAX_M (optional, default 1: M = 1 on the gemv kernel; 0: on skinny)
 
-    python benchmarks/ab_decode.py --combos 2:1:0,2:1:1,2:1:1:0 [--rounds 2] [--batches 1]
+    python benchmarks/ab_decode.py --combos 2:1:0,2:1:1,2:1:1:0 [--rounds 2] [--batches 1] [--inductor-pdl both]
+
+``--inductor-pdl both`` compiles bf16 and every combination twice, with Inductor's
+``triton.enable_pdl`` off and on (rows suffixed "+ipdl"); each row's "x bf16" is against bf16
+compiled with the same setting.
 
 Each combination recompiles ours; the table shows the best of ``--rounds`` medians (bench_model's
 timing), and the host time to issue one call (no sync), which bounds the step where it exceeds the
@@ -39,7 +43,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="bench_model's tiny stack on any device (checks the script)")
     ap.add_argument("--inductor", choices=["tuned", "default"], default="tuned",
                     help="Inductor settings for bf16 and ours alike, as in bench_model.py")
+    ap.add_argument("--inductor-pdl", choices=["off", "on", "both"], default="off",
+                    help="Inductor's triton.enable_pdl for bf16 and ours alike (bench_model.inductor_settings)")
     args = ap.parse_args()
+    bm.check_inductor_pdl(ap, args.inductor_pdl != "off")
     from torch._inductor import config as inductor_config
 
     settings, what = bm.inductor_settings(args.inductor)
@@ -69,15 +76,21 @@ def run(args) -> None:
     g = torch.Generator(device=dev).manual_seed(1)
     xs = {b: torch.randn(b, 1, cfg.hidden, generator=g, device=dev, dtype=torch.bfloat16) for b in batches}
 
-    def measure(model, b):
+    from torch._inductor import config as inductor_config
+
+    def measure(model, b, pdl):
         model.setup_cache(b, args.ctx, device=dev)
         fn = torch.compile(model.decode, mode=mode)
         call = lambda: fn(xs[b], pos)  # noqa: E731
-        out = call().clone()
+        with inductor_config.patch({"triton.enable_pdl": True} if pdl else {}):
+            out = call().clone()  # compiles
         ms = bm.time_ms(call, dev, 3 if args.smoke else 50)
         host = bm.issue_ms(call, dev, 3 if args.smoke else 20)
         torch._dynamo.reset()
         return ms, host, out
+
+    pdls = {"off": [False], "on": [True], "both": [False, True]}[args.inductor_pdl]
+    suffix = lambda pdl: "+ipdl" if pdl else ""  # noqa: E731
 
     best: dict = {}
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (smoke: not a measurement)"
@@ -85,26 +98,30 @@ def run(args) -> None:
     with torch.no_grad():
         for r in range(args.rounds):
             for b in batches:
-                runs = [("bf16", models["bf16"], None)] + [(c, models["ours"], c) for c in combos]
+                runs = [("bf16" + suffix(p), models["bf16"], None, p) for p in pdls]
+                runs += [(c + suffix(p), models["ours"], c, p) for p in pdls for c in combos]
                 outs = {}
-                for label, model, combo in runs:
+                for label, model, combo, pdl in runs:
                     if combo is not None:
                         pf, wait, fuse, gemv = (combo + ":1").split(":")[:4]
                         G.SKINNY_PREFETCH_BLOCKS, Q.QUANT_WAITS, G.GEMV_MAX_M = int(pf), wait == "1", int(gemv)
                         fusion.install() if fuse == "1" else fusion.uninstall()
-                    ms, host, outs[label] = measure(model, b)
+                    ms, host, outs[label] = measure(model, b, pdl)
                     old = best.get((label, b), (float("inf"), 0.0))
                     best[(label, b)] = min(old, (ms, host))
-                diffs = [float((outs[c].float() - outs[combos[0]].float()).abs().max()) for c in combos]
-                print(f"round {r} batch {b}: ours max |diff| vs {combos[0]}: {diffs}", flush=True)
+                first = combos[0] + suffix(pdls[0])
+                labels = [c + suffix(p) for p in pdls for c in combos]
+                diffs = [float((outs[c].float() - outs[first].float()).abs().max()) for c in labels]
+                print(f"round {r} batch {b}: ours max |diff| vs {first}: {diffs}", flush=True)
     print("\n| variant (PREFETCH:WAIT:FUSE[:GEMV]) | " + " | ".join(f"b{b} ms | host ms/call | x bf16" for b in batches) + " |")
     print("|---|" + "---|---|---|" * len(batches))
-    for label in ["bf16"] + combos:
-        cells = []
-        for b in batches:
-            ms, host = best[(label, b)]
-            cells.append(f"{ms:.4f} | {host:.3f} | {best[('bf16', b)][0] / ms:.3f}x")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    for p in pdls:
+        for label in ["bf16"] + combos:
+            cells = []
+            for b in batches:
+                ms, host = best[(label + suffix(p), b)]
+                cells.append(f"{ms:.4f} | {host:.3f} | {best[('bf16' + suffix(p), b)][0] / ms:.3f}x")
+            print(f"| {label + suffix(p)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,30 @@ def test_ab_gemv_formula_is_the_reference_linear(dtype):
     want = reference.linear(x.reshape(1, K), w_q, w_s, bias, activation_dtype=dtype, out_dtype=torch.bfloat16)
     assert got.shape == (1, 1, N)
     torch.testing.assert_close(got.reshape(1, N), want, rtol=2**-8, atol=1e-3)
+
+
+def test_inductor_pdl_is_on_for_the_run_only(tmp_path, bench_model):
+    from torch._inductor import config
+
+    if not hasattr(config.triton, "enable_pdl"):
+        with pytest.raises(SystemExit):
+            bench_model.main(["--smoke", "--out", str(tmp_path / "x.csv"), "--device", "cpu", "--inductor-pdl"])
+        return
+    before = config.triton.enable_pdl
+    seen = []
+    real_run = bench_model.run
+
+    def spy(args):
+        seen.append(config.triton.enable_pdl)
+        return real_run(args)
+
+    bench_model.run = spy
+    try:
+        out = tmp_path / "pdl.csv"
+        assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu", "--phases", "decode",
+                                 "--decode-batches", "1", "--no-torchao", "--inductor-pdl"]) == 0
+        header, _ = _rows(out)
+        assert any("triton.enable_pdl" in h for h in header if h.startswith("# inductor: "))
+        assert seen == [True] and config.triton.enable_pdl == before
+    finally:
+        bench_model.run = real_run
