@@ -6,11 +6,13 @@ graphs (mode="reduce-overhead"), batch 1 and 16, bf16 beside ours under each com
     FUSE      blockwise_fp8.fusion installed (Linears of one input as one gemm_group node)
     GEMV      kernels.gemm.GEMV_MAX_M (optional, default 1: M = 1 on the gemv kernel; 0: on skinny)
 
-    python benchmarks/ab_decode.py --combos 2:1:0,2:1:1,2:1:1:0 [--rounds 2] [--batches 1] [--inductor-pdl both]
+    python benchmarks/ab_decode.py --combos 2:1:0,2:1:1,2:1:1:0 [--rounds 2] [--batches 1] [--variants base,pdl]
 
-``--inductor-pdl both`` compiles bf16 and every combination twice, with Inductor's
-``triton.enable_pdl`` off and on (rows suffixed "+ipdl"); each row's "x bf16" is against bf16
-compiled with the same setting.
+``--variants`` compiles bf16 and every combination once per Inductor variant (rows suffixed with
+it): ``pdl`` = ``triton.enable_pdl`` (Inductor's kernels under programmatic dependent launch),
+``freezing`` = parameters folded into the graph as constants (fewer graph inputs for the CUDA-graph
+call to check: ours has 77 at 4 layers, bf16 49), ``pdl+freezing`` both; each row's "x bf16" is
+against bf16 compiled with the same variant.
 
 Each combination recompiles ours; the table shows the best of ``--rounds`` medians (bench_model's
 timing), and the host time to issue one call (no sync), which bounds the step where it exceeds the
@@ -34,6 +36,14 @@ from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig, DecoderStack, ini
 from blockwise_fp8.kernels import gemm as G, quant as Q  # noqa: E402
 
 
+VARIANTS = {
+    "base": {},
+    "pdl": {"triton.enable_pdl": True},
+    "freezing": {"freezing": True},
+    "pdl+freezing": {"triton.enable_pdl": True, "freezing": True},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--combos", default="0:0:0,2:1:0,2:1:1", help="PREFETCH:WAIT:FUSE[:GEMV], comma-separated")
@@ -43,10 +53,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="bench_model's tiny stack on any device (checks the script)")
     ap.add_argument("--inductor", choices=["tuned", "default"], default="tuned",
                     help="Inductor settings for bf16 and ours alike, as in bench_model.py")
-    ap.add_argument("--inductor-pdl", choices=["off", "on", "both"], default="off",
-                    help="Inductor's triton.enable_pdl for bf16 and ours alike (bench_model.inductor_settings)")
+    ap.add_argument("--variants", default="base",
+                    help=f"Inductor variants, comma-separated, from {', '.join(VARIANTS)} (see the module docstring)")
     args = ap.parse_args()
-    bm.check_inductor_pdl(ap, args.inductor_pdl != "off")
+    args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants takes {', '.join(VARIANTS)}; got {', '.join(unknown)}")
+    bm.check_inductor_pdl(ap, any("pdl" in v for v in args.variants))
     from torch._inductor import config as inductor_config
 
     settings, what = bm.inductor_settings(args.inductor)
@@ -78,19 +92,19 @@ def run(args) -> None:
 
     from torch._inductor import config as inductor_config
 
-    def measure(model, b, pdl):
+    def measure(model, b, variant):
         model.setup_cache(b, args.ctx, device=dev)
         fn = torch.compile(model.decode, mode=mode)
         call = lambda: fn(xs[b], pos)  # noqa: E731
-        with inductor_config.patch({"triton.enable_pdl": True} if pdl else {}):
+        with inductor_config.patch(VARIANTS[variant]):
             out = call().clone()  # compiles
         ms = bm.time_ms(call, dev, 3 if args.smoke else 50)
         host = bm.issue_ms(call, dev, 3 if args.smoke else 20)
         torch._dynamo.reset()
         return ms, host, out
 
-    pdls = {"off": [False], "on": [True], "both": [False, True]}[args.inductor_pdl]
-    suffix = lambda pdl: "+ipdl" if pdl else ""  # noqa: E731
+    variants = args.variants
+    suffix = lambda v: "" if v == "base" else "+" + v  # noqa: E731
 
     best: dict = {}
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (smoke: not a measurement)"
@@ -98,24 +112,24 @@ def run(args) -> None:
     with torch.no_grad():
         for r in range(args.rounds):
             for b in batches:
-                runs = [("bf16" + suffix(p), models["bf16"], None, p) for p in pdls]
-                runs += [(c + suffix(p), models["ours"], c, p) for p in pdls for c in combos]
+                runs = [("bf16" + suffix(p), models["bf16"], None, p) for p in variants]
+                runs += [(c + suffix(p), models["ours"], c, p) for p in variants for c in combos]
                 outs = {}
-                for label, model, combo, pdl in runs:
+                for label, model, combo, variant in runs:
                     if combo is not None:
                         pf, wait, fuse, gemv = (combo + ":1").split(":")[:4]
                         G.SKINNY_PREFETCH_BLOCKS, Q.QUANT_WAITS, G.GEMV_MAX_M = int(pf), wait == "1", int(gemv)
                         fusion.install() if fuse == "1" else fusion.uninstall()
-                    ms, host, outs[label] = measure(model, b, pdl)
+                    ms, host, outs[label] = measure(model, b, variant)
                     old = best.get((label, b), (float("inf"), 0.0))
                     best[(label, b)] = min(old, (ms, host))
-                first = combos[0] + suffix(pdls[0])
-                labels = [c + suffix(p) for p in pdls for c in combos]
+                first = combos[0] + suffix(variants[0])
+                labels = [c + suffix(p) for p in variants for c in combos]
                 diffs = [float((outs[c].float() - outs[first].float()).abs().max()) for c in labels]
                 print(f"round {r} batch {b}: ours max |diff| vs {first}: {diffs}", flush=True)
     print("\n| variant (PREFETCH:WAIT:FUSE[:GEMV]) | " + " | ".join(f"b{b} ms | host ms/call | x bf16" for b in batches) + " |")
     print("|---|" + "---|---|---|" * len(batches))
-    for p in pdls:
+    for p in variants:
         for label in ["bf16"] + combos:
             cells = []
             for b in batches:

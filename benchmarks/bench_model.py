@@ -142,14 +142,16 @@ def torchao_config():
 TUNED_INDUCTOR = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 
 
-def inductor_settings(which: str, pdl: bool = False) -> tuple[dict, str]:
+def inductor_settings(which: str, pdl: bool = False, freezing: bool = False) -> tuple[dict, str]:
     """``--inductor``'s Inductor config patch (applied around the whole run) and its description.
 
     ``pdl``: also ``triton.enable_pdl`` (TORCHINDUCTOR_ENABLE_PDL, off by default in torch): Inductor's
     Triton kernels then launch under programmatic dependent launch, waiting on the grid before them
     only where they read what it wrote, so a kernel boundary (an Inductor kernel after ours, or
     before our PDL-launched quantization) need not drain the GPU first. A decode step has ~10 such
-    boundaries per layer, each ~1-2 us on an H100; applied to every contender."""
+    boundaries per layer, each ~1-2 us on an H100; applied to every contender. ``freezing``: Inductor's
+    freezing (parameters folded into the graph as constants), so that a CUDA-graph call has fewer
+    inputs to check on the host (at 4 layers ours has 77 graph inputs, bf16 49)."""
     if which == "tuned":
         patch, what = dict(TUNED_INDUCTOR), "coordinate-descent tuning on (torchao's recommended settings)"
     else:
@@ -157,6 +159,9 @@ def inductor_settings(which: str, pdl: bool = False) -> tuple[dict, str]:
     if pdl:
         patch["triton.enable_pdl"] = True
         what += " + triton.enable_pdl (Inductor kernels under programmatic dependent launch)"
+    if freezing:
+        patch["freezing"] = True
+        what += " + freezing (parameters folded into the graph)"
     return patch, what + ", for every contender"
 
 
@@ -227,7 +232,7 @@ def run(args) -> tuple[list, list, str]:
         f"# prefill: 1 x {prefill} tokens, " + ("torch.compile default mode" if compile_ else "eager"),
         f"# ours: {'blockwise_fp8.unwrap_for_compile before torch.compile' if compile_ and args.unwrap else 'tensor subclasses as quantize_ left them'}; torchao: as quantize_ left it",
         f"# time: median of 5 repeats of the mean of {iters} calls; SQNR: output vs the bf16 stack's output",
-        f"# inductor: {inductor_settings(args.inductor, args.inductor_pdl)[1]}",
+        f"# inductor: {inductor_settings(args.inductor, args.inductor_pdl, args.freezing)[1]}",
     ]
     for h in header:
         log(h)
@@ -368,6 +373,8 @@ def main(argv=None) -> int:
                          "quantize_ sets by default (the faster bf16 baseline); default = torch's defaults")
     ap.add_argument("--inductor-pdl", action="store_true",
                     help="also turn on Inductor's triton.enable_pdl for every contender (see inductor_settings)")
+    ap.add_argument("--freezing", action="store_true",
+                    help="also turn on Inductor's freezing for every contender (see inductor_settings)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="skip what is left after this many seconds")
     args = ap.parse_args(argv)
     check_inductor_pdl(ap, args.inductor_pdl)
@@ -377,7 +384,7 @@ def main(argv=None) -> int:
             ap.error(f"--{name} must be a positive integer, got {v}")
     from torch._inductor import config as inductor_config
 
-    with inductor_config.patch(inductor_settings(args.inductor, args.inductor_pdl)[0]):
+    with inductor_config.patch(inductor_settings(args.inductor, args.inductor_pdl, args.freezing)[0]):
         rows, notes, header = run(args)
     text = table(rows, notes)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

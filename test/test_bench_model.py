@@ -112,28 +112,29 @@ def test_ab_gemv_formula_is_the_reference_linear(dtype):
     torch.testing.assert_close(got.reshape(1, N), want, rtol=2**-8, atol=1e-3)
 
 
-def test_inductor_pdl_is_on_for_the_run_only(tmp_path, bench_model):
+def test_inductor_pdl_and_freezing_are_on_for_the_run_only(tmp_path, bench_model):
     from torch._inductor import config
 
     if not hasattr(config.triton, "enable_pdl"):
         with pytest.raises(SystemExit):
             bench_model.main(["--smoke", "--out", str(tmp_path / "x.csv"), "--device", "cpu", "--inductor-pdl"])
         return
-    before = config.triton.enable_pdl
+    before = (config.triton.enable_pdl, config.freezing)
     seen = []
     real_run = bench_model.run
 
     def spy(args):
-        seen.append(config.triton.enable_pdl)
+        seen.append((config.triton.enable_pdl, config.freezing))
         return real_run(args)
 
     bench_model.run = spy
     try:
         out = tmp_path / "pdl.csv"
         assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu", "--phases", "decode",
-                                 "--decode-batches", "1", "--no-torchao", "--inductor-pdl"]) == 0
+                                 "--decode-batches", "1", "--no-torchao", "--inductor-pdl", "--freezing"]) == 0
         header, _ = _rows(out)
-        assert any("triton.enable_pdl" in h for h in header if h.startswith("# inductor: "))
-        assert seen == [True] and config.triton.enable_pdl == before
+        line = [h for h in header if h.startswith("# inductor: ")]
+        assert len(line) == 1 and "triton.enable_pdl" in line[0] and "freezing" in line[0]
+        assert seen == [(True, True)] and (config.triton.enable_pdl, config.freezing) == before
     finally:
         bench_model.run = real_run
