@@ -36,12 +36,9 @@ from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig, DecoderStack, ini
 from blockwise_fp8.kernels import gemm as G, quant as Q  # noqa: E402
 
 
-VARIANTS = {
-    "base": {},
-    "pdl": {"triton.enable_pdl": True},
-    "freezing": {"freezing": True},
-    "pdl+freezing": {"triton.enable_pdl": True, "freezing": True},
-}
+# Inductor config patches on top of --inductor's, from bench_model's definitions of the two flags
+VARIANTS = {name: bm.inductor_settings("default", pdl="pdl" in name, freezing="freezing" in name)[0]
+            for name in ("base", "pdl", "freezing", "pdl+freezing")}
 
 
 def main() -> None:
