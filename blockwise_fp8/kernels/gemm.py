@@ -36,12 +36,12 @@ Five kernels, chosen by :func:`plan` from the shape:
     flattened tile/K loop (64-row tiles) so the next tile's loads overlap this tile's epilogue,
     and optionally the last, partial wave's tiles split over K (``tail_split``).
 ``ws`` (large M on Hopper, sm_90 only; ``kernels/gemm_hopper.py``)
-    The same tiles as ``tma`` in Triton's Gluon dialect, warp-specialised: a producer warp feeds
-    a shared-memory ring through TMA and two consumer warpgroups, 64 rows each, wait for their
-    own products and promote them with no CTA-wide barrier in the K loop (the compiled ``tma``
-    kernel has three per K step), so one warpgroup's promotion overlaps the other's MMAs.
-    +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md). GPU-only: the interpreter cannot
-    run Gluon.
+    The 128 x 128 tiles of ``tma`` in Triton's Gluon dialect, warp-specialised: a producer warp
+    feeds a shared-memory ring through TMA and two consumer warpgroups, 64 rows each, wait for
+    their own products and promote them with no CTA-wide barrier in the K loop (the compiled
+    ``tma`` kernel has three per K step), so one warpgroup's promotion overlaps the other's MMAs.
+    +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md). On large grids three consumers and
+    192 x 128 tiles, another 4-10% (``_wide_plan``). GPU-only: the interpreter cannot run Gluon.
 ``tiled`` (everything else, and the Triton interpreter)
     The same math with plain pointer loads and a one-program-per-tile grid.
 
