@@ -54,35 +54,53 @@ def fused_vs_two_step(M: int, N: int, K: int) -> str:
     return line
 
 
-GEMV_GRID = dict(bn=(16, 32), groups=(4, 8, 16), warps=(4, 8), splits=(1, 2, 3, 4))
+GEMV_GRID = dict(bn=(16, 32), groups=(4, 8, 16), warps=(4, 8), splits=(1, 2, 3, 4), stages=(1,))
 
 
-def gemv_sweep(M: int, N: int, K: int) -> str:
+COLD_BYTES = 150 * 2**20  # weight bytes one timed call streams with --cold: three times the H100's L2
+
+
+def gemv_sweep(M: int, N: int, K: int, cold: bool = False) -> str:
     """plan()'s config, the skinny kernel's plan, and a small grid of gemv configs (GEMV_GRID;
     BLOCK_M = M rounded up to a power of two; plan() itself sends only M <= GEMV_MAX_M to the
-    gemv kernel)."""
+    gemv kernel). ``cold``: each timed call runs the GEMM over enough copies of the weight to
+    stream COLD_BYTES, and the time is per GEMM, so that a weight smaller than L2 (q|k|v: 25 MB)
+    is read from memory as in a model's decode step, not from L2 as in a loop over one weight."""
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     wq, ws = ops.quantize_weight(w)
     aq, as_ = ops.quantize_activation(x)
-    run = lambda p: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p)  # noqa: E731
+    copies = -(-COLD_BYTES // (N * K)) if cold else 1
+    wqs = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(copies - 1)]
+    w16s = [w] + [w.clone() for _ in range(-(-COLD_BYTES // (2 * N * K)) - 1 if cold else 0)]
+
+    def run(p, which=None):
+        for q, s in wqs if which is None else wqs[:1]:
+            out = G.gemm(aq, as_, q, s, None, torch.bfloat16, plan_override=p)
+        return out
+
+    def per_gemm(fn, n):
+        return us(fn) / n
+
     cur = G.plan(M, N, K, tma=True)
     sk = G._skinny_plan(M, N, K, triton.cdiv(K, 128), G._num_sms(0))
-    ref = run(sk).float()
+    ref = run(sk, 0).float()
     tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
-    t_cur, t_sk, t_bf16 = us(lambda: run(cur)), us(lambda: run(sk)), us(lambda: F.linear(x, w))
+    t_cur, t_sk = per_gemm(lambda: run(cur), len(wqs)), per_gemm(lambda: run(sk), len(wqs))
+    t_bf16 = per_gemm(lambda: [F.linear(x, v) for v in w16s], len(w16s))
     results = []
-    for bn, g, nw, split in itertools.product(*GEMV_GRID.values()):
-        p = G.Plan("gemv", triton.next_power_of_2(M), bn, nw, 1, split_k=split, groups_k=g)
-        out = run(p).float()
+    for bn, g, nw, split, st in itertools.product(*GEMV_GRID.values()):
+        p = G.Plan("gemv", triton.next_power_of_2(M), bn, nw, st, split_k=split, groups_k=g)
+        out = run(p, 0).float()
         if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
             return f"N={N} K={K} {p} WRONG"
-        results.append((us(lambda: run(p)), bn, g, nw, split))
+        results.append((per_gemm(lambda: run(p), len(wqs)), bn, g, nw, split, st))
     results.sort()
-    return (f"M={M} N={N:6d} K={K:6d} bf16 {t_bf16:6.1f} skinny {t_sk:6.1f} us {tb(t_sk):.2f} TB/s  "
-            f"plan({cur.kind} bn{cur.block_n} g{cur.groups_k} nw{cur.num_warps} sk{cur.split_k}) {t_cur:6.1f} us {tb(t_cur):.2f} TB/s "
+    return (f"M={M} N={N:6d} K={K:6d}{' cold x' + str(len(wqs)) if cold else ''} bf16 {t_bf16:6.1f} skinny {t_sk:6.1f} us {tb(t_sk):.2f} TB/s  "
+            f"plan({cur.kind} bn{cur.block_n} g{cur.groups_k} nw{cur.num_warps} sk{cur.split_k} st{cur.num_stages}) "
+            f"{t_cur:6.1f} us {tb(t_cur):.2f} TB/s "
             f"({t_sk / t_cur:.2f}x skinny)  top5 " +
-            " ".join(f"{t:.1f}:bn{b}/g{g}/nw{n}/sk{k}" for t, b, g, n, k in results[:5]))
+            " ".join(f"{t:.1f}:bn{b}/g{g}/nw{n}/sk{k}/st{s}" for t, b, g, n, k, s in results[:5]))
 
 
 def main(argv=None) -> int:
@@ -100,12 +118,16 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv", action="store_true",
                     help="instead of the sweep: the gemv kernel's (BLOCK_N, K blocks per step, warps, split) "
                          "next to plan()'s choice and the skinny kernel, at M = 1 unless --ms is given")
-    ap.add_argument("--gemv-grid", default=None, metavar="BN/GROUPS/WARPS/SPLITS",
+    ap.add_argument("--gemv-grid", default=None, metavar="BN/GROUPS/WARPS/SPLITS[/STAGES]",
                     help="with --gemv: the configs swept, e.g. 16,32/4,8/4,8/1 (default %s)"
                          % "/".join(",".join(map(str, v)) for v in GEMV_GRID.values()))
+    ap.add_argument("--cold", action="store_true",
+                    help="with --gemv: time each GEMM over rotating weight copies, from memory rather than L2")
     ap.add_argument("--fused", action="store_true",
                     help="instead of the sweep: quantize + GEMM (two launches) vs linear_fused, current plan")
     args = ap.parse_args(argv)
+    if args.cold and not args.gemv:
+        ap.error("--cold applies to the --gemv sweep only")
     if args.scales_ahead is not None:
         G.SKINNY_SCALES_AHEAD = bool(args.scales_ahead)
     ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
@@ -113,8 +135,9 @@ def main(argv=None) -> int:
     ms = ints(args.ms) if args.ms else ([1] if args.gemv else [1, 16])
     if args.gemv_grid:
         fields = args.gemv_grid.split("/")
-        if len(fields) != len(GEMV_GRID):
-            ap.error(f"--gemv-grid wants {len(GEMV_GRID)} '/'-separated lists, got {args.gemv_grid!r}")
+        if len(fields) not in (len(GEMV_GRID) - 1, len(GEMV_GRID)):
+            ap.error(f"--gemv-grid wants {len(GEMV_GRID) - 1} or {len(GEMV_GRID)} '/'-separated lists, "
+                     f"got {args.gemv_grid!r}")
         GEMV_GRID.update(zip(GEMV_GRID, (tuple(ints(f)) for f in fields)))
     lines = []
     say = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
@@ -123,7 +146,7 @@ def main(argv=None) -> int:
     if mode is not None:  # one line per (M, shape) instead of the skinny sweep
         for M in ms:
             for N, K in shapes:
-                say(mode(M, N, K))
+                say(mode(M, N, K, cold=True) if args.cold and mode is gemv_sweep else mode(M, N, K))
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")

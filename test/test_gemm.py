@@ -297,11 +297,15 @@ def test_plan_heuristic_ranges():
     assert G.plan(16, 8192, 8192, tma=True).split_k > 1
     assert G.plan(16, 57344, 8192, tma=True).split_k == 1
     assert G.plan(16, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
-    # gemv (16-row tiles): split only under one program per 4 SMs, to ~2 per SM in whole steps of 8
+    # gemv: 8-row tiles of 16 K blocks up to K = 16384, 16-row tiles of 8 above
+    assert (G.plan(1, 4096, 14336, tma=True).block_n, G.plan(1, 4096, 14336, tma=True).groups_k) == (8, 16)
+    assert (G.plan(1, 4096, 28672, tma=True).block_n, G.plan(1, 4096, 28672, tma=True).groups_k) == (16, 8)
+    # split only under one program per 4 SMs, to ~2 per SM in whole steps
     assert G.plan(1, 4096, 28672, tma=True, num_sms=132).split_k == 1
-    assert G.plan(1, 1024, 4096, tma=True, num_sms=132).split_k == 1  # 64 tiles
-    assert G.plan(1, 512, 8192, tma=True, num_sms=132).split_k == 3  # 32 tiles: ceil(132 / 64)
-    assert G.plan(1, 128, 4096, tma=True, num_sms=132).split_k == 4  # 8 tiles; 32 / 8 K blocks
+    assert G.plan(1, 512, 8192, tma=True, num_sms=132).split_k == 1  # 64 tiles of 8 rows
+    assert G.plan(1, 256, 8192, tma=True, num_sms=132).split_k == 3  # 32 tiles: ceil(132 / 64)
+    assert G.plan(1, 512, 28672, tma=True, num_sms=132).split_k == 3  # 32 tiles of 16 rows
+    assert G.plan(1, 64, 4096, tma=True, num_sms=132).split_k == 2  # 8 tiles; 32 / 16 K blocks
     assert G.plan(1, 256, 512, tma=True, num_sms=132).split_k == 1  # 4 K blocks: one partial step
     # mid M: count waves (132 SMs): M = 128, N = 10240 is 160 tiles of 64 rows but 80 of 128
     assert G.plan(128, 10240, 8192, tma=True, num_sms=132).block_m == 128
@@ -459,7 +463,7 @@ def gemm_counts(lines):
 
 skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64),
                                  num_stages=6))
-gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=16, GROUPS_K=8), num_stages=1))
+gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16), num_stages=1))
 gemv_rows = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=4, BLOCK_N=16, GROUPS_K=4), num_stages=1))
 
 from blockwise_fp8.kernels import quant as Q

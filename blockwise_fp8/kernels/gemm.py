@@ -560,8 +560,8 @@ def ws_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> int:
-    """Split K only where the N tiles give fewer than one program per 4 SMs (N < 528 at 16 rows
-    on 132 SMs), then to about 2 per SM, in whole loop steps. On an H100 no split beat none for
+    """Split K only where the N tiles give fewer than one program per 4 SMs (N <= 256 with 8-row
+    tiles, N <= 512 with 16, on 132 SMs), then to about 2 per SM, in whole loop steps. On an H100 no split beat none for
     the Llama and grid shapes, down to N = 1024 (64 tiles: 4.3 us with 4 splits, 3.9 with none;
     K = 28672: 87.0 vs 80.3 us; results/tune-gemv-h100-2026-11-26-s8.txt): with many programs per
     SM and no shared memory the card is full without it, and the partials cost."""
@@ -633,12 +633,15 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
     tail split saves more, see ``_wide_plan``)."""
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= GEMV_MAX_M:
-        # 16 rows x 8 K blocks (16 KB of weights) per step, 4 warps: on an H100, of 48 configs
-        # (16 / 32 rows, 4 / 8 / 16 blocks, 4 / 8 warps, 1-4 splits) on ten Llama and grid
-        # shapes, within 3% of the best on seven; 5% off at N = 1024 (g16: 3.9 vs 4.1 us), 8% at
-        # N = 14336, K = 4096 (g4: 22.1 vs 23.8; the skinny kernel 22.8) and > 2.5% at
-        # N = 4096, K = 14336 (g16: 23.5; skinny 24.4) (results/tune-gemv-h100-2026-11-26-s8.txt)
-        block_n, groups_k = 16, 8
+        # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
+        # Timed as in a decode step, each GEMM over weights not in L2 (tune_skinny.py --gemv
+        # --cold; 48 configs: 8 / 16 rows, 8 / 16 blocks, 4 / 8 warps, 1 / 2 splits, 1-3 stages,
+        # ten shapes; results/tune-gemv-cold-h100-2026-11-27-s10.txt): the 8-row tiles double the
+        # programs, so N = 4096 gives an SM ~4 instead of ~2 and each reads 2 KB runs of a row;
+        # 8 x 16 was best or within 1.5% at K <= 14336 (Llama's o 9.9 -> 8.1 us, q|k|v 12.0 ->
+        # 11.2, down 26.3 -> 23.4, N = 57344 156.6 -> 153.0), and 3% slower at K = 28672, where
+        # 16 x 8 stays. Stages (the compiler does not pipeline these loads) changed nothing.
+        block_n, groups_k = (8, 16) if k_blocks <= 128 else (16, 8)
         split = _gemv_split_k(triton.cdiv(N, block_n), k_blocks, groups_k, num_sms)
         return Plan("gemv", triton.next_power_of_2(M), block_n, num_warps=4, num_stages=1, split_k=split,
                     groups_k=groups_k)
