@@ -118,6 +118,7 @@ def run(args) -> None:
                         G.SKINNY_PREFETCH_BLOCKS, Q.QUANT_WAITS, G.GEMV_MAX_M = int(pf), wait == "1", int(gemv)
                         fusion.install() if fuse == "1" else fusion.uninstall()
                     ms, host, outs[label] = measure(model, b, variant)
+                    print(f"round {r} batch {b} {label}: {ms:.4f} ms, host {host:.3f} ms/call", flush=True)
                     old = best.get((label, b), (float("inf"), 0.0))
                     best[(label, b)] = min(old, (ms, host))
                 first = combos[0] + suffix(variants[0])

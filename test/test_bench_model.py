@@ -138,3 +138,41 @@ def test_inductor_pdl_and_freezing_are_on_for_the_run_only(tmp_path, bench_model
         assert seen == [(True, True)] and (config.triton.enable_pdl, config.freezing) == before
     finally:
         bench_model.run = real_run
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_decode_cuts_steps_at_the_host_gaps_and_names_kernels():
+    prof = _load("profile_decode")
+    # three steps of four kernels, 0.1-0.5 us apart inside a step, 80-120 us between steps;
+    # one kernel overlaps the next (PDL), so a gap counts from the latest end so far
+    steps, kernels, t = 3, [], 0.0
+    for s in range(steps):
+        for i, (dur, gap) in enumerate(((2.0, 0.0), (10.0, 0.3), (1.0, -4.0), (5.0, 0.5))):
+            t += gap
+            kernels.append((f"k{i}", t, dur))
+            t += dur
+        t += 80.0 + 20 * s
+    chunks = prof.split_steps(kernels, steps)
+    assert [len(c) for c in chunks] == [4, 4, 4]
+    assert [c[0][1] for c in chunks] == [kernels[0][1], kernels[4][1], kernels[8][1]]
+    assert prof.split_steps(kernels, 1) == [kernels] and prof.split_steps([], 3) == []
+    assert prof.category("gemm_gemv_kernel") == "ours: gemm"
+    assert prof.category("quantize_kernel") == "ours: quant"
+    # Inductor names its kernels after the nodes they fuse, ours among them
+    assert prof.category("triton_red_fused__fused_rms_norm_add_quantize_input_view_8") == "inductor triton"
+    assert prof.category("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16") == "attention"
+    assert prof.category("nvjet_tst_128x64_64x8_1x2_h_bz_TNT") == "cublas"
+    assert prof.category("Memcpy DtoD (Device -> Device)") == "other"
+
+
+def test_tune_skinny_cold_needs_the_gemv_sweep():
+    tune = _load("tune_skinny")
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--cold"])
+    assert e.value.code == 2
