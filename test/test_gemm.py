@@ -15,7 +15,7 @@ import torch
 
 import blockwise_fp8 as bf
 from blockwise_fp8 import ops, reference
-from blockwise_fp8.kernels import gemm as G
+from blockwise_fp8.kernels import gemm as G, gemm_hopper
 
 from .conftest import KERNEL_DEVICE
 
@@ -354,6 +354,15 @@ def test_ws_plan_refused_where_it_cannot_run():
         G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("ws", 128, 128, 4, 5))
 
 
+@pytest.mark.skipif(not gemm_hopper.AVAILABLE, reason="this Triton has no Gluon")
+def test_ws_smem_layouts_built_once_and_equal_to_gluons_default():
+    for dt, gl_dt in ((torch.float8_e4m3fn, gemm_hopper.gl.float8e4nv), (torch.float8_e5m2, gemm_hopper.gl.float8e5)):
+        for rows in (64, 128):
+            got = gemm_hopper.smem_layout(rows, 128, dt)
+            assert got == gemm_hopper.gl.NVMMASharedLayout.get_default_for([rows, 128], gl_dt)
+            assert gemm_hopper.smem_layout(rows, 128, dt) is got
+
+
 _SASS_PROBE = """
 import json, os, subprocess, sys
 import triton
@@ -425,7 +434,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from blockwise_fp8.kernels import gemm as G
+from blockwise_fp8.kernels import gemm as G, gemm_hopper
 from blockwise_fp8.kernels.rounding import format_constexprs, output_format_constexprs
 
 pointers = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32", bias_ptr="*fp32",

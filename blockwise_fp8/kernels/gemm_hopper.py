@@ -36,6 +36,8 @@ The Triton interpreter cannot run Gluon, so this path is covered by the GPU test
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -228,6 +230,14 @@ if AVAILABLE:
     _GL_FP8 = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
 
 
+@functools.lru_cache(maxsize=None)
+def smem_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The shared-memory layout of a (rows, cols) TMA box of FP8 ``dtype``. Built once per shape:
+    ``get_default_for`` costs ~8 us of Python and a launch needs two (the layouts are frozen
+    values, so one object serves every call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_FP8[dtype])
+
+
 def gemm_ws(a, a_scale, w, w_scale, bias, out, *, num_sms: int, block_m: int = 128, stages: int = 5,
             group_m: int = 8) -> torch.Tensor:
     """Launch on operands that ``kernels.gemm._run`` has checked, into its ``out``."""
@@ -236,8 +246,8 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, num_sms: int, block_m: int = 1
     block = int(BLOCK)
     consumers = block_m // int(ROWS)
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
-    a_desc = GluonDescriptor.from_tensor(a, [box, block], gl.NVMMASharedLayout.get_default_for([box, block], _GL_FP8[a.dtype]))
-    w_desc = GluonDescriptor.from_tensor(w, [block, block], gl.NVMMASharedLayout.get_default_for([block, block], _GL_FP8[w.dtype]))
+    a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype))
+    w_desc = GluonDescriptor.from_tensor(w, [block, block], smem_layout(block, block, w.dtype))
     programs = min(num_sms, triton.cdiv(M, block_m) * triton.cdiv(N, block))
     gemm_ws_kernel[(programs,)](
         a_desc, w_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
