@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_model as bm  # noqa: E402
 from blockwise_fp8 import fusion  # noqa: E402
-from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig, DecoderStack, init_weights  # noqa: E402
+from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig  # noqa: E402
 from blockwise_fp8.kernels import gemm as G, quant as Q  # noqa: E402
 
 
@@ -67,8 +67,6 @@ def main() -> None:
 
 
 def run(args) -> None:
-    from blockwise_fp8 import unwrap_for_compile
-
     combos = args.combos.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,13 +75,7 @@ def run(args) -> None:
     if args.smoke:
         args.ctx = 128
     mode = "reduce-overhead" if dev.type == "cuda" else None
-    with torch.device(dev):
-        base = DecoderStack(cfg, max_len=args.ctx).to(torch.bfloat16)
-    init_weights(base, seed=0)
-    base.eval()
-    models, _ = bm.build_contenders(base, False, True)
-    unwrap_for_compile(models["ours"])
-    pos = torch.tensor([args.ctx - 1], device=dev)
+    models, pos = bm.bf16_and_ours_for_decode(cfg, args.ctx, dev)
     g = torch.Generator(device=dev).manual_seed(1)
     xs = {b: torch.randn(b, 1, cfg.hidden, generator=g, device=dev, dtype=torch.bfloat16) for b in batches}
 

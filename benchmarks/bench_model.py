@@ -211,6 +211,20 @@ def build_contenders(base: DecoderStack, want_torchao: bool, want_ours: bool = T
     return models, notes
 
 
+def bf16_and_ours_for_decode(cfg: DecoderConfig, ctx: int, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """The A/B harnesses' pair: the stack in bf16 (seed 0) and ours after ``unwrap_for_compile``,
+    and the decode position (the last of a ``ctx``-long cache)."""
+    from blockwise_fp8 import unwrap_for_compile
+
+    with torch.device(device):
+        base = DecoderStack(cfg, max_len=ctx).to(torch.bfloat16)
+    init_weights(base, seed=0)
+    base.eval()
+    models, _ = build_contenders(base, False, True)
+    unwrap_for_compile(models["ours"])
+    return models, torch.tensor([ctx - 1], device=device)
+
+
 def run(args) -> tuple[list, list, str]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile_ = device.type == "cuda" if args.compile == "auto" else args.compile == "on"

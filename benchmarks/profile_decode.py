@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_model as bm  # noqa: E402
-from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig, DecoderStack, init_weights  # noqa: E402
+from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig  # noqa: E402
 
 # the first category with a matching name decides; Inductor's kernels are named "triton_..."
 # after the nodes they fuse (a RMSNorm before our quantization is "..._quantize_input_...")
@@ -89,19 +89,11 @@ def main() -> None:
         ap.error("profile_decode.py needs a CUDA device")
     from torch._inductor import config as inductor_config
 
-    from blockwise_fp8 import unwrap_for_compile
-
     settings, what = bm.inductor_settings(args.inductor)
     print(f"# {torch.cuda.get_device_name()}; {bm.versions()}; inductor: {what}", flush=True)
     dev = torch.device("cuda")
     cfg = DecoderConfig(LLAMA3_8B.hidden, LLAMA3_8B.ffn, LLAMA3_8B.heads, LLAMA3_8B.kv_heads, 4)
-    with torch.device(dev):
-        base = DecoderStack(cfg, max_len=args.ctx).to(torch.bfloat16)
-    init_weights(base, seed=0)
-    base.eval()
-    models, _ = bm.build_contenders(base, False, True)
-    unwrap_for_compile(models["ours"])
-    pos = torch.tensor([args.ctx - 1], device=dev)
+    models, pos = bm.bf16_and_ours_for_decode(cfg, args.ctx, dev)
     rows = []
     with inductor_config.patch(settings), torch.no_grad():
         for b in (int(s) for s in args.batches.split(",")):
