@@ -74,8 +74,8 @@ def gemv_sweep(M: int, N: int, K: int, cold: bool = False) -> str:
     wqs = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(copies - 1)]
     w16s = [w] + [w.clone() for _ in range(-(-COLD_BYTES // (2 * N * K)) - 1 if cold else 0)]
 
-    def run(p, which=None):
-        for q, s in wqs if which is None else wqs[:1]:
+    def run(p, first_only=False):
+        for q, s in wqs[:1] if first_only else wqs:
             out = G.gemm(aq, as_, q, s, None, torch.bfloat16, plan_override=p)
         return out
 
@@ -84,14 +84,14 @@ def gemv_sweep(M: int, N: int, K: int, cold: bool = False) -> str:
 
     cur = G.plan(M, N, K, tma=True)
     sk = G._skinny_plan(M, N, K, triton.cdiv(K, 128), G._num_sms(0))
-    ref = run(sk, 0).float()
+    ref = run(sk, first_only=True).float()
     tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
     t_cur, t_sk = per_gemm(lambda: run(cur), len(wqs)), per_gemm(lambda: run(sk), len(wqs))
     t_bf16 = per_gemm(lambda: [F.linear(x, v) for v in w16s], len(w16s))
     results = []
     for bn, g, nw, split, st in itertools.product(*GEMV_GRID.values()):
         p = G.Plan("gemv", triton.next_power_of_2(M), bn, nw, st, split_k=split, groups_k=g)
-        out = run(p, 0).float()
+        out = run(p, first_only=True).float()
         if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
             return f"N={N} K={K} {p} WRONG"
         results.append((per_gemm(lambda: run(p), len(wqs)), bn, g, nw, split, st))
