@@ -12,12 +12,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def bench_model():
-    spec = importlib.util.spec_from_file_location("bench_model", os.path.join(ROOT, "benchmarks", "bench_model.py"))
+def _load(name):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench_model():
+    return _load("bench_model")
 
 
 def _rows(path):
@@ -97,9 +102,7 @@ def test_ab_gemv_formula_is_the_reference_linear(dtype):
     # benchmarks/ab_gemv.py's batch-1 linear in plain torch ops must compute what ours computes
     # (the reference: float64 products of the quantized operands), or its timings compare apples
     # with pears.
-    spec = importlib.util.spec_from_file_location("ab_gemv", os.path.join(ROOT, "benchmarks", "ab_gemv.py"))
-    ab_gemv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab_gemv)
+    ab_gemv = _load("ab_gemv")
     from blockwise_fp8 import quantize_weight, reference
 
     torch.manual_seed(0)
@@ -138,13 +141,6 @@ def test_inductor_pdl_and_freezing_are_on_for_the_run_only(tmp_path, bench_model
         assert seen == [(True, True)] and (config.triton.enable_pdl, config.freezing) == before
     finally:
         bench_model.run = real_run
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_profile_decode_cuts_steps_at_the_host_gaps_and_names_kernels():

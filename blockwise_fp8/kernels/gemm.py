@@ -562,8 +562,9 @@ def ws_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
 def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> int:
     """Split K only where the N tiles give fewer than one program per 4 SMs (N <= 256 with 8-row
     tiles, N <= 512 with 16, on 132 SMs), then to about 2 per SM, in whole loop steps. On an H100
-    no split beat none for the Llama and grid shapes, down to N = 1024 (64 tiles: 4.3 us with 4 splits, 3.9 with none;
-    K = 28672: 87.0 vs 80.3 us; results/tune-gemv-h100-2026-11-26-s8.txt): with many programs per
+    no split beat none for the Llama and grid shapes, down to N = 1024 (64 tiles of 16 rows: 4.3
+    us with 4 splits, 3.9 with none; K = 28672: 87.0 vs 80.3 us;
+    results/tune-gemv-h100-2026-11-26-s8.txt): with many programs per
     SM and no shared memory the card is full without it, and the partials cost."""
     if 4 * n_tiles >= num_sms:
         return 1
