@@ -70,6 +70,7 @@ def _plans(M, K, ws=False):
         ps += [G.Plan("tma", 64, 64, 4, 2, tail_split=3, num_programs=5)]
     if ws:
         ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 5)] + [G.Plan("ws", 192, 128, 4, 4)]
+        ps += [G.Plan("ws", 128, 128, 4, 2, tail_split=3, num_programs=2)]
     return ps
 
 
@@ -130,6 +131,23 @@ def test_tma_tail_split_matches_reference_and_is_deterministic(programs, split):
     first = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
     _check(first, aq, as_, wq, ws, b, torch.float32)
     assert torch.equal(first, G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p))
+    assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("programs,split", [(4, 3), (7, 2), (6, 4)])
+def test_ws_tail_split_matches_reference_and_is_deterministic(programs, split):
+    """The ws kernel's split tail (GPU only): each consumer's 64 rows of a tail tile summed by
+    the last of its splits to arrive; right, the same bits every run, counters left at zero."""
+    x, aq, as_, wq, ws, b = _operands(300, 600, 1024, torch.float8_e4m3fn, seed=programs)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
+    p = G.Plan("ws", 128, 128, 4, 3, tail_split=split, num_programs=programs)  # 15 tiles, one row part-empty
+    assert 15 % programs, "the grid must leave a partial wave to split"
+    first = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
+    _check(first, aq, as_, wq, ws, b, torch.bfloat16)
+    assert torch.equal(first, G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p))
+    whole = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("ws", 128, 128, 4, 3))
+    assert (first.float() - whole.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * whole.float().abs().max()
     assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
 
 
@@ -319,14 +337,16 @@ def test_plan_heuristic_ranges():
     assert G.plan(16, 8192, 8192, tma=True, ws=True).kind == "skinny"
     assert G.plan(1, 8192, 8192, tma=True, ws=True).kind == "gemv"
     assert G.plan(4096, 8192, 8192, tma=False, ws=False).kind == "tiled"
-    # a tail wave under half full is split over K (at most 4 ways, >= 8 K blocks each), and
-    # then the tma kernel beats the ws kernel's extra wave where it saves enough K steps
+    # a tail wave under half full is split over K (at most 4 ways, >= 8 K blocks each), by
+    # whichever of the ws and tma kernels runs the 128 x 128 tiles
     assert G._tail_split(160, 64, 132) == 4 and G._tail_split(320, 64, 132) == 2
     assert G._tail_split(128, 64, 132) == 1 and G._tail_split(264, 64, 132) == 1
     assert G._tail_split(160, 16, 132) == 2  # 16 K blocks: pieces of 8
-    wide = G.plan(256, 10240, 8192, tma=True, ws=True, num_sms=132)  # 160 tiles: 1.2 waves
-    assert (wide.kind, wide.tail_split) == ("tma", 4)
+    for ws in (True, False):
+        wide = G.plan(256, 10240, 8192, tma=True, ws=ws, num_sms=132)  # 160 tiles: 1.2 waves
+        assert (wide.kind, wide.block_m, wide.tail_split) == ("ws" if ws else "tma", 128, 4)
     assert G.plan(2048, 10240, 8192, tma=True, ws=True, num_sms=132).kind == "ws"  # 1280 tiles
+    assert G.plan(8192, 8192, 8192, tma=True, ws=True, num_sms=132).tail_split == 1  # 192-row tiles: never split
 
 
 def test_ws_plan_takes_192_row_tiles_where_they_save_waves():
@@ -364,7 +384,7 @@ def test_ws_smem_layouts_built_once_and_equal_to_gluons_default():
 
 
 _SASS_PROBE = """
-import json, os, subprocess, sys
+import inspect, json, os, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -375,12 +395,13 @@ consumers = int(sys.argv[2])
 def desc(rows):  # the A box: 128 rows with two consumers, 64 with three
     layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
     return f"tensordesc<fp8e4nv[{rows}, 128],{layout!r}>"
-names = ["a_desc", "w_desc", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "M", "N", "K",
-         "stride_asm", "stride_ask", "stride_wsn", "stride_wsk", "stride_om", "stride_on",
-         "HAS_BIAS", "CONSUMERS", "GROUP_M", "NUM_PROGRAMS", "STAGES", "CONSUMER_REGS", "PRODUCER_REGS"]
-types = [desc(128 if consumers == 2 else 64), desc(128), "*fp32", "*fp32", "*bf16", "*bf16"] + ["i32"] * 9 + ["constexpr"] * 7
+tail_split = int(sys.argv[3])
+names = list(inspect.signature(H.gemm_ws_kernel.fn).parameters)
 consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132, STAGES=5 if consumers == 2 else 4,
-              CONSUMER_REGS=H.CONSUMER_REGS[consumers], PRODUCER_REGS=H.PRODUCER_REGS[consumers])
+              TAIL_SPLIT=tail_split, CONSUMER_REGS=H.CONSUMER_REGS[consumers], PRODUCER_REGS=H.PRODUCER_REGS[consumers])
+pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128), a_scale_ptr="*fp32", w_scale_ptr="*fp32",
+                bias_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
+types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]
 src = GluonASTSource(H.gemm_ws_kernel, dict(zip(names, types)), {(names.index(k),): v for k, v in consts.items()})
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -396,12 +417,13 @@ print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DE
 """
 
 
-@pytest.mark.parametrize("consumers", [2, 3])
-def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers):
+@pytest.mark.parametrize("consumers,tail_split", [(2, 1), (2, 4), (3, 1)])
+def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split):
     """ptxas silently serialises every wgmma when it cannot prove the accumulators safe, which
     made earlier versions of this kernel slower than the plain one: compile it for sm_90 (no GPU
-    needed) and count the warpgroup waits in its SASS, one per consumer, and the local-memory
-    spills (none with two consumers; three share the register file more tightly). In a
+    needed) and count the warpgroup waits in its SASS, one per consumer and K loop (the split
+    tail has a second), and the local-memory spills (none with two consumers; three share the
+    register file more tightly). In a
     fresh process, without TRITON_INTERPRET and with an empty kernel cache: after this suite's
     interpreted kernels, Triton's Gluon front end mis-typed the descriptor arguments."""
     import json
@@ -415,14 +437,15 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
         pytest.skip("this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers)], capture_output=True,
-                         text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers), str(tail_split)],
+                         capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     if "skip" in counts:
         pytest.skip(counts["skip"])
-    assert counts["gmma"] == 4 * consumers  # four k32 steps per 128-wide K block, per consumer
-    assert counts["depbar"] == consumers, "ptxas serialised the wgmma pipeline"
+    loops = 2 if tail_split > 1 else 1
+    assert counts["gmma"] == 4 * consumers * loops  # four k32 steps per 128-wide K block, per consumer
+    assert counts["depbar"] == consumers * loops, "ptxas serialised the wgmma pipeline"
     # Triton 3.6's ptxas spills 10 local loads/stores' worth with three consumers at 160 registers
     # (3.9's none; the kernel is faster than two consumers all the same): a few, not a loop's worth
     assert counts["spills"] <= (0 if consumers == 2 else 16)

@@ -41,7 +41,8 @@ Five kernels, chosen by :func:`plan` from the shape:
     their own products and promote them with no CTA-wide barrier in the K loop (the compiled
     ``tma`` kernel has three per K step), so one warpgroup's promotion overlaps the other's MMAs.
     +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md). On large grids three consumers and
-    192 x 128 tiles, another 4-10% (``_wide_plan``). GPU-only: the interpreter cannot run Gluon.
+    192 x 128 tiles, another 4-10% (``_wide_plan``); with 128 x 128 tiles the split tail of
+    ``tma``. GPU-only: the interpreter cannot run Gluon.
 ``tiled`` (everything else, and the Triton interpreter)
     The same math with plain pointer loads and a one-program-per-tile grid.
 
@@ -519,8 +520,8 @@ class Plan:
     group_m: int = 8
     flatten: bool = False
     warp_specialize: bool = False
-    tail_split: int = 1  # "tma": split the last, partial wave's tiles over K among this many programs
-    num_programs: int = 0  # "tma": persistent programs (0: one per SM); tests use fewer
+    tail_split: int = 1  # "tma", "ws": split the last, partial wave's tiles over K among this many programs
+    num_programs: int = 0  # "tma", "ws": persistent programs (0: one per SM); tests use fewer
     groups_k: int = 1  # "gemv": 128-wide K blocks per loop step
 
 
@@ -580,14 +581,6 @@ def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
     return max(1, min(-(-3 * num_sms // (2 * n_tiles)), k_blocks // 4))
 
 
-# How much more a K step of the tma kernel costs than one of the ws kernel, for choosing between
-# them: 1.1-1.22x per step on H100 (results/tune-ws-h100-2026-11-26.txt), and a split tail pays
-# for its partials and a second ramp; with 1.3 the split is taken at 1.2 waves of tiles, where it
-# wins clearly (61.7 vs 69.4 us, results/tune-tail-h100-2026-11-26.txt), and not at 2.4 or 3.03
-# waves, where the two were within 2% either way.
-WS_SPEEDUP = 1.3
-
-
 def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
     """How many programs share each tile of the last, partial wave (1: none). Only a tail that
     fills less than half a wave is split, into at most 4 pieces of >= 8 K blocks, so that the
@@ -604,26 +597,22 @@ WS192_COST = 0.95
 
 
 def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int) -> Plan:
-    """128 x 128 tiles: the ws kernel, or the tma kernel when splitting the tail wave (which only
-    the tma kernel can) costs less in K steps of a tile than the ws kernel's extra wave. The ws
-    kernel takes 192 x 128 tiles where, counted in waves of the persistent grid, they cost less:
-    from 8 waves of 128-row tiles up, so that a partial last wave or a part-empty last row of
-    tiles weighs little (M = 2048, N = 8192: 5.3 waves of 192-row tiles, 6% slower; M = 4096: 3%
-    faster, M = 8192: 4%)."""
+    """128 x 128 tiles, the last partial wave's tiles split over K where ``_tail_split`` says so:
+    the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
+    tiles (unsplit) where, counted in waves of the persistent grid, they cost less: from 8 waves
+    of 128-row tiles up, so that a partial last wave or a part-empty last row of tiles weighs
+    little (M = 2048, N = 8192: 5.3 waves of 192-row tiles, 6% slower; M = 4096: 3% faster,
+    M = 8192: 4%)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
-    tma = Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False, tail_split=split)
     if not ws:
-        return tma
+        return Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False, tail_split=split)
     waves = triton.cdiv(tiles, num_sms)
-    ws_steps = waves * k_blocks
-    tma_steps = (tiles // num_sms) * k_blocks + triton.cdiv(k_blocks, split)
-    if split > 1 and tma_steps * WS_SPEEDUP < ws_steps:
-        return tma
     waves_192 = triton.cdiv(triton.cdiv(M, 192) * triton.cdiv(N, 128), num_sms)
     if waves >= 8 and 1.5 * waves_192 * WS192_COST <= waves:
         return Plan("ws", 192, 128, num_warps=4, num_stages=4)  # 4 stages: 164 KB, as fast as 5
-    return Plan("ws", 128, 128, num_warps=4, num_stages=5)  # 5 stages: results/tune-ws-h100-2026-11-26.txt
+    # 5 stages: results/tune-ws-h100-2026-11-26.txt
+    return Plan("ws", 128, 128, num_warps=4, num_stages=5, tail_split=split)
 
 
 def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132) -> Plan:
@@ -733,6 +722,25 @@ def _zeros_on_another_thread(n: int, device: torch.device) -> torch.Tensor:
     return made[0]
 
 
+def _persistent_grid(p: Plan, M: int, N: int, K: int, num_sms: int, device: torch.device, *, counters_per_tile: int):
+    """(programs, tail_start, tail_split, partials, counters) of a persistent kernel: one program
+    per SM (or ``p.num_programs``); tiles [0, tail_start) whole waves; with ``p.tail_split`` > 1
+    and a partial last wave, its tiles each split over K among tail_split programs, with a
+    float32 partial per split (tail tiles, tail_split, block_m, block_n) and ``counters_per_tile``
+    zeroed arrival counters per tail tile (partials and counters None without a split)."""
+    num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n)
+    programs = min(p.num_programs or num_sms, num_tiles)
+    if p.tail_split == 1 or num_tiles % programs == 0:
+        return programs, num_tiles, 1, None, None
+    tail_start = num_tiles - num_tiles % programs
+    split = min(p.tail_split, triton.cdiv(K, SCALE_BLOCK))
+    if split == 1:
+        return programs, num_tiles, 1, None, None
+    tails = num_tiles - tail_start
+    partial = torch.empty((tails, split, p.block_m, p.block_n), dtype=torch.float32, device=device)
+    return programs, tail_start, split, partial, _arrival_counters(device, tails * counters_per_tile)
+
+
 def _set_tma_allocator() -> None:
     # Device-side descriptors need scratch memory; host-side ones do not, but Triton asks for an
     # allocator on some versions whenever descriptors are present. A torch allocation is cheap.
@@ -822,23 +830,18 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             )
         if p.block_m not in gemm_hopper.BLOCK_MS or p.block_n != SCALE_BLOCK:
             raise ValueError(f"the 'ws' plan has 128 x 128 or 192 x 128 tiles, got {p.block_m} x {p.block_n}")
-        return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, num_sms=num_sms, block_m=p.block_m,
-                                   stages=p.num_stages, group_m=p.group_m)
+        programs, tail_start, tail_split, partial, arrivals = _persistent_grid(
+            p, M, N, K, num_sms, a.device, counters_per_tile=p.block_m // 64)
+        return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, programs=programs, block_m=p.block_m,
+                                   stages=p.num_stages, group_m=p.group_m, tail_start=tail_start,
+                                   tail_split=tail_split, partial=partial, arrivals=arrivals)
     if p.kind == "tma":
         _set_tma_allocator()
         a_desc = TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK])
         w_desc = TensorDescriptor.from_tensor(w, [p.block_n, SCALE_BLOCK])
-        num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n)
-        programs = min(p.num_programs or num_sms, num_tiles)
-        tail_start, tail_split = num_tiles, 1
-        if p.tail_split > 1 and num_tiles % programs:
-            tail_start = num_tiles - num_tiles % programs
-            tail_split = max(1, min(p.tail_split, triton.cdiv(K, SCALE_BLOCK)))
-        if tail_split > 1:
-            partial = torch.empty((num_tiles - tail_start, tail_split, p.block_m, p.block_n),
-                                  dtype=torch.float32, device=a.device)
-            arrivals = _arrival_counters(a.device, num_tiles - tail_start)
-        else:
+        programs, tail_start, tail_split, partial, arrivals = _persistent_grid(
+            p, M, N, K, num_sms, a.device, counters_per_tile=1)
+        if tail_split == 1:
             partial = arrivals = w_scale
         gemm_tma_kernel[(programs,)](
             a_desc, a_scale, w_desc, w_scale, bias_arg, out, partial, arrivals,

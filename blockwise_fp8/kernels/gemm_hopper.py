@@ -23,6 +23,10 @@ more promotion: 4-10% faster per product on an H100 at M >= 4096 (bit-identical;
 benchmarks/results/ws-tiles-h100-2026-11-26-s9.log; ``gemm._wide_plan`` says when the coarser
 tiles pay).
 
+Where the grid ends in a partial wave, its tiles can be split over K (``TAIL_SPLIT``): both roles
+walk the whole tiles, then the tail's (tile, split) units, and each consumer finishes its own 64
+rows of a tail tile through float32 partials and an arrival counter (see ``_consumer``).
+
 What ptxas accepts decides whether this pays: when it cannot prove a wgmma's accumulator
 registers safe it serialises every wgmma (info C7511/C7514; 16 waits instead of 2 in the SASS),
 which made two earlier versions slower than ``tma``: one kept a wgmma in flight across the loop's
@@ -81,6 +85,21 @@ elif AVAILABLE:
         tma.async_copy_global_to_shared(desc, [row, col], barrier, dest)
 
 
+# The barrier among the threads of one partition: gl.barrier in later Triton versions,
+# gl.thread_barrier in 3.6 (same hashing reason as above).
+if AVAILABLE and hasattr(gl, "barrier"):
+
+    @gluon.jit
+    def _partition_barrier():
+        gl.barrier()
+
+elif AVAILABLE:
+
+    @gluon.jit
+    def _partition_barrier():
+        gl.thread_barrier()
+
+
 if AVAILABLE:
 
     @gluon.jit
@@ -94,40 +113,97 @@ if AVAILABLE:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @gluon.jit
-    def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K,
-                  CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr):
-        """TMA-loads each K step's A and W tiles into ring slot it % STAGES once every consumer
-        has released its previous contents. Three consumers get one 64-row A box each (shared
-        memory shapes are powers of two, 192 is not); two share one 128-row box, as before the
-        three-consumer variant existed (the same PTX as the GPU-tested two-consumer kernel)."""
+    def _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M: gl.constexpr, TAIL_SPLIT: gl.constexpr):
+        """Work unit u of the split tail -> (pid_m, pid_n, first K block, end K block): unit u is
+        split u % TAIL_SPLIT of tile tail_start + u // TAIL_SPLIT."""
+        kb_per = gl.cdiv(k_blocks, TAIL_SPLIT)
+        kb_start = (u % TAIL_SPLIT) * kb_per
+        pid_m, pid_n = _tile_coords(tail_start + u // TAIL_SPLIT, num_m, num_n, GROUP_M)
+        return pid_m, pid_n, kb_start, gl.minimum(kb_start + kb_per, k_blocks)
+
+    @gluon.jit
+    def _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, off_m, off_n, kb_start, kb_end, it,
+                      CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
+        """TMA-loads K blocks [kb_start, kb_end) of one tile into the ring, from slot it % STAGES;
+        returns the ring position after them."""
+        for kb in range(kb_start, kb_end):
+            s = it % STAGES
+            # a fresh barrier counts as released in the phase before its first, so the first
+            # lap over the ring does not wait
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            if CONSUMERS == 2:
+                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                _tma_load(a_desc, off_m, kb * BLOCK, ready.index(s), a_bufs.index(s))
+            else:
+                mbarrier.expect(ready.index(s), CONSUMERS * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                for c in gl.static_range(CONSUMERS):
+                    _tma_load(a_desc, off_m + c * ROWS, kb * BLOCK, ready.index(s), a_bufs.index(s * CONSUMERS + c))
+            _tma_load(w_desc, off_n, kb * BLOCK, ready.index(s), w_bufs.index(s))
+            it += 1
+        return it
+
+    @gluon.jit
+    def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start,
+                  CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr,
+                  TAIL_SPLIT: gl.constexpr):
+        """Feeds the ring in the consumers' order: whole tiles, then the split tail's units. Three
+        consumers get one 64-row A box each (shared memory shapes are powers of two, 192 is not);
+        two share one 128-row box, as before the three-consumer variant existed (the same PTX as
+        the GPU-tested two-consumer kernel)."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
         num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK)
         k_blocks = gl.cdiv(K, BLOCK)
         it = 0
-        for tile in range(gl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        for tile in range(gl.program_id(0), tail_start, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            for kb in range(k_blocks):
-                s = it % STAGES
-                # a fresh barrier counts as released in the phase before its first, so the first
-                # lap over the ring does not wait
-                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                if CONSUMERS == 2:
-                    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                    _tma_load(a_desc, pid_m * BLOCK_M, kb * BLOCK, ready.index(s), a_bufs.index(s))
-                else:
-                    mbarrier.expect(ready.index(s), CONSUMERS * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                    for c in gl.static_range(CONSUMERS):
-                        _tma_load(a_desc, pid_m * BLOCK_M + c * ROWS, kb * BLOCK, ready.index(s),
-                                  a_bufs.index(s * CONSUMERS + c))
-                _tma_load(w_desc, pid_n * BLOCK, kb * BLOCK, ready.index(s), w_bufs.index(s))
-                it += 1
+            it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK,
+                               0, k_blocks, it, CONSUMERS, STAGES)
+        if TAIL_SPLIT > 1:
+            for u in range(gl.program_id(0), (num_m * num_n - tail_start) * TAIL_SPLIT, NUM_PROGRAMS):
+                pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
+                it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK,
+                                   kb_start, kb_end, it, CONSUMERS, STAGES)
 
     @gluon.jit
-    def _consumer(a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                  M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
+    def _mma_k_steps(a_bufs, w_bufs, ready, empty, a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk,
+                     kb_start, kb_end, it, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr):
+        """This consumer's 64 rows of one tile over K blocks [kb_start, kb_end): each block's
+        product waited for, its stage released, then promoted with both scales. Returns
+        (float32 accumulator, ring position after)."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
+        zero = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
+        acc = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
+        for kb in range(kb_start, kb_end):
+            s = it % STAGES
+            # loaded before the wgmma is waited for, so its latency hides behind it
+            scale = gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            if CONSUMERS == 2:
+                a_tile = a_bufs.index(s).slice(PART * ROWS, ROWS)
+            else:
+                a_tile = a_bufs.index(s * CONSUMERS + PART)
+            part = warpgroup_mma(a_tile, w_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(0, deps=(part,))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc += part * gl.expand_dims(scale, 1)
+            it += 1
+        return acc, it
+
+    @gluon.jit
+    def _store_rows(acc, rm, m_ok, rn, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS: gl.constexpr):
+        """Epilogue of 64 rows: bias, output cast, masked store."""
+        n_ok = rn < N
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(gl.float32), 0)
+        ptrs = out_ptr + gl.expand_dims(rm, 1) * stride_om + gl.expand_dims(rn, 0) * stride_on
+        gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
+
+    @gluon.jit
+    def _consumer(a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+                  M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
                   HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr):
+                  NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, PART: gl.constexpr):
         """Rows [64 PART, 64 PART + 64) of each tile."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
@@ -136,48 +212,60 @@ if AVAILABLE:
         num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK)
         k_blocks = gl.cdiv(K, BLOCK)
-        zero = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
+        rows = PART * ROWS + gl.arange(0, ROWS, layout=row_layout)
+        cols = gl.arange(0, BLOCK, layout=col_layout)
         it = 0
-        for tile in range(gl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        for tile in range(gl.program_id(0), tail_start, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            rm = pid_m * BLOCK_M + PART * ROWS + gl.arange(0, ROWS, layout=row_layout)
+            rm = pid_m * BLOCK_M + rows
             m_ok = rm < M
-            a_s_ptrs = a_scale_ptr + rm * stride_asm
-            w_s_ptr = w_scale_ptr + pid_n * stride_wsn
-            acc = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
-            for kb in range(k_blocks):
-                s = it % STAGES
-                # loaded before the wgmma is waited for, so its latency hides behind it
-                scale = gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                if CONSUMERS == 2:
-                    a_tile = a_bufs.index(s).slice(PART * ROWS, ROWS)
-                else:
-                    a_tile = a_bufs.index(s * CONSUMERS + PART)
-                part = warpgroup_mma(a_tile, w_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                part = warpgroup_mma_wait(0, deps=(part,))
-                mbarrier.arrive(empty.index(s), count=1)
-                acc += part * gl.expand_dims(scale, 1)
-                it += 1
-
-            rn = pid_n * BLOCK + gl.arange(0, BLOCK, layout=col_layout)
-            n_ok = rn < N
-            if HAS_BIAS:
-                acc += gl.expand_dims(gl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(gl.float32), 0)
-            ptrs = out_ptr + gl.expand_dims(rm, 1) * stride_om + gl.expand_dims(rn, 0) * stride_on
-            gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
+            acc, it = _mma_k_steps(a_bufs, w_bufs, ready, empty, a_scale_ptr + rm * stride_asm, m_ok,
+                                   w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, 0, k_blocks, it,
+                                   CONSUMERS, STAGES, PART)
+            _store_rows(acc, rm, m_ok, pid_n * BLOCK + cols, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS)
+        if TAIL_SPLIT > 1:
+            # Split-K of the last, partial wave, finished without a second launch: each split
+            # stores its float32 partial of these 64 rows (partials: (tail tiles, TAIL_SPLIT,
+            # BLOCK_M, 128)) and arrives on the counter of (tile, PART); the last to arrive sums
+            # the partials in split order (the result does not depend on who came last), runs
+            # the epilogue and leaves the counter at zero for the next launch.
+            offs = gl.expand_dims(rows, 1) * BLOCK + gl.expand_dims(cols, 0)
+            for u in range(gl.program_id(0), (num_m * num_n - tail_start) * TAIL_SPLIT, NUM_PROGRAMS):
+                pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
+                rm = pid_m * BLOCK_M + rows
+                m_ok = rm < M
+                acc, it = _mma_k_steps(a_bufs, w_bufs, ready, empty, a_scale_ptr + rm * stride_asm, m_ok,
+                                       w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, kb_start, kb_end, it,
+                                       CONSUMERS, STAGES, PART)
+                tail = u // TAIL_SPLIT
+                tile_ptrs = partial_ptr + tail * (TAIL_SPLIT * BLOCK_M * BLOCK) + offs
+                gl.store(tile_ptrs + (u % TAIL_SPLIT) * (BLOCK_M * BLOCK), acc)
+                # every thread's partial is stored before the (acq_rel, GPU-scope) arrival; the
+                # last to arrive reads the others' partials past L1, which may hold none of them
+                _partition_barrier()
+                counter = arrivals_ptr + tail * CONSUMERS + PART
+                if gl.atomic_add(counter, 1) == TAIL_SPLIT - 1:
+                    total = gl.load(tile_ptrs, cache_modifier=".cg")
+                    for k in range(1, TAIL_SPLIT):
+                        total += gl.load(tile_ptrs + k * (BLOCK_M * BLOCK), cache_modifier=".cg")
+                    _store_rows(total, rm, m_ok, pid_n * BLOCK + cols, N, bias_ptr, out_ptr, stride_om, stride_on,
+                                HAS_BIAS)
+                    gl.atomic_xchg(counter, 0)
 
     @gluon.jit
     def gemm_ws_kernel(
-        a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-        M, N, K,
+        a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+        M, N, K, tail_start,
         stride_asm, stride_ask, stride_wsn, stride_wsk,
         stride_om, stride_on,
         HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ):
         """Layouts as in ``kernels/gemm.py``; CONSUMERS 2 or 3; w_desc is a 128 x 128 fp8 TMA
-        descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three."""
+        descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three. Tiles
+        [0, tail_start) are computed whole; with TAIL_SPLIT > 1 each later tile is split over K
+        among TAIL_SPLIT programs (partial_ptr: (tiles - tail_start, TAIL_SPLIT, 64 CONSUMERS,
+        128) float32; arrivals_ptr: zeroed int32 counters, CONSUMERS per tail tile)."""
         if CONSUMERS == 2:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 2 * ROWS, BLOCK], a_desc.layout)
         else:
@@ -192,28 +280,28 @@ if AVAILABLE:
         # (warp_specialize takes its partitions as a literal list, hence the two spellings)
         if CONSUMERS == 2:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 1)),
-                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
+                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 1)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
-                             HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, 2)),
-                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 2)),
+                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -238,9 +326,11 @@ def smem_layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_FP8[dtype])
 
 
-def gemm_ws(a, a_scale, w, w_scale, bias, out, *, num_sms: int, block_m: int = 128, stages: int = 5,
-            group_m: int = 8) -> torch.Tensor:
-    """Launch on operands that ``kernels.gemm._run`` has checked, into its ``out``."""
+def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 5,
+            group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None
+            ) -> torch.Tensor:
+    """Launch ``programs`` persistent programs on operands that ``kernels.gemm._run`` has checked,
+    into its ``out``; the split tail's buffers come from there too (``tail_start`` None: no tail)."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
@@ -248,13 +338,16 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, num_sms: int, block_m: int = 1
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
     a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype))
     w_desc = GluonDescriptor.from_tensor(w, [block, block], smem_layout(block, block, w.dtype))
-    programs = min(num_sms, triton.cdiv(M, block_m) * triton.cdiv(N, block))
+    if tail_start is None:
+        tail_start = triton.cdiv(M, block_m) * triton.cdiv(N, block)
     gemm_ws_kernel[(programs,)](
         a_desc, w_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
-        M, N, K,
+        partial if partial is not None else w_scale, arrivals if arrivals is not None else w_scale,
+        M, N, K, tail_start,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
-        CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers], num_warps=4,
+        TAIL_SPLIT=tail_split, CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers],
+        num_warps=4,
     )
     return out
