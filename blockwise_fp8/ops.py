@@ -190,7 +190,16 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize")
 # the weight-streaming Triton kernels (gemv at M = 1, skinny) win the decode range, the persistent TMA kernel and
 # cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
 # (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
-CUBLAS_MIN_M = 64  # auto uses cuBLAS for M >= this where cuBLAS supports the call
+CUBLAS_MIN_M = 64  # auto uses cuBLAS for M >= this where cuBLAS supports the call, except:
+# up to M = OURS_SMALL_N_MAX_M, weights with N <= OURS_SMALL_N stay with our kernels: there the grid
+# of output tiles leaves SMs idle, and our tma/ws kernels split K over it (kernels/gemm.py,
+# _persistent_grid) while cuBLAS does not. H100, e4m3, us ours / cuBLAS (session 11,
+# benchmarks/results/ab-split-underfilled-h100-2026-11-27-s11.txt): N, K = 4096, 14336 at M = 64 /
+# 96 / 128 31.8 / 36.9 / 37.3 vs 42.2 / 42.4 / 42.5; 4096, 4096 11.2 / 13.4 / 13.6 vs 14.8-14.9;
+# 6144, 4096 13.5 / 15.4 / 14.6 vs 14.8 / 14.9 / 15.0; 1024, 4096 10.4-10.7 vs 14.8-15.0. At M = 192
+# and above, and for N >= 8192, cuBLAS was as fast or faster (6144 x 4096 at M = 192: 21.1 vs 15.5).
+OURS_SMALL_N = 6144
+OURS_SMALL_N_MAX_M = 128
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
 # linear: quantize inside the weight-streaming GEMM for M <= this. 0 = off: on the H100 the fused
 # skinny kernel (which quantizes a 16-row padded tile per K block in every program) measured 132 us
@@ -217,6 +226,8 @@ def choose_gemm_backend(
     M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, *, cublas_available: bool
 ) -> str:
     """The "auto" table: "cublas" where cuBLAS runs the call and was measured faster, else "triton"."""
+    if M <= OURS_SMALL_N_MAX_M and N <= OURS_SMALL_N:
+        return "triton"
     if cublas_available and M >= CUBLAS_MIN_M and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype):
         return "cublas"
     return "triton"

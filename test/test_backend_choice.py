@@ -44,6 +44,10 @@ def test_choice_table():
     assert pick(8192, a=E5) == "triton"
     assert pick(8192, avail=False) == "triton"
     assert pick(8192, K=300) == "triton"
+    # small N up to M = 128: our kernels split K over the under-filled grid, cuBLAS does not
+    assert pick(ops.OURS_SMALL_N_MAX_M, N=ops.OURS_SMALL_N) == "triton"
+    assert pick(ops.OURS_SMALL_N_MAX_M + 1, N=ops.OURS_SMALL_N) == "cublas"
+    assert pick(ops.OURS_SMALL_N_MAX_M, N=ops.OURS_SMALL_N + 16) == "cublas"
 
 
 def test_resolve_backend_rules():

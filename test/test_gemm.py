@@ -121,20 +121,23 @@ def test_fused_quant_is_bit_identical_to_two_step(M, dtype):
         assert torch.equal(two_step.view(torch.int16), fused.view(torch.int16))
 
 
-@pytest.mark.parametrize("programs,split", [(5, 3), (8, 2), (7, 4)])
-def test_tma_tail_split_matches_reference_and_is_deterministic(programs, split):
+@pytest.mark.parametrize("programs,split,flatten", [(5, 3, False), (8, 2, True), (7, 4, False), (16, 2, True)])
+def test_tma_tail_split_matches_reference_and_is_deterministic(programs, split, flatten):
     """The last, partial wave's tiles split over K among several programs and summed by the last
-    to arrive: right, the same bits on every run, and the arrival counters left at zero."""
+    to arrive: right, the same bits on every run, and the arrival counters left at zero. With
+    more programs than tiles (16 for 12) every tile is split."""
     x, aq, as_, wq, ws, b = _operands(130, 200, 1024, torch.float8_e5m2, seed=programs)
-    p = G.Plan("tma", 64, 64, 4, 2, tail_split=split, num_programs=programs)  # 12 tiles of 64 x 64
+    p = G.Plan("tma", 64, 64, 4, 2, flatten=flatten, tail_split=split, num_programs=programs)  # 12 tiles of 64 x 64
     assert 12 % programs, "the grid must leave a partial wave to split"
+    launched = G._persistent_grid(p, 130, 200, 1024, 132, aq.device, counters_per_tile=1)
+    assert launched[:3] == ((programs, 12 - 12 % programs, split) if programs < 12 else (min(programs, 12 * split), 0, split))
     first = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
     _check(first, aq, as_, wq, ws, b, torch.float32)
     assert torch.equal(first, G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p))
     assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
 
 
-@pytest.mark.parametrize("programs,split", [(4, 3), (7, 2), (6, 4)])
+@pytest.mark.parametrize("programs,split", [(4, 3), (7, 2), (6, 4), (40, 2)])
 def test_ws_tail_split_matches_reference_and_is_deterministic(programs, split):
     """The ws kernel's split tail (GPU only): each consumer's 64 rows of a tail tile summed by
     the last of its splits to arrive; right, the same bits every run, counters left at zero."""
@@ -142,6 +145,7 @@ def test_ws_tail_split_matches_reference_and_is_deterministic(programs, split):
     if not G.ws_usable(aq, wq):
         pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
     p = G.Plan("ws", 128, 128, 4, 3, tail_split=split, num_programs=programs)  # 15 tiles, one row part-empty
+    # (40 programs: all 15 tiles split, 30 programs)
     assert 15 % programs, "the grid must leave a partial wave to split"
     first = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
     _check(first, aq, as_, wq, ws, b, torch.bfloat16)

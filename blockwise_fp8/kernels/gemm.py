@@ -661,7 +661,8 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
             n_tiles = triton.cdiv(N, 128)
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
             if 2 * rounds(64) < 3 * rounds(128):
-                return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True)
+                split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
+                return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
         return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
@@ -723,20 +724,20 @@ def _zeros_on_another_thread(n: int, device: torch.device) -> torch.Tensor:
 
 
 def _persistent_grid(p: Plan, M: int, N: int, K: int, num_sms: int, device: torch.device, *, counters_per_tile: int):
-    """(programs, tail_start, tail_split, partials, counters) of a persistent kernel: one program
-    per SM (or ``p.num_programs``); tiles [0, tail_start) whole waves; with ``p.tail_split`` > 1
-    and a partial last wave, its tiles each split over K among tail_split programs, with a
-    float32 partial per split (tail tiles, tail_split, block_m, block_n) and ``counters_per_tile``
-    zeroed arrival counters per tail tile (partials and counters None without a split)."""
+    """(programs, tail_start, tail_split, partials, counters) of a persistent kernel: up to one
+    program per SM (or ``p.num_programs``); tiles [0, tail_start) in whole waves; with
+    ``p.tail_split`` > 1 and a partial last wave, its tiles each split over K among tail_split
+    programs, with a float32 partial per split (tail tiles, tail_split, block_m, block_n) and
+    ``counters_per_tile`` zeroed arrival counters per tail tile (partials and counters None
+    without a split). A grid of fewer tiles than programs is all tail: split-K on every tile."""
     num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n)
-    programs = min(p.num_programs or num_sms, num_tiles)
-    if p.tail_split == 1 or num_tiles % programs == 0:
-        return programs, num_tiles, 1, None, None
-    tail_start = num_tiles - num_tiles % programs
+    most = p.num_programs or num_sms
     split = min(p.tail_split, triton.cdiv(K, SCALE_BLOCK))
-    if split == 1:
-        return programs, num_tiles, 1, None, None
+    if split == 1 or num_tiles % most == 0:
+        return min(most, num_tiles), num_tiles, 1, None, None
+    tail_start = num_tiles - num_tiles % most
     tails = num_tiles - tail_start
+    programs = most if tail_start else min(most, tails * split)
     partial = torch.empty((tails, split, p.block_m, p.block_n), dtype=torch.float32, device=device)
     return programs, tail_start, split, partial, _arrival_counters(device, tails * counters_per_tile)
 
