@@ -1,6 +1,7 @@
 """The blockwise FP8 GEMM grid of the original README, every contender in one run on one card.
 
     python benchmarks/bench_gemm.py [--out DIR] [--ms 1,16,...] [--torchao-configs heuristic|full] [--rounds R]
+    python benchmarks/bench_gemm.py --merge DIR1,DIR2 --out DIR   # one grid from runs of its parts
 
 Grid: M = 1, 2, 4, ..., 8192 x (N, K) in {(8192, 8192), (10240, 8192), (57344, 8192), (8192, 28672)}
 x {e4m3, e5m2}. Contenders, all on the same inputs:
@@ -142,7 +143,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every contender this many times per cell, the order rotated each round, and "
                          "keep its best median (see time_contenders; 1: the fixed order, about 270 s on an H100)")
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated output folders of runs over parts of the grid (e.g. --nk halves, each "
+                         "within a time limit): write their rows as one grid to --out, no GPU needed")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge.split(","), args)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     os.makedirs(args.out, exist_ok=True)
@@ -220,6 +226,41 @@ def write_outputs(rows, args, header, dev, versions, final):
         print(summary, flush=True)
 
 
+TEXT_COLUMNS = ("dtype", "ours_triton_plan", "ours_auto_backend")
+
+
+def read_grid(path: str) -> tuple[str, list[dict]]:
+    """The header (its ``#`` lines) and rows of a gemm_grid.csv, numbers parsed and empty cells dropped (as
+    ``main`` builds them)."""
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    comments = [ln for ln in lines if ln.startswith("#")]
+    rows = []
+    for raw in csv.DictReader(ln for ln in lines if not ln.startswith("#")):
+        r = {}
+        for k, v in raw.items():
+            if v != "":
+                r[k] = v if k in TEXT_COLUMNS else int(v) if k in ("M", "N", "K") else float(v)
+        rows.append(r)
+    return "\n".join(comments), rows
+
+
+def merge(dirs: list, args) -> None:
+    """One grid (CSV, summary, plot) from the outputs of several runs over parts of it. Each run's
+    header line is kept: the rows of different runs may come from different machines, and a
+    ratio is only meaningful within its own row (each row times every contender in one run)."""
+    headers, rows = [], []
+    for d in dirs:
+        h, r = read_grid(os.path.join(d, "gemm_grid.csv"))
+        headers.append(h)
+        rows += r
+    first = headers[0].lstrip("# ").split("; ")
+    dev, versions = first[0], first[1]
+    header = "\n".join(headers[:1] + ["# + rows of " + h.lstrip("# ").replace("\n# ", "; ") for h in headers[1:]])
+    os.makedirs(args.out, exist_ok=True)
+    write_outputs(rows, args, header, dev, versions, final=True)
+
+
 def gmean(v):
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
 
@@ -253,7 +294,8 @@ def plot(rows, path, dev):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
+        print(f"no plot written ({path}): matplotlib is not importable ({type(e).__name__}: {e})", flush=True)
         return
     combos = sorted({(r["N"], r["K"], r["dtype"]) for r in rows})
     cols = 4

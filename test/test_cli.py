@@ -239,3 +239,35 @@ def test_bench_gemm_rotates_the_contender_order_between_rounds():
     calls.clear()
     assert bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=1, timer=timer) == {"a": 5.0, "b": 1.0}
     assert calls == ["a", "b"]
+
+
+def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
+    """benchmarks/bench_gemm.py --merge: the rows of runs over parts of the grid written as one
+    (CSV and summary; every header line kept), numbers read back as written (CPU, no timing)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_gemm.py")
+    spec = importlib.util.spec_from_file_location("bench_gemm_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def cell(M, N, us):
+        r = {"M": M, "N": N, "K": 8192, "dtype": "e4m3", "bf16_us": 2.0 * us, "ours_auto_us": us, "ours_linear_us": us,
+             "ours_triton_us": us, "ours_auto_backend": "triton", "ours_triton_plan": "ws128", "ours_triton_sqnr_db": 28.5}
+        for c in ("bf16", "ours_auto", "ours_linear", "ours_triton"):
+            r[f"{c}_x_bf16"] = r["bf16_us"] / r[f"{c}_us"]
+        return r
+
+    parts = {"a": [cell(1, 8192, 25.0), cell(2, 8192, 26.5)], "b": [cell(1, 57344, 150.25)]}
+    for name, rows in parts.items():
+        out = tmp_path / name
+        out.mkdir()
+        bench.write_outputs(rows, SimpleNamespace(out=str(out), plot=False), f"# H100; torch x; run {name}", "H100", "torch x",
+                            final=False)
+    merged = tmp_path / "merged"
+    bench.merge([str(tmp_path / "a"), str(tmp_path / "b")], SimpleNamespace(out=str(merged), plot=False))
+    header, rows = bench.read_grid(str(merged / "gemm_grid.csv"))
+    assert rows == parts["a"] + parts["b"]
+    assert header.splitlines() == ["# H100; torch x; run a", "# + rows of H100; torch x; run b"]
+    assert "| ours_auto | 3 | 2.00x |" in (merged / "summary.md").read_text()
