@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gemm.py [--out DIR] [--ms 1,16,...] [--torchao-configs heuristic|full] [--rounds R]
     python benchmarks/bench_gemm.py --merge DIR1,DIR2 --out DIR   # one grid from runs of its parts
+                                                                  # (DIR2's rows replace DIR1's per cell)
 
 Grid: M = 1, 2, 4, ..., 8192 x (N, K) in {(8192, 8192), (10240, 8192), (57344, 8192), (8192, 28672)}
 x {e4m3, e5m2}. Contenders, all on the same inputs:
@@ -246,14 +247,16 @@ def read_grid(path: str) -> tuple[str, list[dict]]:
 
 
 def merge(dirs: list, args) -> None:
-    """One grid (CSV, summary, plot) from the outputs of several runs over parts of it. Each run's
-    header line is kept: the rows of different runs may come from different machines, and a
+    """One grid (CSV, summary, plot) from the outputs of several runs over parts of it; where two
+    runs timed the same cell, the later folder's row is kept. Each run's header is kept: the rows of different runs may come from different machines, and a
     ratio is only meaningful within its own row (each row times every contender in one run)."""
-    headers, rows = [], []
+    headers, cells = [], {}
     for d in dirs:
         h, r = read_grid(os.path.join(d, "gemm_grid.csv"))
         headers.append(h)
-        rows += r
+        for row in r:  # a later run's row replaces an earlier one's for the same cell (a re-run)
+            cells[(row["M"], row["N"], row["K"], row["dtype"])] = row
+    rows = list(cells.values())
     first = headers[0].lstrip("# ").split("; ")
     dev, versions = first[0], first[1]
     header = "\n".join(headers[:1] + ["# + rows of " + h.lstrip("# ").replace("\n# ", "; ") for h in headers[1:]])

@@ -243,7 +243,8 @@ def test_bench_gemm_rotates_the_contender_order_between_rounds():
 
 def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
     """benchmarks/bench_gemm.py --merge: the rows of runs over parts of the grid written as one
-    (CSV and summary; every header line kept), numbers read back as written (CPU, no timing)."""
+    (CSV and summary; every header line kept; a later run's row replaces an earlier one's for the
+    same cell), numbers read back as written (CPU, no timing)."""
     import importlib.util
     from types import SimpleNamespace
 
@@ -259,7 +260,7 @@ def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
             r[f"{c}_x_bf16"] = r["bf16_us"] / r[f"{c}_us"]
         return r
 
-    parts = {"a": [cell(1, 8192, 25.0), cell(2, 8192, 26.5)], "b": [cell(1, 57344, 150.25)]}
+    parts = {"a": [cell(1, 8192, 25.0), cell(2, 8192, 26.5)], "b": [cell(1, 57344, 150.25), cell(2, 8192, 24.0)]}
     for name, rows in parts.items():
         out = tmp_path / name
         out.mkdir()
@@ -268,6 +269,6 @@ def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
     merged = tmp_path / "merged"
     bench.merge([str(tmp_path / "a"), str(tmp_path / "b")], SimpleNamespace(out=str(merged), plot=False))
     header, rows = bench.read_grid(str(merged / "gemm_grid.csv"))
-    assert rows == parts["a"] + parts["b"]
+    assert rows == [parts["a"][0], parts["b"][1], parts["b"][0]]  # b's re-run of (2, 8192) replaces a's
     assert header.splitlines() == ["# H100; torch x; run a", "# + rows of H100; torch x; run b"]
     assert "| ours_auto | 3 | 2.00x |" in (merged / "summary.md").read_text()
