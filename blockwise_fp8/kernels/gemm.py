@@ -34,7 +34,8 @@ Five kernels, chosen by :func:`plan` from the shape:
     weight tile in L2, operands fetched by the Hopper bulk-tensor copy engine through host-side
     tensor descriptors (zero-filled out of bounds, which handles ragged K and N), optionally a
     flattened tile/K loop (64-row tiles) so the next tile's loads overlap this tile's epilogue,
-    and optionally the last, partial wave's tiles split over K (``tail_split``).
+    and optionally the last, partial wave's tiles split over K (``tail_split``; a grid of fewer
+    tiles than SMs is all tail, so every tile is split).
 ``ws`` (large M on Hopper, sm_90 only; ``kernels/gemm_hopper.py``)
     The 128 x 128 tiles of ``tma`` in Triton's Gluon dialect, warp-specialised: a producer warp
     feeds a shared-memory ring through TMA and two consumer warpgroups, 64 rows each, wait for
