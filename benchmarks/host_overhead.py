@@ -2,10 +2,12 @@
 
     python benchmarks/host_overhead.py --out results/host_overhead.txt
 
-For one eager ``ops.linear`` per backend path (cuBLAS at M=2048, the skinny Triton kernel at M=1)
-and one compiled step of the model benchmark's stack (decode with CUDA graphs, prefill without),
-it prints the wall time per call with the GPU kept idle enough to show the host cost, then a
-cProfile table of the calls (top functions by own time).
+For one eager ``ops.linear`` per backend path (the gemv kernel at M=1, the tma kernel with split K
+at M=64, cuBLAS at M=2048), layer by layer from the kernel launchers (``kernels.quant.quantize``,
+``kernels.gemm.gemm``, ``torch._scaled_mm``) up to the public functions, and one compiled step of
+the model benchmark's stack (decode with CUDA graphs, prefill without), it prints the wall time
+per call, then a cProfile table of the calls (top functions by own time). Where a layer costs
+more than the sum of the ones it calls, the difference is host time outside them.
 """
 
 from __future__ import annotations
@@ -61,15 +63,25 @@ def main(argv=None) -> int:
     say = lambda s="": (print(s, flush=True), report.append(s))  # noqa: E731
 
     torch.manual_seed(0)
-    for M, N, K in ((1, 4096, 4096), (2048, 4096, 4096)):
+    from blockwise_fp8.kernels import gemm as gemm_kernels
+    from blockwise_fp8.kernels import quant
+
+    for M, N, K in ((1, 4096, 4096), (64, 4096, 4096), (2048, 4096, 4096)):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         wq, ws = ops.quantize_weight(w)
         aq, as_ = ops.quantize_activation(x)
         path = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16,
                                        cublas_available=ops.cublas_blockwise_available(x.device))
+        aq_m, as_m = quant.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True)  # cuBLAS's layout
+        kind = gemm_kernels.plan(M, N, K, tma=gemm_kernels.tma_usable(aq, wq), ws=gemm_kernels.ws_usable(aq, wq)).kind
         fns = {
             "F.linear bf16": lambda: F.linear(x, w),
+            "kernels: quant.quantize": lambda: quant.quantize(x, 1, 128, torch.float8_e4m3fn),
+            f"kernels: gemm.gemm ({kind})": lambda: gemm_kernels.gemm(aq, as_, wq, ws, None, torch.bfloat16),
+            "torch._scaled_mm (cuBLAS blockwise)": lambda: torch._scaled_mm(
+                aq_m, wq.t(), as_m, ws.t(), out_dtype=torch.bfloat16),
+            "ops._cublas_gemm": lambda: ops._cublas_gemm(aq_m, as_m, wq, ws, None, torch.bfloat16),
             f"ops.linear ({path})": lambda: ops.linear(x, wq, ws),
             "ops.quantize_activation": lambda: ops.quantize_activation(x),
             f"ops.gemm ({path})": lambda: ops.gemm(aq, as_, wq, ws),
@@ -78,7 +90,10 @@ def main(argv=None) -> int:
         }
         say(f"## eager, M={M} N={N} K={K}: host us per call")
         for name, fn in fns.items():
-            say(f"  {name:34s} {host_us(fn):8.1f}")
+            try:
+                say(f"  {name:38s} {host_us(fn):8.1f}")
+            except Exception as e:  # noqa: BLE001 -- e.g. cuBLAS refusing M = 1: say so, time the rest
+                say(f"  {name:38s} failed: {type(e).__name__}: {str(e)[:100]}")
         say(profile(fns[f"ops.linear ({path})"]))
 
     cfg = DecoderConfig(LLAMA3_8B.hidden, LLAMA3_8B.ffn, LLAMA3_8B.heads, LLAMA3_8B.kv_heads, args.layers)
