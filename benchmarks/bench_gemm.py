@@ -248,8 +248,9 @@ def read_grid(path: str) -> tuple[str, list[dict]]:
 
 def merge(dirs: list, args) -> None:
     """One grid (CSV, summary, plot) from the outputs of several runs over parts of it; where two
-    runs timed the same cell, the later folder's row is kept. Each run's header is kept: the rows of different runs may come from different machines, and a
-    ratio is only meaningful within its own row (each row times every contender in one run)."""
+    runs timed the same cell, the later folder's row is kept. Each run's header is kept: the rows
+    of different runs may come from different machines, and a ratio is only meaningful within its
+    own row (each row times every contender in one run)."""
     headers, cells = [], {}
     for d in dirs:
         h, r = read_grid(os.path.join(d, "gemm_grid.csv"))

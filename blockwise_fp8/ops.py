@@ -197,7 +197,9 @@ CUBLAS_MIN_M = 64  # auto uses cuBLAS for M >= this where cuBLAS supports the ca
 # benchmarks/results/ab-split-underfilled-h100-2026-11-27-s11.txt): N, K = 4096, 14336 at M = 64 /
 # 96 / 128 31.8 / 36.9 / 37.3 vs 42.2 / 42.4 / 42.5; 4096, 4096 11.2 / 13.4 / 13.6 vs 14.8-14.9;
 # 6144, 4096 13.5 / 15.4 / 14.6 vs 14.8 / 14.9 / 15.0; 1024, 4096 10.4-10.7 vs 14.8-15.0. At M = 192
-# and above, and for N >= 8192, cuBLAS was as fast or faster (6144 x 4096 at M = 192: 21.1 vs 15.5).
+# and above cuBLAS was faster (6144 x 4096 at M = 192: 21.1 vs 15.5), and for N >= 8192 at M = 64-128
+# as fast or faster on every shape but two, left to it all the same (M = 64: N = 57344 ours 180.7
+# vs 194.5, N = 28672, K = 4096 48.7 vs 51.8; a rule for those needs more shapes measured).
 OURS_SMALL_N = 6144
 OURS_SMALL_N_MAX_M = 128
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
