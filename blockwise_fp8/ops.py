@@ -115,10 +115,15 @@ def _check_out_dtype(dtype, name: str = "out_dtype") -> None:
 
 
 def _check_same_device(**tensors) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        raise ValueError(f"all tensors must be on one device, got {devices}")
+    first = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            devices = {name: t.device for name, t in tensors.items() if t is not None}
+            raise ValueError(f"all tensors must be on one device, got {devices}")
     return first
 
 
@@ -306,6 +311,18 @@ def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w
     )
 
 
+_KERNEL_MODULES: list = []
+
+
+def _kernels():
+    """(kernels.gemm, kernels.quant), imported on first use: ``ops`` itself imports without Triton."""
+    if not _KERNEL_MODULES:
+        from .kernels import gemm, quant
+
+        _KERNEL_MODULES.extend((gemm, quant))
+    return _KERNEL_MODULES
+
+
 def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -349,8 +366,10 @@ def _custom_op(name: str):
         op = getattr(torch.ops.blockwise_fp8, name).default
 
         def call(*args):
-            if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-                return _NoGradientFormula.apply(op, *args)
+            if torch.is_grad_enabled():
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.requires_grad:
+                        return _NoGradientFormula.apply(op, *args)
             return op(*args)
 
         call.op = op
@@ -365,10 +384,8 @@ def _quantize_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         return reference.quantize(x, (group_m, block_k), dtype)
-    from .kernels import quant
-
     with _on_device(x):
-        return quant.quantize(x, group_m, block_k, dtype)
+        return _kernels()[1].quantize(x, group_m, block_k, dtype)
 
 
 @torch.library.register_fake(_quantize_op.op)
@@ -384,10 +401,8 @@ def _dequantize_op(
 ) -> torch.Tensor:
     if backend == "reference":
         return reference.dequantize(q, scale, (group_m, block_k), dtype)
-    from .kernels import quant
-
     with _on_device(q):
-        return quant.dequantize(q, scale, group_m, block_k, dtype)
+        return _kernels()[1].dequantize(q, scale, group_m, block_k, dtype)
 
 
 @torch.library.register_fake(_dequantize_op.op)
@@ -407,8 +422,7 @@ def _gemm_op(
 ) -> torch.Tensor:
     if backend == "reference":
         return reference.gemm(a_q, a_scale, w_q, w_scale, block_size=GEMM_BLOCK_SIZE, out_dtype=out_dtype, bias=bias)
-    from .kernels import gemm as gemm_kernels
-
+    gemm_kernels = _kernels()[0]
     with _on_device(a_q):
         if _gemm_backend_for_call(backend, *a_q.shape, a_q.dtype, w_q, out_dtype) == "cublas":
             return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
@@ -435,8 +449,7 @@ def _gemm_group_op(
     # per launch; weights that "auto" sends to cuBLAS, and every other backend, run one by one.
     if backend == "reference":
         return [_gemm_op.op(a_q, a_scale, w, s, b, out_dtype, backend) for w, s, b in zip(w_q, w_scale, bias)]
-    from .kernels import gemm as gemm_kernels
-
+    gemm_kernels = _kernels()[0]
     M, K = a_q.shape
     with _on_device(a_q):
         routes = [_gemm_backend_for_call(backend, M, K, a_q.dtype, w, out_dtype) for w in w_q]
@@ -474,9 +487,7 @@ def _linear_op(
         return reference.linear(
             x, w_q, w_scale, bias, activation_dtype=activation_dtype, block_size=GEMM_BLOCK_SIZE, out_dtype=out_dtype
         )
-    from .kernels import gemm as gemm_kernels
-    from .kernels import quant
-
+    gemm_kernels, quant = _kernels()
     M, K = x.shape
     with _on_device(x):
         if backend == "auto" and M <= FUSED_QUANT_MAX_M and activation_dtype == w_q.dtype:
@@ -505,10 +516,8 @@ def _quantize_input_op(
     if backend == "reference":
         q, scale = reference.quantize(x, (1, GEMM_BLOCK_SIZE), dtype)
         return q, (scale.t().contiguous().t() if scale_m_major else scale)
-    from .kernels import quant
-
     with _on_device(x):
-        return quant.quantize(x, 1, GEMM_BLOCK_SIZE, dtype, scale_m_major=scale_m_major)
+        return _kernels()[1].quantize(x, 1, GEMM_BLOCK_SIZE, dtype, scale_m_major=scale_m_major)
 
 
 @torch.library.register_fake(_quantize_input_op.op)
@@ -667,7 +676,7 @@ def gemm(
     if a_q.dim() == 0:
         raise ValueError("a_q must have at least one dimension, got a 0-d tensor")
     K = a_q.shape[-1]
-    N = _check_weight_operand(w_q, w_scale, K, f"a_q of shape {tuple(a_q.shape)}", bias)
+    N = _check_weight_operand(w_q, w_scale, K, "a_q", a_q.shape, bias)
     _check_scale(a_scale, (*a_q.shape[:-1], _cdiv(K, GEMM_BLOCK_SIZE)), "a_scale", "a_q", a_q.shape)
     device = _check_same_device(a_q=a_q, a_scale=a_scale, w_q=w_q, w_scale=w_scale, bias=bias)
     backend = resolve_backend(backend, device, op="gemm")
@@ -677,14 +686,15 @@ def gemm(
     return out.view(*a_q.shape[:-1], N)
 
 
-def _check_weight_operand(w_q: torch.Tensor, w_scale: torch.Tensor, K: int, k_of: str, bias) -> int:
-    """Checks shared by :func:`gemm` and :func:`linear`; returns N."""
+def _check_weight_operand(w_q: torch.Tensor, w_scale: torch.Tensor, K: int, k_name: str, k_shape, bias) -> int:
+    """Checks shared by :func:`gemm` and :func:`linear` (``k_name`` of shape ``k_shape`` gives K);
+    returns N."""
     _check_fp8_tensor(w_q, "w_q")
     if w_q.dim() != 2:
         raise ValueError(f"w_q must be 2-D (N, K), got shape {tuple(w_q.shape)}")
     N = w_q.shape[0]
     if w_q.shape[1] != K:
-        raise ValueError(f"{k_of} and w_q disagree on K: w_q has shape {tuple(w_q.shape)}")
+        raise ValueError(f"{k_name} of shape {tuple(k_shape)} and w_q disagree on K: w_q has shape {tuple(w_q.shape)}")
     b = GEMM_BLOCK_SIZE
     _check_scale(w_scale, (_cdiv(N, b), _cdiv(K, b)), "w_scale", "w_q", w_q.shape)
     if bias is not None:
@@ -719,7 +729,7 @@ def linear(
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
     K = x.shape[-1]
-    N = _check_weight_operand(w_q, w_scale, K, f"x of shape {tuple(x.shape)}", bias)
+    N = _check_weight_operand(w_q, w_scale, K, "x", x.shape, bias)
     device = _check_same_device(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
     backend = resolve_backend(backend, device, op="linear")
     x2 = x.reshape(-1, K)

@@ -71,6 +71,7 @@ from .quant import (
     quantize_rows,
     wait_for_previous_grid,
 )
+from .launch import launch
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
@@ -597,7 +598,7 @@ def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
 WS192_COST = 0.95
 
 
-def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int) -> Plan:
+def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float) -> Plan:
     """128 x 128 tiles, the last partial wave's tiles split over K where ``_tail_split`` says so:
     the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
     tiles (unsplit) where, counted in waves of the persistent grid, they cost less: from 8 waves
@@ -610,7 +611,7 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int) -> Plan
         return Plan("tma", 128, 128, num_warps=8, num_stages=4, flatten=False, tail_split=split)
     waves = triton.cdiv(tiles, num_sms)
     waves_192 = triton.cdiv(triton.cdiv(M, 192) * triton.cdiv(N, 128), num_sms)
-    if waves >= 8 and 1.5 * waves_192 * WS192_COST <= waves:
+    if waves >= 8 and 1.5 * waves_192 * ws192_cost <= waves:
         return Plan("ws", 192, 128, num_warps=4, num_stages=4)  # 4 stages: 164 KB, as fast as 5
     # 5 stages: results/tune-ws-h100-2026-11-26.txt
     return Plan("ws", 128, 128, num_warps=4, num_stages=5, tail_split=split)
@@ -621,9 +622,16 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
     compile of at most a few configs, not a sweep). ``tma``: tensor descriptors usable;
     ``ws``: the warp-specialised Gluon kernel usable (it then replaces the 128 x 128 ``tma``
     tiles, 10-22% faster on every measured shape, M = 256..8192, except where the tma kernel's
-    tail split saves more, see ``_wide_plan``)."""
+    tail split saves more, see ``_wide_plan``). Worked out once per shape (host time per call);
+    the module's tunables are read here, so A/B runs that change them get fresh plans."""
+    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m: int, skinny_max_m: int,
+          ws192_cost: float) -> Plan:
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
-    if M <= GEMV_MAX_M:
+    if M <= gemv_max_m:
         # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
         # Timed as in a decode step, each GEMM over weights not in L2 (tune_skinny.py --gemv
         # --cold; 48 configs: 8 / 16 rows, 8 / 16 blocks, 4 / 8 warps, 1 / 2 splits, 1-3 stages,
@@ -636,9 +644,9 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
         split = _gemv_split_k(triton.cdiv(N, block_n), k_blocks, groups_k, num_sms)
         return Plan("gemv", triton.next_power_of_2(M), block_n, num_warps=4, num_stages=1, split_k=split,
                     groups_k=groups_k)
-    if M <= SKINNY_MAX_M:
+    if M <= skinny_max_m:
         return _skinny_plan(M, N, K, k_blocks, num_sms)
-    return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms)
+    return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost)
 
 
 def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
@@ -651,7 +659,8 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
     return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
 
 
-def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int) -> Plan:
+def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int,
+                ws192_cost: float) -> Plan:
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -664,7 +673,7 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
             if 2 * rounds(64) < 3 * rounds(128):
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
-        return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms)
+        return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -731,23 +740,36 @@ def _persistent_grid(p: Plan, M: int, N: int, K: int, num_sms: int, device: torc
     programs, with a float32 partial per split (tail tiles, tail_split, block_m, block_n) and
     ``counters_per_tile`` zeroed arrival counters per tail tile (partials and counters None
     without a split). A grid of fewer tiles than programs is all tail: split-K on every tile."""
+    programs, tail_start, split, tails = _grid_layout(p, M, N, K, num_sms)
+    if split == 1:
+        return programs, tail_start, 1, None, None
+    partial = torch.empty((tails, split, p.block_m, p.block_n), dtype=torch.float32, device=device)
+    return programs, tail_start, split, partial, _arrival_counters(device, tails * counters_per_tile)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_layout(p: Plan, M: int, N: int, K: int, num_sms: int) -> tuple[int, int, int, int]:
+    """(programs, tail_start, tail_split, tail tiles) of ``_persistent_grid``, once per shape."""
     num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n)
     most = p.num_programs or num_sms
     split = min(p.tail_split, triton.cdiv(K, SCALE_BLOCK))
     if split == 1 or num_tiles % most == 0:
-        return min(most, num_tiles), num_tiles, 1, None, None
+        return min(most, num_tiles), num_tiles, 1, 0
     tail_start = num_tiles - num_tiles % most
     tails = num_tiles - tail_start
     programs = most if tail_start else min(most, tails * split)
-    partial = torch.empty((tails, split, p.block_m, p.block_n), dtype=torch.float32, device=device)
-    return programs, tail_start, split, partial, _arrival_counters(device, tails * counters_per_tile)
+    return programs, tail_start, split, tails
+
+
+def _tma_scratch(size: int, align: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _set_tma_allocator() -> None:
     # Device-side descriptors need scratch memory; host-side ones do not, but Triton asks for an
     # allocator on some versions whenever descriptors are present. A torch allocation is cheap.
     if hasattr(triton, "set_allocator"):
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        triton.set_allocator(_tma_scratch)
 
 
 def gemm(
@@ -822,7 +844,6 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     if p.kind in STREAMING_KINDS:
         _launch_streaming(a, a_scale, [(w, w_scale, bias, out)], p, fuse_quant=fuse_quant)
         return out
-    common = dict(HAS_BIAS=bias is not None, **output_format_constexprs(out_dtype))
     bias_arg = bias if bias is not None else w_scale
     if p.kind == "ws":
         if plan_override is not None and not ws_usable(a, w):  # plan() only picks ws where usable
@@ -845,27 +866,40 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             p, M, N, K, num_sms, a.device, counters_per_tile=1)
         if tail_split == 1:
             partial = arrivals = w_scale
-        gemm_tma_kernel[(programs,)](
+        launch(gemm_tma_kernel, (programs,), (
             a_desc, a_scale, w_desc, w_scale, bias_arg, out, partial, arrivals,
             M, N, K, tail_start,
             a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
             out.stride(0), out.stride(1),
-            BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=p.group_m,
-            NUM_PROGRAMS=programs, FLATTEN=p.flatten, WARP_SPECIALIZE=p.warp_specialize, TAIL_SPLIT=tail_split,
-            num_warps=p.num_warps, num_stages=p.num_stages, **common,
-        )
+        ), _tma_meta(p, programs, tail_split, bias is not None, out_dtype))
         return out
-    grid = (triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n),)
-    gemm_tiled_kernel[grid](
+    launch(gemm_tiled_kernel, (-(-M // p.block_m) * -(-N // p.block_n),), (
         a, a_scale, w, w_scale, bias_arg, out,
         M, N, K,
         a.stride(0), a.stride(1), a_scale.stride(0), a_scale.stride(1),
         w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=p.group_m,
-        num_warps=p.num_warps, num_stages=p.num_stages, **common,
-    )
+    ), _tiled_meta(p, bias is not None, out_dtype))
     return out
+
+
+# The constexprs and launch options of each launch, built once per configuration (a hashable
+# tuple for kernels.launch).
+@functools.lru_cache(maxsize=1024)
+def _tma_meta(p: Plan, programs: int, tail_split: int, has_bias: bool, out_dtype: torch.dtype) -> tuple:
+    return tuple(dict(
+        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=p.group_m,
+        NUM_PROGRAMS=programs, FLATTEN=p.flatten, WARP_SPECIALIZE=p.warp_specialize, TAIL_SPLIT=tail_split,
+        num_warps=p.num_warps, num_stages=p.num_stages, HAS_BIAS=has_bias, **output_format_constexprs(out_dtype),
+    ).items())
+
+
+@functools.lru_cache(maxsize=1024)
+def _tiled_meta(p: Plan, has_bias: bool, out_dtype: torch.dtype) -> tuple:
+    return tuple(dict(
+        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=p.group_m,
+        num_warps=p.num_warps, num_stages=p.num_stages, HAS_BIAS=has_bias, **output_format_constexprs(out_dtype),
+    ).items())
 
 
 STREAMING_KINDS = ("gemv", "skinny")  # the weight-streaming kernels: split-K, members, PDL
@@ -878,37 +912,54 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     if p.kind == "gemv" and (M > p.block_m or p.block_n > SCALE_BLOCK or SCALE_BLOCK % p.block_n or p.groups_k < 1):
         raise ValueError(f"the 'gemv' plan needs M <= its block_m and a BLOCK_N dividing 128, got M = {M} and {p}")
     w, w_scale, bias, out = members[0]
-    k_blocks = triton.cdiv(K, SCALE_BLOCK)
-    step = p.groups_k if p.kind == "gemv" else 1  # K blocks per loop step; a split is whole steps
-    split = max(1, min(p.split_k, k_blocks))
-    kb_per = triton.cdiv(triton.cdiv(k_blocks, split), step) * step
-    split = triton.cdiv(k_blocks, kb_per)  # no empty splits
-    sizes = [m[0].shape[0] for m in members]
-    n_tiles = sum(triton.cdiv(n, p.block_n) for n in sizes)
-    partial_n = sizes[0] if len(members) == 1 else n_tiles * p.block_n
+    sizes = tuple(m[0].shape[0] for m in members)
+    split, kb_per, n_tiles, partial_n = _streaming_grid(p, M, K, sizes)
     partial = torch.empty((split, M, partial_n), dtype=torch.float32, device=a.device) if split > 1 else out
     arrivals = _arrival_counters(a.device, n_tiles) if split > 1 else w_scale
     s_arg = a_scale if a_scale is not None else w_scale
     padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
-    extra = [t if t is not None else w_scale for m in padded[1:] for t in (m[0], m[1], m[2], m[3])]
+    extra = [t if t is not None else w_scale for m in padded[1:] for t in m]
     pdl = programmatic_launch(a.device)
-    kernel, kind_meta = gemm_skinny_kernel, dict(SCALES_AHEAD=SKINNY_SCALES_AHEAD)
-    if p.kind == "gemv":
-        kernel, kind_meta = gemm_gemv_kernel, dict(GROUPS_K=p.groups_k)
-    kernel[(n_tiles, split)](
+    meta = _streaming_meta(
+        p, split, bias is not None, out.dtype, fuse_quant, w.dtype, hardware_fp8_cast(a.device), pdl, len(members),
+        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS,
+    )
+    launch(gemm_gemv_kernel if p.kind == "gemv" else gemm_skinny_kernel, (n_tiles, split), (
         a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
         M, sizes[0], K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n,
         a.stride(0), a.stride(1),
         s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
         w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, **output_format_constexprs(out.dtype),
-        FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w.dtype).max), **format_constexprs(w.dtype),
-        CVT_FP8=hardware_fp8_cast(a.device), SPLIT_K=split, PDL=pdl,
-        TRIGGER_AFTER_LOOP=SKINNY_TRIGGER_AFTER_LOOP, PREFETCH_BLOCKS=SKINNY_PREFETCH_BLOCKS,
-        MEMBERS=len(members), BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, **kind_meta,
+    ), meta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, int, int]:
+    """(split, K blocks per split, N tiles, columns of the partials) of a streaming launch."""
+    k_blocks = triton.cdiv(K, SCALE_BLOCK)
+    step = p.groups_k if p.kind == "gemv" else 1  # K blocks per loop step; a split is whole steps
+    split = max(1, min(p.split_k, k_blocks))
+    kb_per = triton.cdiv(triton.cdiv(k_blocks, split), step) * step
+    split = triton.cdiv(k_blocks, kb_per)  # no empty splits
+    n_tiles = sum(triton.cdiv(n, p.block_n) for n in sizes)
+    partial_n = sizes[0] if len(sizes) == 1 else n_tiles * p.block_n
+    return split, kb_per, n_tiles, partial_n
+
+
+@functools.lru_cache(maxsize=1024)
+def _streaming_meta(p: Plan, split: int, has_bias: bool, out_dtype: torch.dtype, fuse_quant: bool,
+                    w_dtype: torch.dtype, cvt: bool, pdl: bool, members: int,
+                    scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int) -> tuple:
+    kind_meta = dict(GROUPS_K=p.groups_k) if p.kind == "gemv" else dict(SCALES_AHEAD=scales_ahead)
+    return tuple(dict(
+        HAS_BIAS=has_bias, **output_format_constexprs(out_dtype),
+        FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w_dtype).max), **format_constexprs(w_dtype),
+        CVT_FP8=cvt, SPLIT_K=split, PDL=pdl,
+        TRIGGER_AFTER_LOOP=trigger_after_loop, PREFETCH_BLOCKS=prefetch_blocks,
+        MEMBERS=members, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=SCALE_BLOCK, **kind_meta,
         num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch_options(pdl),
-    )
+    ).items())
 
 
 MAX_GROUP = 3  # weights per launch of gemm_group (the pointer slots of the skinny kernel)
@@ -949,7 +1000,7 @@ def gemm_group(
         block_n = plan(M, 1, K, tma=False, num_sms=num_sms).block_n
         for start in range(0, len(ws), MAX_GROUP):
             idx = list(range(start, min(start + MAX_GROUP, len(ws))))
-            width = sum(triton.cdiv(ws[i].shape[0], block_n) for i in idx) * block_n  # the tiles' columns
+            width = sum(-(-ws[i].shape[0] // block_n) for i in idx) * block_n  # the tiles' columns
             p = plan(M, width, K, tma=False, num_sms=num_sms)
             if len(idx) == 1 or p.kind not in STREAMING_KINDS:
                 continue

@@ -43,7 +43,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
+
+from .launch import launch
 
 try:
     from triton.experimental import gluon
@@ -339,15 +340,21 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
     a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype))
     w_desc = GluonDescriptor.from_tensor(w, [block, block], smem_layout(block, block, w.dtype))
     if tail_start is None:
-        tail_start = triton.cdiv(M, block_m) * triton.cdiv(N, block)
-    gemm_ws_kernel[(programs,)](
+        tail_start = -(-M // block_m) * -(-N // block)
+    launch(gemm_ws_kernel, (programs,), (
         a_desc, w_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
         partial if partial is not None else w_scale, arrivals if arrivals is not None else w_scale,
         M, N, K, tail_start,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
+    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages: int, tail_split: int) -> tuple:
+    return tuple(dict(
+        HAS_BIAS=has_bias, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
         TAIL_SPLIT=tail_split, CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers],
         num_warps=4,
-    )
-    return out
+    ).items())

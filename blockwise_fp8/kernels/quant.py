@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import INTERPRETING, launch
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs, round_to_format, widen_to_fp32
 
 try:  # programmatic dependent launch (Triton >= 3.3); see programmatic_launch()
@@ -223,8 +224,9 @@ def dequantize_kernel(
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1`` when Triton
+    and these kernels were imported)."""
+    return INTERPRETING
 
 
 def programmatic_launch(device: torch.device) -> bool:
@@ -283,28 +285,39 @@ def quantize(
     blockwise GEMM requires, and a contiguous vector per K block for our GEMM kernels."""
     assert x.dim() == 2
     M, K = x.shape
-    q = torch.empty((M, K), dtype=dtype, device=x.device)
-    s_shape = (triton.cdiv(M, group_m), triton.cdiv(K, block_k))
+    device = x.device
+    q = torch.empty((M, K), dtype=dtype, device=device)
+    s_rows, s_cols = -(-M // group_m), -(-K // block_k)
     if scale_m_major:
-        scale = torch.empty(s_shape[::-1], dtype=torch.float32, device=x.device).t()
+        scale = torch.empty((s_cols, s_rows), dtype=torch.float32, device=device).t()
     else:
-        scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
+        scale = torch.empty((s_rows, s_cols), dtype=torch.float32, device=device)
+    if M == 0 or K == 0:
         return q, scale
-    block_m, groups_k, warps = _tiling(M, K, group_m, block_k, tiling)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k * groups_k))
-    pdl = programmatic_launch(x.device)
-    wait = pdl and QUANT_WAITS
-    quantize_kernel[grid](
+    pdl = programmatic_launch(device)
+    grid, meta = _quantize_launch(M, K, group_m, block_k, dtype, tiling and tuple(tiling) or ACT_TILING, pdl,
+                                  pdl and QUANT_WAITS, hardware_fp8_cast(device))
+    launch(quantize_kernel, grid, (
         x, q, scale,
         M, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
-        FP8_MAX=float(torch.finfo(dtype).max),
-        **format_constexprs(dtype), CVT_FP8=hardware_fp8_cast(x.device), PDL=pdl, PDL_WAIT=wait,
+    ), meta)
+    return q, scale
+
+
+@functools.lru_cache(maxsize=1024)
+def _quantize_launch(M: int, K: int, group_m: int, block_k: int, dtype: torch.dtype, tiling: tuple, pdl: bool,
+                     wait: bool, cvt: bool):
+    """(grid, constexprs and launch options) of one quantization, computed once per configuration
+    (the module's tunables, read by the caller, are part of it)."""
+    block_m, groups_k, warps = _tiling(M, K, group_m, block_k, tiling)
+    grid = (-(-M // block_m), -(-K // (block_k * groups_k)))
+    meta = dict(
+        FP8_MAX=float(torch.finfo(dtype).max), **format_constexprs(dtype), CVT_FP8=cvt, PDL=pdl, PDL_WAIT=wait,
         BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k, num_warps=warps,
         **pdl_launch_options(wait),
     )
-    return q, scale
+    return grid, tuple(meta.items())
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -314,14 +327,19 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_m: int, block_k: int,
     out = torch.empty((M, K), dtype=dtype, device=q.device)
     if q.numel() == 0:
         return out
-    # Scales are gathered per element (row // GROUP_M), so any tiling works: use the wide one.
-    block_m, groups_k, warps = _tiling(M, K, 1, block_k, (32, 4, 4))
-    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k * groups_k))
-    dequantize_kernel[grid](
+    grid, meta = _dequantize_launch(M, K, group_m, block_k, dtype)
+    launch(dequantize_kernel, grid, (
         q, scale, out,
         M, K,
         q.stride(0), q.stride(1), scale.stride(0), scale.stride(1), out.stride(0), out.stride(1),
-        **output_format_constexprs(dtype),
-        BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k,
-    )
+    ), meta)
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _dequantize_launch(M: int, K: int, group_m: int, block_k: int, dtype: torch.dtype):
+    # Scales are gathered per element (row // GROUP_M), so any tiling works: use the wide one.
+    block_m, groups_k, _ = _tiling(M, K, 1, block_k, (32, 4, 4))
+    grid = (-(-M // block_m), -(-K // (block_k * groups_k)))
+    meta = dict(**output_format_constexprs(dtype), BLOCK_M=block_m, GROUP_M=group_m, BLOCK_K=block_k, GROUPS_K=groups_k)
+    return grid, tuple(meta.items())
