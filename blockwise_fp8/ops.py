@@ -195,18 +195,19 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize")
 # the weight-streaming Triton kernels (gemv at M = 1, skinny) win the decode range, the persistent TMA kernel and
 # cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
 # (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
-CUBLAS_MIN_M = 64  # auto uses cuBLAS for M >= this where cuBLAS supports the call, except:
-# up to M = OURS_SMALL_N_MAX_M, weights with N <= OURS_SMALL_N stay with our kernels: there the grid
-# of output tiles leaves SMs idle, and our tma/ws kernels split K over it (kernels/gemm.py,
-# _persistent_grid) while cuBLAS does not. H100, e4m3, us ours / cuBLAS (session 11,
-# benchmarks/results/ab-split-underfilled-h100-2026-11-27-s11.txt): N, K = 4096, 14336 at M = 64 /
-# 96 / 128 31.8 / 36.9 / 37.3 vs 42.2 / 42.4 / 42.5; 4096, 4096 11.2 / 13.4 / 13.6 vs 14.8-14.9;
-# 6144, 4096 13.5 / 15.4 / 14.6 vs 14.8 / 14.9 / 15.0; 1024, 4096 10.4-10.7 vs 14.8-15.0. At M = 192
-# and above cuBLAS was faster (6144 x 4096 at M = 192: 21.1 vs 15.5), and for N >= 8192 at M = 64-128
-# as fast or faster on every shape but two, left to it all the same (M = 64: N = 57344 ours 180.7
-# vs 194.5, N = 28672, K = 4096 48.7 vs 51.8; a rule for those needs more shapes measured).
-OURS_SMALL_N = 6144
-OURS_SMALL_N_MAX_M = 128
+CUBLAS_MIN_M = 33  # below, the weight-streaming kernels (M <= 32) always win; from here cuBLAS is
+# considered, and our tma/ws kernels keep the shapes where their output grid leaves SMs idle and
+# they split K over it (kernels/gemm.py, _persistent_grid) while cuBLAS does not:
+OURS_UP_TO_M64 = (6144, 14336)  # M <= 64: ours for N <= 6144 or N >= 14336
+OURS_UP_TO_M128 = 4096  # M <= 128: ours for N <= 2048, and for N <= 4096 where K >= 3 N
+OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
+# Read off an H100 A/B of both on twelve Llama-3 / DeepSeek-V3 / grid shapes at M = 48-256 (e4m3,
+# CUDA graphs; benchmarks/results/ab-auto-mid-m-h100-2026-11-27-s12.txt), ours / cuBLAS:
+#   M = 48-64: N <= 6144 0.62-1.01 (4096 x 4096 0.85-0.86, 2048 x 7168 0.62-0.88, 6144 x 4096 0.99-1.01);
+#              N >= 14336 0.94-1.02 (57344 x 8192 0.94-0.95); N = 7168-10240 1.03-1.28 (7168 x 2048 1.28)
+#   M = 80-128: N <= 2048 0.63-0.83; 4096 x 14336 0.92-0.93; 4096 x 4096 1.01-1.04, 6144 x 4096 1.09-1.11
+#   M = 160-256: N <= 2048 0.82-0.85; 4096 x 14336 1.15-1.18; every other shape 1.08-1.56
+# Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md).
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
 # linear: quantize inside the weight-streaming GEMM for M <= this. 0 = off: on the H100 the fused
 # skinny kernel (which quantizes a 16-row padded tile per K block in every program) measured 132 us
@@ -233,11 +234,17 @@ def choose_gemm_backend(
     M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, *, cublas_available: bool
 ) -> str:
     """The "auto" table: "cublas" where cuBLAS runs the call and was measured faster, else "triton"."""
-    if M <= OURS_SMALL_N_MAX_M and N <= OURS_SMALL_N:
+    if not (cublas_available and M >= CUBLAS_MIN_M and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype)):
         return "triton"
-    if cublas_available and M >= CUBLAS_MIN_M and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype):
-        return "cublas"
-    return "triton"
+    if M <= 64:
+        ours = N <= OURS_UP_TO_M64[0] or N >= OURS_UP_TO_M64[1]
+    elif M <= 128:
+        ours = N <= OURS_UP_TO_M256 or (N <= OURS_UP_TO_M128 and K >= 3 * N)
+    elif M <= 256:
+        ours = N <= OURS_UP_TO_M256
+    else:
+        ours = False
+    return "triton" if ours else "cublas"
 
 
 def _probe_cublas_blockwise(device_index: int) -> bool:
@@ -738,9 +745,9 @@ def linear(
         out = _linear_op(x2, w_q, w_scale, bias, activation_dtype, out_dtype, backend)
     else:
         # The scale layout _linear_op would pick, where M is a plain int. For a dynamic M the
-        # per-M test would guard and recompile at CUBLAS_MIN_M, so the scales stay row-major and
-        # a cuBLAS call transposes them (one small copy); M-major scales measured slower in the
-        # skinny kernel (Llama layer at M = 16: 129.7 vs 123.1 us).
+        # per-M test would guard and recompile at each M band of the table, so the scales stay
+        # row-major and a cuBLAS call transposes them (one small copy); M-major scales measured
+        # slower in the skinny kernel (Llama layer at M = 16: 129.7 vs 123.1 us).
         M = x2.shape[0]
         m_major = isinstance(M, int) and (
             backend == "cublas" or _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype) == "cublas"

@@ -35,7 +35,7 @@ def test_cublas_supports(M, N, K, a, w, out, ok):
 
 def test_choice_table():
     pick = lambda M, a=E4, avail=True, N=8192, K=8192: ops.choose_gemm_backend(M, N, K, a, a, BF16, cublas_available=avail)
-    # decode range: always our skinny kernel
+    # decode range: always our weight-streaming kernels
     assert pick(1) == "triton"
     assert pick(ops.CUBLAS_MIN_M - 1) == "triton"
     # large M: cuBLAS where it runs, Triton otherwise
@@ -44,10 +44,27 @@ def test_choice_table():
     assert pick(8192, a=E5) == "triton"
     assert pick(8192, avail=False) == "triton"
     assert pick(8192, K=300) == "triton"
-    # small N up to M = 128: our kernels split K over the under-filled grid, cuBLAS does not
-    assert pick(ops.OURS_SMALL_N_MAX_M, N=ops.OURS_SMALL_N) == "triton"
-    assert pick(ops.OURS_SMALL_N_MAX_M + 1, N=ops.OURS_SMALL_N) == "cublas"
-    assert pick(ops.OURS_SMALL_N_MAX_M, N=ops.OURS_SMALL_N + 16) == "cublas"
+
+
+# (M, N, K, auto's choice): each band's edges, on the shapes of the A/B the table was read from
+# (benchmarks/results/ab-auto-mid-m-h100-2026-11-27-s12.txt)
+@pytest.mark.parametrize(
+    "M, N, K, expected",
+    [
+        (48, 6144, 4096, "triton"), (64, 6144, 4096, "triton"), (64, 6160, 4096, "cublas"),
+        (64, 7168, 2048, "cublas"), (64, 10240, 8192, "cublas"), (64, 14320, 4096, "cublas"),
+        (64, 14336, 4096, "triton"), (64, 57344, 8192, "triton"),
+        (65, 6144, 4096, "cublas"), (65, 14336, 4096, "cublas"), (65, 57344, 8192, "cublas"),
+        (128, 4096, 4096, "cublas"), (128, 4096, 12288, "triton"), (128, 4096, 14336, "triton"),
+        (128, 4112, 14336, "cublas"), (128, 2048, 4096, "triton"),
+        (129, 4096, 14336, "cublas"), (256, 2048, 7168, "triton"), (256, 2064, 7168, "cublas"),
+        (257, 1024, 4096, "cublas"),
+    ],
+)
+def test_choice_table_mid_m(M, N, K, expected):
+    assert ops.choose_gemm_backend(M, N, K, E4, E4, BF16, cublas_available=True) == expected
+    # e5m2 has no cuBLAS path, whatever the shape
+    assert ops.choose_gemm_backend(M, N, K, E5, E5, BF16, cublas_available=True) == "triton"
 
 
 def test_resolve_backend_rules():

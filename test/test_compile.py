@@ -248,10 +248,10 @@ def test_cuda_cublas_backend_compiles():
 @requires_cuda
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_cuda_shared_quantization_scale_layout(dynamic):
-    """At M >= 64 auto sends e4m3 to cuBLAS, which reads M-major activation scales. A static-M
+    """Above M = 256 auto sends e4m3 to cuBLAS, which reads M-major activation scales. A static-M
     graph writes the shared quantization that way where cuBLAS will read it; a dynamic-M graph
-    keeps row-major scales (a per-M choice would recompile at 64) and cuBLAS calls transpose
-    them. Either way the compiled Block matches eager bit for bit on both sides of the
+    keeps row-major scales (a per-M choice would recompile at the table's edges) and cuBLAS calls
+    transpose them. Either way the compiled Block matches eager bit for bit on both sides of the
     threshold (eager quantizes per Linear with the same kernel)."""
     from blockwise_fp8 import ops
 
@@ -263,8 +263,11 @@ def test_cuda_shared_quantization_scale_layout(dynamic):
     capture = _GraphCapture()
     compiled = torch.compile(model, fullgraph=True, backend=capture.backend, dynamic=dynamic)
     layouts = []
+    e4m3, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    for M, route in ((320, "cublas"), (16, "triton")):  # the Block's Linears have N, K <= 512
+        assert ops.choose_gemm_backend(M, 256, 256, e4m3, e4m3, bf16, cublas_available=True) == route
     with torch.no_grad():
-        for seq in (64, 8):  # M = 128 (cuBLAS) and 16 (our skinny kernel)
+        for seq in (160, 8):  # M = 320 (cuBLAS) and 16 (our skinny kernel)
             x = torch.randn(2, seq, 256, dtype=torch.bfloat16, device="cuda")
             assert torch.equal(compiled(x), model(x))
             nodes = [n for n in capture.graphs[-1].graph.nodes if n.target == torch.ops.blockwise_fp8.quantize_input.default]
