@@ -39,19 +39,21 @@ _MAX_ENTRIES = 4096
 
 def _argument_key(args: tuple) -> tuple:
     """What Triton specializes on in each positional argument: an int's value (1, divisibility by
-    16, 32/64-bit), a tensor's dtype and 16-byte alignment, a tensor descriptor's block; any
-    other argument by its type and value."""
+    16, 32/64-bit), a tensor's dtype and 16-byte alignment (keyed finer: the address mod 16), a
+    tensor descriptor's block; any other argument by its type and value."""
     key = []
+    append = key.append
     for a in args:
-        if type(a) is int:
-            key.append(a)
-        elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        kind = type(a)
+        if kind is int:
+            append(a)
+        elif kind is torch.Tensor or isinstance(a, torch.Tensor):
+            append(a.dtype)
+            append(a.data_ptr() & 15)
         elif hasattr(a, "block_shape"):  # host-side tensor descriptors (Triton's and Gluon's)
-            key.append((type(a), a.base.dtype, tuple(a.block_shape), getattr(a, "layout", None),
-                        getattr(a, "padding", None)))
+            append((kind, a.base.dtype, tuple(a.block_shape), getattr(a, "layout", None), getattr(a, "padding", None)))
         else:
-            key.append((type(a), a))
+            append((kind, a))
     return tuple(key)
 
 
