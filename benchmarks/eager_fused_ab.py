@@ -1,0 +1,45 @@
+"""Eager decode step (4 Llama-3-8B layers, batch 1, quantize_'s subclass weights): the activation
+quantized inside the gemv kernel at M = 1 (ops.EAGER_FUSED_QUANT_MAX_M = 1) against two launches (0),
+alternating in one process, after checking that both give the same bits.
+
+    PYTHONPATH=. python benchmarks/eager_fused_ab.py OUT.txt
+
+Session 12: results/eager-fused-ab-h100-2026-11-27-s12.txt (3 and then 6 alternations).
+"""
+import sys, time, torch
+from torchao.quantization import quantize_
+from blockwise_fp8 import BlockwiseFP8Config, ops
+from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig, DecoderStack, init_weights
+out = open(sys.argv[1], "w")
+def say(s):
+    print(s, flush=True)
+    out.write(s + "\n")
+cfg = DecoderConfig(LLAMA3_8B.hidden, LLAMA3_8B.ffn, LLAMA3_8B.heads, LLAMA3_8B.kv_heads, 4)
+with torch.device("cuda"):
+    model = DecoderStack(cfg, max_len=2048).to(torch.bfloat16)
+init_weights(model, seed=0)
+model.eval()
+quantize_(model, BlockwiseFP8Config())
+x = torch.randn(1, 1, cfg.hidden, device="cuda", dtype=torch.bfloat16)
+pos = torch.tensor([2047], device="cuda")
+say(f"{torch.cuda.get_device_name()} torch {torch.__version__}; eager decode b1, 4 layers; ms per step (50 steps)")
+with torch.no_grad():
+    model.setup_cache(1, 2048, device="cuda")
+    outs = {}
+    for v in (0, 1):
+        ops.EAGER_FUSED_QUANT_MAX_M = v
+        outs[v] = model.decode(x, pos).clone()
+    say(f"bit-identical: {torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))}")
+    for rep in range(6):
+        for v in (0, 1):
+            ops.EAGER_FUSED_QUANT_MAX_M = v
+            for _ in range(5):
+                model.decode(x, pos)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(50):
+                model.decode(x, pos)
+            issue = (time.perf_counter() - t0) / 50 * 1e3
+            torch.cuda.synchronize()
+            step = (time.perf_counter() - t0) / 50 * 1e3
+            say(f"rep {rep} EAGER_FUSED_QUANT_MAX_M={v}: step {step:.3f} ms, issue {issue:.3f} ms")
