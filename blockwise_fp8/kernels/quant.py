@@ -295,8 +295,9 @@ def quantize(
     if M == 0 or K == 0:
         return q, scale
     pdl = programmatic_launch(device)
-    grid, meta = _quantize_launch(M, K, group_m, block_k, dtype, tiling and tuple(tiling) or ACT_TILING, pdl,
-                                  pdl and QUANT_WAITS, hardware_fp8_cast(device))
+    tiling = ACT_TILING if tiling is None else tuple(tiling)
+    grid, meta = _quantize_launch(M, K, group_m, block_k, dtype, tiling, pdl, pdl and QUANT_WAITS,
+                                  hardware_fp8_cast(device))
     launch(quantize_kernel, grid, (
         x, q, scale,
         M, K,
