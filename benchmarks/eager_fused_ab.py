@@ -1,10 +1,11 @@
 """Eager decode step (4 Llama-3-8B layers, batch 1, quantize_'s subclass weights): the activation
-quantized inside the gemv kernel at M = 1 (ops.EAGER_FUSED_QUANT_MAX_M = 1) against two launches (0),
+quantized inside the gemv kernel at M = 1 (ops.FUSED_QUANT_MAX_M = 1) against two launches (0),
 alternating in one process, after checking that both give the same bits.
 
     PYTHONPATH=. python benchmarks/eager_fused_ab.py OUT.txt
 
-Session 12: results/eager-fused-ab-h100-2026-11-27-s12.txt (3 and then 6 alternations).
+Session 12: results/eager-fused-ab-h100-2026-11-27-s12.txt (3 and then 6 alternations; the
+constant was named EAGER_FUSED_QUANT_MAX_M then, with the same effect on eager calls).
 """
 import sys, time, torch
 from torchao.quantization import quantize_
@@ -27,12 +28,12 @@ with torch.no_grad():
     model.setup_cache(1, 2048, device="cuda")
     outs = {}
     for v in (0, 1):
-        ops.EAGER_FUSED_QUANT_MAX_M = v
+        ops.FUSED_QUANT_MAX_M = v
         outs[v] = model.decode(x, pos).clone()
     say(f"bit-identical: {torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))}")
     for rep in range(6):
         for v in (0, 1):
-            ops.EAGER_FUSED_QUANT_MAX_M = v
+            ops.FUSED_QUANT_MAX_M = v
             for _ in range(5):
                 model.decode(x, pos)
             torch.cuda.synchronize()
@@ -42,4 +43,4 @@ with torch.no_grad():
             issue = (time.perf_counter() - t0) / 50 * 1e3
             torch.cuda.synchronize()
             step = (time.perf_counter() - t0) / 50 * 1e3
-            say(f"rep {rep} EAGER_FUSED_QUANT_MAX_M={v}: step {step:.3f} ms, issue {issue:.3f} ms")
+            say(f"rep {rep} FUSED_QUANT_MAX_M={v}: step {step:.3f} ms, issue {issue:.3f} ms")

@@ -209,22 +209,20 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 #   M = 160-256: N <= 2048 0.82-0.85; 4096 x 14336 1.15-1.18; every other shape 1.08-1.56
 # Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md).
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
-# linear: quantize inside the weight-streaming GEMM for M <= this. 0 = off: on the H100 the fused
-# skinny kernel (which quantizes a 16-row padded tile per K block in every program) measured 132 us
-# at M=1, 8192x8192, against about 32 us for quantize + GEMM; with the cheaper quantization of
-# session 3 still 47.5 vs 30.0 us there, and slower at every M = 1..32 and shape tried; the gemv
-# kernel's (session 8, M = 1) 6.7 vs 6.3 us at N = K = 4096, 45.7 vs 42.1 at gate|up
-# (benchmarks/tune_skinny.py --fused). Kept, tested bit-identical, for a later rework.
-FUSED_QUANT_MAX_M = 0
-# ...except in eager calls outside CUDA-graph capture, where M <= this takes the fused gemv kernel:
-# there a decode step is bound by host time (results/model-eager-h100-2026-11-27-s12.md: 11.5 ms
-# for a 4-layer step against 3.7 for bf16), and one launch instead of two saves a launch's host
-# time per Linear against the 0.4-3.6 us of GPU time above. H100, eager 4-layer Llama-3-8B decode
-# step at batch 1, alternating in one process: 5.4-8.3 ms fused against 6.6-10.5 two-step, faster
-# in 8 of 9 alternations by 18-37% and 1.7% slower in one (results/eager-fused-ab-h100-2026-11-27-s12.txt).
-# Captured calls (torch.cuda.graph) keep the two launches, which are faster on the GPU; compiled
-# graphs never come here (see `linear`).
-EAGER_FUSED_QUANT_MAX_M = 1
+# The linear op (eager calls; compiled graphs record quantize_input + gemm instead, see `linear`):
+# quantize inside the weight-streaming GEMM for M <= this, one launch instead of two. On the GPU
+# the fused kernels are slower: the skinny one (which quantizes a 16-row padded tile per K block
+# in every program) 47.5 vs 30.0 us at M = 1, 8192 x 8192, and slower at every M = 1..32 tried; the
+# gemv kernel's (M = 1, session 8) 6.7 vs 6.3 us at N = K = 4096, 45.7 vs 42.1 at gate|up
+# (benchmarks/tune_skinny.py --fused). But an eager decode step is bound by host time
+# (results/model-eager-h100-2026-11-27-s12.md: 11.5 ms for a 4-layer step against 3.7 for bf16),
+# where a launch saved outweighs that: H100, eager 4-layer Llama-3-8B decode step at batch 1,
+# alternating in one process, 5.4-8.3 ms fused against 6.6-10.5 two-step, faster in 8 of 9
+# alternations by 18-37% and 1.7% slower in one (results/eager-fused-ab-h100-2026-11-27-s12.txt).
+# So M = 1 fuses (session 12). CUDA-graph captures of eager code fuse as well, although two
+# launches would replay faster: a capture must meet the kernels its eager warm-up loaded, since
+# Triton cannot load a kernel while a stream is capturing.
+FUSED_QUANT_MAX_M = 1
 
 
 def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
@@ -506,7 +504,7 @@ def _linear_op(
     gemm_kernels, quant = _kernels()
     M, K = x.shape
     with _on_device(x):
-        if backend == "auto" and activation_dtype == w_q.dtype and _fuse_quantization(x, M):
+        if backend == "auto" and M <= FUSED_QUANT_MAX_M and activation_dtype == w_q.dtype:
             # quantize inside the GEMM, one launch (bit-identical to the two-step path)
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
         backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
@@ -516,13 +514,6 @@ def _linear_op(
         if backend == "cublas":
             return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
-
-
-def _fuse_quantization(x: torch.Tensor, M: int) -> bool:
-    if M <= FUSED_QUANT_MAX_M:
-        return True
-    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    return M <= EAGER_FUSED_QUANT_MAX_M and not capturing
 
 
 @torch.library.register_fake(_linear_op.op)
