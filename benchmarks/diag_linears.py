@@ -1,5 +1,5 @@
 """Per-Linear timing at the Llama-3-8B shapes: bf16 F.linear vs ours (linear, quant, gemm), CUDA-graph replay."""
-import torch, triton, torch.nn.functional as F
+import torch, torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 from blockwise_fp8 import ops
 from blockwise_fp8.kernels import quant, gemm as gk

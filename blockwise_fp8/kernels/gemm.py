@@ -586,7 +586,9 @@ def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
 def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
     """How many programs share each tile of the last, partial wave (1: none). Only a tail that
     fills less than half a wave is split, into at most 4 pieces of >= 8 K blocks, so that the
-    partials (written once, read once) stay small next to the work saved."""
+    partials (written once, read once) stay small next to the work saved. Forced splits of fuller
+    tails (and all-tail grids above half a wave) were slower on every H100 shape timed, even after
+    the ws kernel's cheaper sum (results/tail-finish-h100-2026-11-27-s13.txt)."""
     rest = tiles % num_sms
     if rest == 0 or 2 * rest > num_sms:
         return 1
