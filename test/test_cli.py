@@ -216,15 +216,21 @@ def test_bench_runs_the_benchmark_scripts(tmp_path, capsys, monkeypatch):
     assert main(["bench"]) == 1 and "not found" in capsys.readouterr().err
 
 
-def test_bench_gemm_rotates_the_contender_order_between_rounds():
-    """benchmarks/bench_gemm.time_contenders: every contender timed once per round, the order
-    shifted by one each round, each keeping its best median (CPU: a fake timer records the order)."""
+def _bench_gemm():
+    """benchmarks/bench_gemm.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_gemm.py")
     spec = importlib.util.spec_from_file_location("bench_gemm_under_test", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_gemm_rotates_the_contender_order_between_rounds():
+    """benchmarks/bench_gemm.time_contenders: every contender timed once per round, the order
+    shifted by one each round, each keeping its best median (CPU: a fake timer records the order)."""
+    bench = _bench_gemm()
     calls = []
     times = {"a": [5.0, 3.0, 4.0], "b": [1.0, 2.0, 0.5], "c": [7.0, 7.0, 6.0]}
 
@@ -245,13 +251,9 @@ def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
     """benchmarks/bench_gemm.py --merge: the rows of runs over parts of the grid written as one
     (CSV and summary; every header line kept; a later run's row replaces an earlier one's for the
     same cell), numbers read back as written (CPU, no timing)."""
-    import importlib.util
     from types import SimpleNamespace
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_gemm.py")
-    spec = importlib.util.spec_from_file_location("bench_gemm_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_gemm()
 
     def cell(M, N, us):
         r = {"M": M, "N": N, "K": 8192, "dtype": "e4m3", "bf16_us": 2.0 * us, "ours_auto_us": us, "ours_linear_us": us,
@@ -278,13 +280,9 @@ def test_bench_gemm_summary_reports_the_targets_from_its_rows():
     """benchmarks/bench_gemm.targets: each of issue 3's targets measured on the rows it is given; a
     cell where "auto" ran the cuBLAS call itself is not counted as auto losing to cuBLAS (CPU,
     hand-made rows whose answers are worked out here)."""
-    import importlib.util
     import math
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_gemm.py")
-    spec = importlib.util.spec_from_file_location("bench_gemm_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_gemm()
 
     def cell(M, dtype, bf16, auto, backend, triton, linear, torchao, cublas=None, sqnr=(28.5, 28.5)):
         r = {"M": M, "N": 8192, "K": 8192, "dtype": dtype, "bf16_us": bf16, "ours_auto_us": auto, "ours_auto_backend": backend,
