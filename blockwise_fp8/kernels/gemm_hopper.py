@@ -318,8 +318,8 @@ if AVAILABLE:
 
 # setmaxnreg per thread, by consumer count: a consumer holds acc + one product (64 each) + addresses;
 # three consumers and the producer's warpgroup must share the 64K registers (3 x 128 x 160 + 128 x 24).
-# At 160, Triton 3.6's ptxas spills a few registers (10 local loads/stores), Triton 3.9's none; the
-# 192-row tiles are faster all the same. The producer only issues TMA copies.
+# At 160 neither Triton 3.6's ptxas nor 3.9's spills (sm_90 SASS, aligned pointers or not; session 9's
+# kernel spilled 10 local loads/stores under 3.6). The producer only issues TMA copies.
 CONSUMER_REGS = {2: 232, 3: 160}
 PRODUCER_REGS = {2: 40, 3: 24}
 BLOCK_MS = (128, 192)  # tile rows: 64 per consumer
