@@ -177,7 +177,10 @@ if AVAILABLE:
         acc = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
         for kb in range(kb_start, kb_end):
             s = it % STAGES
-            # loaded before the wgmma is waited for, so its latency hides behind it
+            # Issued before the ready wait. ptxas takes their product before the first wgmma, so
+            # the wgmma waits for these loads: an L1 hit for row-major scales (a row's 32 K blocks
+            # share a line). Loading one step ahead, or after the wgmma issue, measured no faster
+            # (benchmarks/NOTES.md, fourteenth session).
             scale = gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             if CONSUMERS == 2:
