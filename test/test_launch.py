@@ -163,6 +163,62 @@ def test_table_starts_over_when_full(replaying, monkeypatch):
     assert len(k.slow_launches) == 3  # the newest entry survived
 
 
+def test_prefer_l1_is_set_once_per_compiled_kernel(replaying, monkeypatch):
+    """A registered kernel's carveout is asked for when its compiled kernel first enters the table
+    (once per compiled kernel, replays never); other kernels keep Triton's setting."""
+    seen = []
+    monkeypatch.setattr(L, "_set_prefer_l1", seen.append)
+    monkeypatch.setattr(L, "_PREFER_L1", set())
+    monkeypatch.setattr(L, "_L1_SET", set())
+    wide, plain = FakeKernel(), FakeKernel()
+    assert L.prefer_l1(wide) is wide
+    x = torch.zeros(64)
+    for n in (16, 16, 8, 32):  # 16 and 32: two table keys, one compiled kernel
+        L.launch(wide, (1,), (x, n), (("BLOCK", 32),))
+        L.launch(plain, (1,), (x, n), (("BLOCK", 32),))
+    assert len(wide.compiled) == 2 and len(L._COMPILED) == 6
+    assert seen == [c.function for c in wide.compiled.values()]
+
+
+class FakeLibcuda:
+    def __init__(self, cache_err=0, attr_err=0):
+        self.calls = []
+        self.errs = (cache_err, attr_err)
+
+    def cuFuncSetCacheConfig(self, handle, config):
+        self.calls.append(("cache", handle.value, config.value))
+        return self.errs[0]
+
+    def cuFuncSetAttribute(self, handle, attribute, value):
+        self.calls.append(("attr", handle.value, attribute.value, value.value))
+        return self.errs[1]
+
+
+def test_set_prefer_l1_asks_for_the_smallest_carveout(monkeypatch):
+    lib = FakeLibcuda()
+    monkeypatch.setattr(L, "_LIBCUDA", [lib])
+    L._set_prefer_l1(0x1234)
+    # CU_FUNC_CACHE_PREFER_L1, then a 0 % CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+    assert lib.calls == [("cache", 0x1234, 2), ("attr", 0x1234, 9, 0)]
+
+
+@pytest.mark.parametrize("errs", [(1, 0), (0, 1)])
+def test_set_prefer_l1_warns_where_the_driver_refuses(monkeypatch, errs):
+    monkeypatch.setattr(L, "_LIBCUDA", [FakeLibcuda(*errs)])
+    with pytest.warns(RuntimeWarning, match="could not set the L1 carveout.*CUDA error 1"):
+        L._set_prefer_l1(0x1234)
+
+
+def test_set_prefer_l1_warns_without_libcuda(monkeypatch):
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(L, "_LIBCUDA", [])
+    monkeypatch.setattr(L.ctypes, "CDLL", missing)
+    with pytest.warns(RuntimeWarning, match="OSError: libcuda.so.1"):
+        L._set_prefer_l1(0x1234)
+
+
 def test_argument_key_of_descriptors():
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -222,3 +278,35 @@ def test_replayed_launches_are_exact(M, N, K, dtype, monkeypatch):
         out_u = G.gemm(unaligned, as_, wq, ws, None, torch.bfloat16)
         assert len(runs) == before + 1
         assert torch.equal(out_u.view(torch.int16), out.view(torch.int16))
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs compiled kernels (CUDA)")
+def test_ws_kernel_runs_with_the_smallest_carveout(monkeypatch):
+    """After a launch of the ws GEMM, its compiled kernel reports the carveout prefer_l1 asked for
+    (0 %), and the quantize kernel (not registered) Triton's (CU_FUNC_CACHE_PREFER_SHARED leaves
+    the attribute at its default, -1) -- read back from the driver."""
+    import ctypes
+
+    monkeypatch.setattr(L, "_COMPILED", {})
+    monkeypatch.setattr(L, "_L1_SET", set())
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn)
+    wq, ws = Q.quantize(w, 128, 128, torch.float8_e4m3fn)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel does not run on this GPU")
+    G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
+    lib = L._libcuda()
+
+    def carveouts(kernel):  # of each compiled kernel in the table (the activation's and weight's quantize differ)
+        values = []
+        for key, (compiled, _) in L._COMPILED.items():
+            if key[0] == id(kernel):
+                value = ctypes.c_int(-2)
+                assert lib.cuFuncGetAttribute(ctypes.byref(value), ctypes.c_int(9), ctypes.c_void_p(compiled.function)) == 0
+                values.append(value.value)
+        return values
+
+    assert carveouts(G.gemm_hopper.gemm_ws_kernel) == [0]
+    quantize = carveouts(Q.quantize_kernel)
+    assert len(quantize) == 2 and 0 not in quantize

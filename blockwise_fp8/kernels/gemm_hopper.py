@@ -44,7 +44,7 @@ import functools
 
 import torch
 
-from .launch import launch
+from .launch import launch, prefer_l1
 
 try:
     from triton.experimental import gluon
@@ -318,6 +318,11 @@ if AVAILABLE:
                              NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
+
+if AVAILABLE:
+    # 164 KB of shared memory: the largest L1 left over holds the rows of activation scales the
+    # consumers read (launch.prefer_l1 says why and what it measured)
+    prefer_l1(gemm_ws_kernel)
 
 # setmaxnreg per thread, by consumer count: a consumer holds acc + one product (64 each) + addresses;
 # three consumers and the producer's warpgroup must share the 64K registers (3 x 128 x 160 + 128 x 24).
