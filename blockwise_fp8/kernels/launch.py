@@ -60,9 +60,10 @@ def prefer_l1(kernel):
     holds 32 K blocks of a row). With 23 KB they missed L1, and the kernel is bound by L2
     throughput (ncu, H100, 8192^3, 192-row tiles: 81% of it either way, L2 traffic 8.3 -> 7.7 GB,
     1.04 -> 0.97 ms; cuBLAS moves 5.9 GB). Timed on an H100: 192-row tiles 5-7% faster (8192^3
-    e5m2 1126.8 -> 1073.3 us), 128-row tiles 0-2%; the gemv and skinny kernels 9-14% slower with
-    it, so they keep Triton's setting (benchmarks/results/carveout-probe-h100-2026-11-27-s14.txt).
-    Returns ``kernel``."""
+    e5m2 1126.8 -> 1073.3 us), 128-row tiles 0-2% (benchmarks/results/carveout-probe-h100-2026-11-27-s14.txt).
+    Only for kernels that run one program per SM (a persistent grid): a carveout sized to one
+    program leaves no room for a second, which is why the gemv and skinny kernels, which count
+    on several per SM, measured 9-14% slower with it and keep Triton's setting. Returns ``kernel``."""
     _PREFER_L1.add(id(kernel))
     return kernel
 
