@@ -310,3 +310,26 @@ def test_ws_kernel_runs_with_the_smallest_carveout(monkeypatch):
     assert carveouts(G.gemm_hopper.gemm_ws_kernel) == [0]
     quantize = carveouts(Q.quantize_kernel)
     assert len(quantize) == 2 and 0 not in quantize
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA-graph capture needs a CUDA device")
+def test_ws_kernel_captured_after_warmup_replays_its_eager_bits(monkeypatch):
+    """The carveout is set at the ws kernel's first (eager) launch; a CUDA graph captured after it
+    replays the same kernel and gives the eager output's bits."""
+    monkeypatch.setattr(L, "_COMPILED", {})
+    monkeypatch.setattr(L, "_L1_SET", set())
+    x = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    aq, as_ = Q.quantize(x, 1, 128, torch.float8_e5m2)
+    wq, ws = Q.quantize(w, 128, 128, torch.float8_e5m2)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel does not run on this GPU")
+    eager = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
+    assert len(L._L1_SET) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.view(torch.int16), eager.view(torch.int16))
+    _check(eager, aq, as_, wq, ws, None, torch.bfloat16)
