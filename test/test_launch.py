@@ -280,21 +280,26 @@ def test_replayed_launches_are_exact(M, N, K, dtype, monkeypatch):
         assert torch.equal(out_u.view(torch.int16), out.view(torch.int16))
 
 
+def _fresh_ws_operands(monkeypatch, M, N, K, dtype):
+    """Quantized CUDA operands of an M x N x K GEMM that the ws kernel serves (else the test skips),
+    with launch's tables emptied, so that the next GEMM is a first launch."""
+    monkeypatch.setattr(L, "_COMPILED", {})
+    monkeypatch.setattr(L, "_L1_SET", set())
+    aq, as_ = Q.quantize(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), 1, 128, dtype)
+    wq, ws = Q.quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16), 128, 128, dtype)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel does not run on this GPU")
+    return aq, as_, wq, ws
+
+
 @pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs compiled kernels (CUDA)")
 def test_ws_kernel_runs_with_the_smallest_carveout(monkeypatch):
     """After a launch of the ws GEMM, its compiled kernel reports the carveout prefer_l1 asked for
-    (0 %), and the quantize kernel (not registered) Triton's (CU_FUNC_CACHE_PREFER_SHARED leaves
-    the attribute at its default, -1) -- read back from the driver."""
+    (0 %), and the quantize kernels (not registered) whatever Triton left, not 0 -- read back from
+    the driver."""
     import ctypes
 
-    monkeypatch.setattr(L, "_COMPILED", {})
-    monkeypatch.setattr(L, "_L1_SET", set())
-    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
-    aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn)
-    wq, ws = Q.quantize(w, 128, 128, torch.float8_e4m3fn)
-    if not G.ws_usable(aq, wq):
-        pytest.skip("the ws kernel does not run on this GPU")
+    aq, as_, wq, ws = _fresh_ws_operands(monkeypatch, 512, 1024, 1024, torch.float8_e4m3fn)
     G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
     lib = L._libcuda()
 
@@ -316,14 +321,7 @@ def test_ws_kernel_runs_with_the_smallest_carveout(monkeypatch):
 def test_ws_kernel_captured_after_warmup_replays_its_eager_bits(monkeypatch):
     """The carveout is set at the ws kernel's first (eager) launch; a CUDA graph captured after it
     replays the same kernel and gives the eager output's bits."""
-    monkeypatch.setattr(L, "_COMPILED", {})
-    monkeypatch.setattr(L, "_L1_SET", set())
-    x = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
-    aq, as_ = Q.quantize(x, 1, 128, torch.float8_e5m2)
-    wq, ws = Q.quantize(w, 128, 128, torch.float8_e5m2)
-    if not G.ws_usable(aq, wq):
-        pytest.skip("the ws kernel does not run on this GPU")
+    aq, as_, wq, ws = _fresh_ws_operands(monkeypatch, 1024, 512, 1024, torch.float8_e5m2)
     eager = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
     assert len(L._L1_SET) == 1
     graph = torch.cuda.CUDAGraph()
