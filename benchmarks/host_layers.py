@@ -7,10 +7,11 @@ M = 64, N = K = 4096. The same rows twice: with the real launchers, then with ``
 wrapper layers alone on this host), then a torch.profiler table of one eager linear. Session 12:
 results/host-layers-h100-2026-11-27-s12-{before,after}.txt (before/after kernels/launch.py).
 """
-import statistics, sys, time
+import sys, time
 import torch, torch.nn.functional as F
 from blockwise_fp8 import ops
 from blockwise_fp8.kernels import gemm as G, quant as Q
+from host_timing import issue_us
 
 def b2b(fn, n=300):
     for _ in range(10): fn()
@@ -20,16 +21,6 @@ def b2b(fn, n=300):
     t = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
     return t
-
-def cold(fn, n=200):
-    for _ in range(10): fn()
-    ts = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
 
 out = open(sys.argv[1], "w")
 def say(s=""):
@@ -66,7 +57,7 @@ def table(tag):
     say(f"## {tag}")
     for name, fn in rows.items():
         try:
-            say(f"  {name:40s} {b2b(fn):8.1f} {cold(fn):8.1f}")
+            say(f"  {name:40s} {b2b(fn):8.1f} {issue_us(fn, 200):8.1f}")
         except Exception as e:
             say(f"  {name:40s} failed {type(e).__name__}: {str(e)[:100]}")
 table("real")

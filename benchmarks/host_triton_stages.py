@@ -9,25 +9,14 @@ the GEMM and quantize kernels, and cProfile tables. Session 12 ran it before ker
 existed (results/host-triton-stages-h100-2026-11-27-s12.txt); since then our launches bypass
 run() after the first, so the capture below empties launch's table first.
 """
-import cProfile, io, pstats, statistics, sys, time
+import cProfile, io, pstats, sys
 import torch, torch.nn.functional as F
 import triton
 from triton.runtime import jit as tjit
 from triton.runtime.driver import driver
 from blockwise_fp8 import ops
 from blockwise_fp8.kernels import gemm as G, gemm_hopper as H, quant as Q
-
-def issue_us(fn, n=300):
-    for _ in range(10): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(ts) * 1e6
+from host_timing import issue_us
 
 def capture(jitfn, call):
     from blockwise_fp8.kernels import launch
