@@ -10,6 +10,7 @@ it is with a warning that names the module; nothing is skipped silently.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
@@ -17,13 +18,17 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torchao
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from . import ops
 from .tensor import HP_DTYPES, WEIGHT_BLOCK, BlockwiseFP8Tensor
 
-__all__ = ["BlockwiseFP8Config", "BlockwiseFP8SkipWarning", "DEFAULT_SKIP", "MIN_FEATURES", "compile_skip_patterns"]
+__all__ = [
+    "BlockwiseFP8Config", "BlockwiseFP8SkipWarning", "BlockwiseFP8UntieWarning", "DEFAULT_SKIP", "MIN_FEATURES",
+    "compile_skip_patterns",
+]
 
 # Below 16 in- or out-features the layer is too small for an FP8 GEMM to pay for the activation
 # quantization, and 16 is the smallest tile tensor-core dot products take.
@@ -37,6 +42,11 @@ DEFAULT_SKIP = ("lm_head",)
 
 class BlockwiseFP8SkipWarning(UserWarning):
     """A module selected for quantization was left in high precision."""
+
+
+class BlockwiseFP8UntieWarning(UserWarning):
+    """A quantized weight was shared with another module (a tied ``lm_head`` and embedding),
+    which keeps the high-precision tensor: the two are no longer tied."""
 
 
 def compile_skip_patterns(patterns) -> list:
@@ -114,6 +124,42 @@ def _module_fqn() -> str | None:
     return None
 
 
+def _root_model() -> torch.nn.Module | None:
+    """The model ``quantize_`` was called on: the ``model`` of the outermost frame of its walk
+    (see ``_module_fqn``); None when torchao walks differently."""
+    frame, root = sys._getframe(1), None
+    while frame is not None:
+        if frame.f_code.co_name == "_replace_with_custom_fn_if_matches_filter" and frame.f_locals.get("cur_fqn") == "":
+            root = frame.f_locals.get("model")
+        frame = frame.f_back
+    return root if isinstance(root, torch.nn.Module) else None
+
+
+def _sharers(module: torch.nn.Module, weight: torch.Tensor) -> list:
+    """Names of the other modules of the model being quantized that hold ``weight`` itself as a
+    parameter (a tied ``lm_head`` and embedding). One walk over the model's modules per quantized
+    weight: small next to quantizing it."""
+    root = _root_model()
+    if root is None:
+        return []
+    return [name or "<root>" for name, m in root.named_modules(remove_duplicate=False)
+            if m is not module and any(p is weight for p in m._parameters.values())]
+
+
+_TORCHAO_DIR = os.path.dirname(torchao.__file__)
+
+
+def _stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning raised in the function that calls this, that
+    points at the user's ``quantize_`` call: the first frame outside this file and torchao
+    (``quantize_``'s walk recurses once per module level, so no fixed count does)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith(_TORCHAO_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _module_name(module: torch.nn.Module) -> str:
     """The module's name in the model being quantized, for messages; its repr if unknown."""
     fqn = _module_fqn()
@@ -124,7 +170,7 @@ def _skip(module: torch.nn.Module, why: str) -> torch.nn.Module:
     warnings.warn(
         f"BlockwiseFP8Config: not quantizing {_module_name(module)}: {why}; it stays in high precision",
         BlockwiseFP8SkipWarning,
-        stacklevel=4,
+        stacklevel=_stacklevel(),
     )
     return module
 
@@ -171,7 +217,7 @@ def _blockwise_fp8_transform(
                 f"{config.skip} cannot be applied to {module!r}; pass "
                 "filter_fn=blockwise_fp8.checkpoint.skip_filter(...) to quantize_ instead",
                 BlockwiseFP8SkipWarning,
-                stacklevel=3,
+                stacklevel=_stacklevel(),
             )
         elif any(p.search(fqn) for p in config._skip_patterns):
             return module  # asked for by the config: stays in high precision, no warning
@@ -189,6 +235,17 @@ def _blockwise_fp8_transform(
         )
     except ValueError as e:  # NaN/Inf weights: refuse loudly, naming the module
         raise ValueError(f"BlockwiseFP8Config: cannot quantize the {parameter_name} of {_module_name(module)}: {e}") from e
+    sharers = _sharers(module, weight)
     setattr(module, parameter_name, torch.nn.Parameter(quantized, requires_grad=False))
     show_quantization_in_repr(module)
+    if sharers:
+        names = ", ".join(f"'{n}'" for n in sharers)
+        warnings.warn(
+            f"BlockwiseFP8Config: quantizing the {parameter_name} of {_module_name(module)} unties it from "
+            f"{names}, which shared that tensor and keep it in high precision: the model now holds both, and "
+            "a checkpoint saved with tie_word_embeddings=True would drop the FP8 copy. Leave the module to "
+            "skip (the default skips 'lm_head') to keep the tie",
+            BlockwiseFP8UntieWarning,
+            stacklevel=_stacklevel(),
+        )
     return module

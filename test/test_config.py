@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchao.quantization import quantize_
 
 from blockwise_fp8 import BlockwiseFP8Config, BlockwiseFP8Tensor, reference
-from blockwise_fp8.config import BlockwiseFP8SkipWarning
+from blockwise_fp8.config import BlockwiseFP8SkipWarning, BlockwiseFP8UntieWarning
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 PAIRS = [(E4M3, E4M3), (E5M2, E5M2), (E4M3, E5M2)]  # (activation, weight)
@@ -129,7 +129,9 @@ def _quantize_with_warnings(model, cfg=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quantize_(model, cfg or BlockwiseFP8Config())
-    return [str(w.message) for w in caught if issubclass(w.category, BlockwiseFP8SkipWarning)]
+    ours = [w for w in caught if issubclass(w.category, BlockwiseFP8SkipWarning)]
+    assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]  # the quantize_ call
+    return [str(w.message) for w in ours]
 
 
 def test_unquantizable_linears_are_skipped_with_a_named_warning():
@@ -218,6 +220,39 @@ def test_skip_patterns_choose_what_stays():
     quantize_(m, BlockwiseFP8Config(skip=(r"^body\.1$",)))
     assert isinstance(m.body[0].weight, BlockwiseFP8Tensor) and isinstance(m.lm_head.weight, BlockwiseFP8Tensor)
     assert type(m.body[1].weight) is torch.nn.Parameter
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding and an lm_head sharing one weight, as tie_word_embeddings models have."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(200, 128)
+        self.model.proj = torch.nn.Linear(128, 128)
+        self.lm_head = torch.nn.Linear(128, 200, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def test_quantizing_a_tied_head_warns_that_it_unties():
+    m = _TiedLM()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_(m, BlockwiseFP8Config(skip=()))
+    untie = [w for w in caught if issubclass(w.category, BlockwiseFP8UntieWarning)]
+    assert len(untie) == 1, [str(w.message) for w in caught]
+    assert "'lm_head'" in str(untie[0].message) and "'model.embed_tokens'" in str(untie[0].message)
+    assert untie[0].filename == __file__  # points at the quantize_ call
+    assert isinstance(m.lm_head.weight, BlockwiseFP8Tensor)
+    assert type(m.model.embed_tokens.weight) is torch.nn.Parameter  # the embedding keeps its weight
+    # the default keeps the head, and the tie, silently; untied weights never warn
+    for model, config in ((_TiedLM(), BlockwiseFP8Config()), (_WithHead(), BlockwiseFP8Config(skip=()))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BlockwiseFP8UntieWarning)
+            quantize_(model, config)
+    tied = _TiedLM()
+    quantize_(tied, BlockwiseFP8Config())
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize(
