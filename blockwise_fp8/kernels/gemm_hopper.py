@@ -16,11 +16,11 @@ Here the roles are split (``gl.warp_specialize``):
                             wgmma, waits for it, releases the stage through ``empty[s]`` (one
                             arrival per consumer), promotes; runs the epilogue (bias, output
                             cast, masked store)
-C = 2 (128 x 128 tiles) or 3 (192 x 128); or C = 2 with two 128-column parts per consumer (128 x 256,
-N_PARTS = 2: one W box of 256 rows per stage, the two products run in turn, see ``_mma_k_steps``;
-2-7% faster than 128 x 128 on mid-M grids, ``gemm._wide_plan``). No CTA-wide barrier remains in the K loop (only each
-warpgroup's own), so the consumers drift apart and one's promotion overlaps the others' MMAs, as in
-DeepGEMM's design. Three consumers read 17% fewer operand bytes from L2 per product and hide one
+C = 2 (128 x 128 tiles) or 3 (192 x 128); or C = 2 with two 128-column parts per consumer
+(128 x 256, N_PARTS = 2: one W box of 256 rows per stage, the two products run in turn, see
+``_mma_k_steps``; 1-7% faster than 128 x 128 on mid-M grids, ``gemm._wide_plan``). No CTA-wide
+barrier remains in the K loop (only each warpgroup's own), so the consumers drift apart and one's
+promotion overlaps the others' MMAs, as in DeepGEMM's design. Three consumers read 17% fewer operand bytes from L2 per product and hide one
 more promotion: 4-10% faster per product on an H100 at M >= 4096 (bit-identical;
 benchmarks/results/ws-tiles-h100-2026-11-26-s9.log; ``gemm._wide_plan`` says when the coarser
 tiles pay).
@@ -375,7 +375,6 @@ if AVAILABLE:
 # kernel spilled 10 local loads/stores under 3.6). The producer only issues TMA copies.
 CONSUMER_REGS = {2: 232, 3: 160}
 PRODUCER_REGS = {2: 40, 3: 24}
-BLOCK_MS = (128, 192)  # tile rows: 64 per consumer
 TILES = ((128, 128), (192, 128), (128, 256))  # (rows, columns): 128 columns per part
 
 _GL_FP8 = {}
