@@ -124,25 +124,46 @@ def _module_fqn() -> str | None:
     return None
 
 
-def _root_model() -> torch.nn.Module | None:
-    """The model ``quantize_`` was called on: the ``model`` of the outermost frame of its walk
-    (see ``_module_fqn``); None when torchao walks differently."""
-    frame, root = sys._getframe(1), None
+def _walk_root() -> tuple:
+    """(model, extra_args) of the outermost frame of ``quantize_``'s walk (see ``_module_fqn``):
+    the model ``quantize_`` was called on and the argument tuple that call made, one object per
+    call; (None, None) when torchao walks differently."""
+    frame, found = sys._getframe(1), (None, None)
     while frame is not None:
         if frame.f_code.co_name == "_replace_with_custom_fn_if_matches_filter" and frame.f_locals.get("cur_fqn") == "":
-            root = frame.f_locals.get("model")
+            found = (frame.f_locals.get("model"), frame.f_locals.get("extra_args"))
         frame = frame.f_back
-    return root if isinstance(root, torch.nn.Module) else None
+    return found
+
+
+# The parameters held by more than one module of the model the current quantize_ call walks: the
+# call's extra_args tuple (held here, so no later call's tuple can share its identity) and
+# {id(parameter): names of its modules}. Built once per call: a per-weight walk over the model
+# would be quadratic (a DeepSeek-V3-sized MoE has ~45k Linears).
+_SHARED: dict = {}
+
+
+def _shared_parameters(root: torch.nn.Module) -> dict:
+    owners: dict = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(name)
+    return {k: names for k, names in owners.items() if len(names) > 1}
 
 
 def _sharers(module: torch.nn.Module, weight: torch.Tensor) -> list:
     """Names of the other modules of the model being quantized that hold ``weight`` itself as a
-    parameter (a tied ``lm_head`` and embedding). One walk over the model's modules per quantized
-    weight: small next to quantizing it."""
-    root = _root_model()
-    if root is None:
+    parameter (a tied ``lm_head`` and embedding; not ``module`` under another name), each
+    checked against the live model."""
+    root, call = _walk_root()
+    if not isinstance(root, torch.nn.Module) or call is None:
         return []
-    return [name or "<root>" for name, m in root.named_modules(remove_duplicate=False)
+    if _SHARED.get("call") is not call:
+        _SHARED.clear()
+        _SHARED.update(call=call, shared=_shared_parameters(root))
+    others = ((name, root.get_submodule(name)) for name in _SHARED["shared"].get(id(weight), ()))
+    return [name or "<root>" for name, m in others
             if m is not module and any(p is weight for p in m._parameters.values())]
 
 

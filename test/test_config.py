@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchao.quantization import quantize_
 
 from blockwise_fp8 import BlockwiseFP8Config, BlockwiseFP8Tensor, reference
+from blockwise_fp8 import config as config_module
 from blockwise_fp8.config import BlockwiseFP8SkipWarning, BlockwiseFP8UntieWarning
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -253,6 +254,27 @@ def test_quantizing_a_tied_head_warns_that_it_unties():
     tied = _TiedLM()
     quantize_(tied, BlockwiseFP8Config())
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    # one Linear under two names is one module: quantizing it unties nothing
+    shared = nn.Linear(128, 128)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BlockwiseFP8UntieWarning)
+        quantize_(twice, BlockwiseFP8Config())
+    assert isinstance(twice[2].weight, BlockwiseFP8Tensor) and twice[0] is twice[2]
+
+
+def test_shared_parameters_are_found_once_per_quantize_call(monkeypatch):
+    """The walk over the model that finds tied weights runs once per quantize_ call, not once per
+    Linear (quadratic on a large MoE)."""
+    calls = []
+    real = config_module._shared_parameters
+    monkeypatch.setattr(config_module, "_shared_parameters", lambda root: calls.append(root) or real(root))
+    cfg = BlockwiseFP8Config()
+    models = [nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)]) for _ in range(2)]
+    for m in models:  # two calls with one config object: each walks its own model once
+        quantize_(m, cfg)
+        assert all(isinstance(lin.weight, BlockwiseFP8Tensor) for lin in m)
+    assert len(calls) == 2 and calls[0] is models[0] and calls[1] is models[1]
 
 
 @pytest.mark.parametrize(
