@@ -182,7 +182,9 @@ def main():
                 fns, outs = contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, f"{M},{N},{K},{dname}")
                 r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds).items()})
                 p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq))
-                r["ours_triton_plan"] = p.kind if p.kind != "ws" else f"ws{p.block_m}"
+                # ws tiles: "ws128" / "ws192" (128 columns, as older CSVs have them), "ws128x256"
+                r["ours_triton_plan"] = p.kind if p.kind != "ws" else f"ws{p.block_m}" + (
+                    f"x{p.block_n}" if p.block_n != 128 else "")
                 r["ours_auto_backend"] = ops.choose_gemm_backend(
                     M, N, K, dt, dt, torch.bfloat16, cublas_available=ops.cublas_blockwise_available(x16.device))
                 # accuracy against the float64 product of the original operands (first 256 rows)
