@@ -390,6 +390,8 @@ def test_ws_plan_takes_128x256_tiles_where_they_fill_their_waves():
     p = G.plan(1024, 8192, 8192, tma=True, ws=True, num_sms=132)
     assert p.num_stages * (128 + 256) * 128 <= 227 * 1024  # the ring fits in shared memory
     assert (p.block_m, p.block_n) in gemm_hopper.TILES
+    # a last wave >= 90% full is one _tail_split never splits, so these plans are unsplit
+    assert G._tail_split(int(0.9 * 132) + 1, 64, 132) == 1 and p.tail_split == 1
     assert G.plan(1024, 8192, 8192, tma=True, ws=False, num_sms=132).block_n == 128  # tma keeps 128 x 128
 
 

@@ -629,8 +629,9 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
     tiles_256 = triton.cdiv(M, 128) * triton.cdiv(N, 256)
     waves_256 = triton.cdiv(tiles_256, num_sms)
     if 2 * waves_256 * ws256_cost <= waves and tiles_256 >= 0.9 * waves_256 * num_sms:
-        # 4 stages (196 KB): 0-5% faster than 3 at K = 28672, 0-5% slower at K = 8192
-        return Plan("ws", 128, 256, num_warps=4, num_stages=4, tail_split=_tail_split(tiles_256, k_blocks, num_sms))
+        # 4 stages (196 KB): 0-5% faster than 3 at K = 28672, 0-5% slower at K = 8192; unsplit:
+        # a last wave >= 90% full is never split (_tail_split)
+        return Plan("ws", 128, 256, num_warps=4, num_stages=4)
     # 5 stages: results/tune-ws-h100-2026-11-26.txt
     return Plan("ws", 128, 128, num_warps=4, num_stages=5, tail_split=split)
 
