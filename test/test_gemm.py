@@ -69,7 +69,8 @@ def _plans(M, K, ws=False):
         ps += [G.Plan("tma", 64, 64, 4, 2, flatten=f) for f in (False, True)]
         ps += [G.Plan("tma", 64, 64, 4, 2, tail_split=3, num_programs=5)]
     if ws:
-        ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 5)] + [G.Plan("ws", 192, 128, 4, 4), G.Plan("ws", 128, 256, 4, 4)]
+        ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 5)]
+        ps += [G.Plan("ws", 192, 128, 4, 4), G.Plan("ws", 128, 256, 4, 4)]
         ps += [G.Plan("ws", 128, bn, 4, 2, tail_split=3, num_programs=2) for bn in (128, 256)]
     return ps
 
@@ -436,7 +437,8 @@ tail_split = int(sys.argv[3])
 n_parts = int(sys.argv[4])
 names = list(inspect.signature(H.gemm_ws_kernel.fn).parameters)
 consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132,
-              STAGES=5 if consumers * n_parts == 2 else 4, TAIL_SPLIT=tail_split, N_PARTS=n_parts, CONSUMER_REGS=H.CONSUMER_REGS[consumers], PRODUCER_REGS=H.PRODUCER_REGS[consumers])
+              STAGES=5 if consumers * n_parts == 2 else 4, TAIL_SPLIT=tail_split, N_PARTS=n_parts,
+              CONSUMER_REGS=H.CONSUMER_REGS[consumers], PRODUCER_REGS=H.PRODUCER_REGS[consumers])
 pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128 * n_parts), a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                 bias_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]
