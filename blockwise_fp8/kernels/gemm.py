@@ -43,7 +43,7 @@ Five kernels, chosen by :func:`plan` from the shape:
     ``tma`` kernel has three per K step), so one warpgroup's promotion overlaps the other's MMAs.
     +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md). On large grids three consumers and
     192 x 128 tiles, another 4-10%; on grids of mid-sized M (512-2048) 128 x 256 tiles, each
-    consumer running its two 64 x 128 products in turn, 1-7% (``_wide_plan``); with 128 x 128
+    consumer running its two 64 x 128 products in turn, 2-7% (``_wide_plan``); with 128 x 128
     and 128 x 256 tiles the split tail of ``tma``. GPU-only: the interpreter cannot run Gluon.
 ``tiled`` (everything else, and the Triton interpreter)
     The same math with plain pointer loads and a one-program-per-tile grid.

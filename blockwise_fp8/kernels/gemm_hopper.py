@@ -18,7 +18,7 @@ Here the roles are split (``gl.warp_specialize``):
                             cast, masked store)
 C = 2 (128 x 128 tiles) or 3 (192 x 128); or C = 2 with two 128-column parts per consumer
 (128 x 256, N_PARTS = 2: one W box of 256 rows per stage, the two products run in turn, see
-``_mma_k_steps``; 1-7% faster than 128 x 128 on mid-M grids, ``gemm._wide_plan``). No CTA-wide
+``_mma_k_steps``; 2-7% faster than 128 x 128 on mid-M grids, ``gemm._wide_plan``). No CTA-wide
 barrier remains in the K loop (only each warpgroup's own), so the consumers drift apart and one's
 promotion overlaps the others' MMAs, as in DeepGEMM's design. Three consumers read 17% fewer operand bytes from L2 per product and hide one
 more promotion: 4-10% faster per product on an H100 at M >= 4096 (bit-identical;
