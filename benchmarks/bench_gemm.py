@@ -182,7 +182,7 @@ def main():
                 fns, outs = contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, f"{M},{N},{K},{dname}")
                 r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds).items()})
                 p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq))
-                # ws tiles: "ws128" / "ws192" (128 columns, as older CSVs have them), "ws128x256"
+                # ws tiles: "ws128" / "ws192"; session 15's 128 x 256 tiles (since dropped) were "ws128x256"
                 r["ours_triton_plan"] = p.kind if p.kind != "ws" else f"ws{p.block_m}" + (
                     f"x{p.block_n}" if p.block_n != 128 else "")
                 r["ours_auto_backend"] = ops.choose_gemm_backend(

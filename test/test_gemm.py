@@ -69,9 +69,8 @@ def _plans(M, K, ws=False):
         ps += [G.Plan("tma", 64, 64, 4, 2, flatten=f) for f in (False, True)]
         ps += [G.Plan("tma", 64, 64, 4, 2, tail_split=3, num_programs=5)]
     if ws:
-        ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 5)]
-        ps += [G.Plan("ws", 192, 128, 4, 4), G.Plan("ws", 128, 256, 4, 4)]
-        ps += [G.Plan("ws", 128, bn, 4, 2, tail_split=3, num_programs=2) for bn in (128, 256)]
+        ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 4)]
+        ps += [G.Plan("ws", 192, 128, 4, 4), G.Plan("ws", 128, 128, 4, 2, tail_split=3, num_programs=2)]
     return ps
 
 
@@ -138,23 +137,22 @@ def test_tma_tail_split_matches_reference_and_is_deterministic(programs, split, 
     assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
 
 
-@pytest.mark.parametrize("block_n", [128, 256])
 @pytest.mark.parametrize("programs,split", [(4, 3), (7, 2), (6, 4), (40, 2)])
-def test_ws_tail_split_matches_reference_and_is_deterministic(programs, split, block_n):
+def test_ws_tail_split_matches_reference_and_is_deterministic(programs, split):
     """The ws kernel's split tail (GPU only): each consumer's 64 rows of a tail tile summed by
     the last of its splits to arrive; right, the same bits every run, counters left at zero."""
     x, aq, as_, wq, ws, b = _operands(300, 600, 1024, torch.float8_e4m3fn, seed=programs)
     if not G.ws_usable(aq, wq):
         pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
-    # 3 x 5 tiles of 128 x 128 or 3 x 3 of 128 x 256, one row part-empty (and with 256 columns
-    # a half-empty last column); 40 programs: all tiles split
-    p = G.Plan("ws", 128, block_n, 4, 3, tail_split=split, num_programs=programs)
-    tiles = 3 * -(-600 // block_n)
+    # 3 x 5 tiles, one row part-empty; 40 programs: all tiles split; 8 K blocks: with 3 splits
+    # units of 3 and 2 (the odd last block after the consumers' pairs)
+    p = G.Plan("ws", 128, 128, 4, 3, tail_split=split, num_programs=programs)
+    tiles = 3 * 5
     assert tiles % programs, "the grid must leave a partial wave to split"
     first = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
     _check(first, aq, as_, wq, ws, b, torch.bfloat16)
     assert torch.equal(first, G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p))
-    whole = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("ws", 128, block_n, 4, 3))
+    whole = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("ws", 128, 128, 4, 3))
     assert (first.float() - whole.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * whole.float().abs().max()
     assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
 
@@ -357,51 +355,34 @@ def test_plan_heuristic_ranges():
     assert G.plan(8192, 8192, 8192, tma=True, ws=True, num_sms=132).tail_split == 1  # 192-row tiles: never split
 
 
-def test_ws_plan_takes_192_row_tiles_where_they_save_waves():
+def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
     """192 x 128 tiles (three consumers) from 8 waves of 128-row tiles up, where 1.5 x their waves
-    x WS192_COST is at most the 128-row tiles' waves; never below 8 waves."""
+    x WS192_COST is at most the 128-row tiles' waves; never below 8 waves; 128 x 128 otherwise."""
     def rows(M, N, K=8192):
         p = G.plan(M, N, K, tma=True, ws=True, num_sms=132)
-        assert p.kind == "ws"
+        assert p.kind == "ws" and p.block_n == 128
         return p.block_m
-    assert rows(8192, 8192) == rows(4096, 8192) == 192  # 32 -> 21 waves, 16 -> 11
-    assert rows(2048, 8192) == 128  # 8 waves against 6 x 1.5 x 0.95 = 8.55
-    assert rows(1024, 57344) == 128  # 28 waves against 21 x 1.5 x 0.95 = 29.9 (6 row tiles of 192 hold 1152 rows)
-    assert rows(1024, 8192) == rows(512, 10240) == 128  # < 8 waves
+    assert rows(8192, 8192) == rows(8192, 8192, 28672) == 192  # 32 waves against 21 x 1.5 = 31.5
+    assert rows(4096, 8192) == 128  # 16 against 11 x 1.5
+    assert rows(8192, 10240) == rows(4096, 57344) == rows(2048, 57344) == 128  # 39 vs 40.5, 109 vs 112.5, 55 vs 57
+    assert rows(1024, 8192) == rows(512, 10240) == rows(256, 8192) == 128  # < 8 waves
     assert G.plan(8192, 8192, 8192, tma=True, ws=False, num_sms=132).kind == "tma"
-    for M in (4096, 8192):
+    # 128 x 128: 5 stages up to 4 waves, 4 above
+    assert G.plan(1024, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 5  # 3.9 waves
+    assert G.plan(2048, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 4  # 7.8 waves
+    for M in (1024, 2048, 8192):
         p = G.plan(M, 8192, 8192, tma=True, ws=True, num_sms=132)
         assert p.num_stages * (p.block_m + 128) * 128 <= 227 * 1024  # the ring fits in shared memory
-
-
-def test_ws_plan_takes_128x256_tiles_where_they_fill_their_waves():
-    """Below the 192-row tiles' range, 128 x 256 tiles where twice their waves x WS256_COST is at
-    most the 128 x 128 tiles' waves and their last wave is at least 90% full (132 SMs)."""
-    def tile(M, N, K=8192):
-        p = G.plan(M, N, K, tma=True, ws=True, num_sms=132)
-        assert p.kind == "ws"
-        return p.block_m, p.block_n
-    # 128 / 256 / 512 tiles of 128 x 256: 1, 2, 4 waves, each 97% full, against 2, 4, 8 waves
-    assert tile(512, 8192) == tile(1024, 8192) == tile(2048, 8192) == tile(1024, 8192, 28672) == (128, 256)
-    assert tile(512, 57344) == tile(1024, 57344) == (128, 256)  # 896, 1792 tiles
-    assert tile(256, 8192) == (128, 128)  # 64 tiles: half the SMs idle
-    assert tile(256, 10240) == tile(512, 10240) == (128, 128)  # 80, 160 tiles: last wave 61% full
-    assert tile(256, 57344) == (128, 128)  # 448 tiles: 4 waves, the last 39% full, against 7
-    assert tile(4096, 8192) == (192, 128)  # the 192-row tiles come first
-    p = G.plan(1024, 8192, 8192, tma=True, ws=True, num_sms=132)
-    assert p.num_stages * (128 + 256) * 128 <= 227 * 1024  # the ring fits in shared memory
-    assert (p.block_m, p.block_n) in gemm_hopper.TILES
-    # a last wave >= 90% full is one _tail_split never splits, so these plans are unsplit
-    assert G._tail_split(int(0.9 * 132) + 1, 64, 132) == 1 and p.tail_split == 1
-    assert G.plan(1024, 8192, 8192, tma=True, ws=False, num_sms=132).block_n == 128  # tma keeps 128 x 128
+        assert (p.block_m, p.block_n) in gemm_hopper.TILES
 
 
 def test_ws_plan_refuses_other_tiles():
     x, aq, as_, wq, ws, b = _operands(300, 600, 1024, torch.float8_e4m3fn, seed=0)
     if not G.ws_usable(aq, wq):
         pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon (test_ws_plan_refused_where_it_cannot_run)")
-    with pytest.raises(ValueError, match="128 x 128, 192 x 128, 128 x 256 tiles, got 64 x 128"):
-        G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("ws", 64, 128, 4, 3))
+    for bm, bn in ((64, 128), (128, 256)):
+        with pytest.raises(ValueError, match=f"128 x 128, 192 x 128 tiles, got {bm} x {bn}"):
+            G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("ws", bm, bn, 4, 3))
 
 
 def test_ws_plan_refused_where_it_cannot_run():
@@ -430,16 +411,14 @@ from blockwise_fp8.kernels import gemm_hopper as H
 
 gl = H.gl
 consumers = int(sys.argv[2])
-def desc(rows):  # the A box: 128 rows with two consumers, 64 with three; W: 128 per part
+def desc(rows):  # the A box: 128 rows with two consumers, 64 with three; W: 128
     layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
     return f"tensordesc<fp8e4nv[{rows}, 128],{layout!r}>"
 tail_split = int(sys.argv[3])
-n_parts = int(sys.argv[4])
 names = list(inspect.signature(H.gemm_ws_kernel.fn).parameters)
 consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132,
-              STAGES=5 if consumers * n_parts == 2 else 4, TAIL_SPLIT=tail_split, N_PARTS=n_parts,
-              CONSUMER_REGS=H.CONSUMER_REGS[consumers], PRODUCER_REGS=H.PRODUCER_REGS[consumers])
-pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128 * n_parts), a_scale_ptr="*fp32", w_scale_ptr="*fp32",
+              STAGES=4, TAIL_SPLIT=tail_split, CONSUMER_REGS=H.CONSUMER_REGS[consumers], PRODUCER_REGS=H.PRODUCER_REGS[consumers])
+pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128), a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                 bias_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]
 # 16-byte aligned pointers, as our launches have them (Triton specializes on it): what lets the
@@ -464,21 +443,24 @@ loops = [(labels[t], i) for i, l in enumerate(lines[:end]) for t in re.findall(r
          if t in labels and labels[t] < i and any("GMMA" in x for x in lines[labels[t]:i])]
 inner = [(a, b) for a, b in loops if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)]
 loop_spills = sum(("STL" in x or "LDL" in x) for a, b in inner for x in lines[a:b])
-print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DEPBAR"), "k_loops": len(inner),
+print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DEPBAR"),
+                  "depbar1": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1"), "k_loops": len(inner),
                   "spills": sass.count("STL") + sass.count("LDL"), "loop_spills": loop_spills,
                   "ldg128": sass.count("LDG.E.128")}))
 """
 
 
-@pytest.mark.parametrize("consumers,tail_split,n_parts", [(2, 1, 1), (2, 4, 1), (3, 1, 1), (2, 1, 2), (2, 4, 2)])
-def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split, n_parts):
+@pytest.mark.parametrize("consumers,tail_split", [(2, 1), (2, 4), (3, 1)])
+def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split):
     """ptxas silently serialises every wgmma when it cannot prove the accumulators safe, which
     made earlier versions of this kernel slower than the plain one: compile it for sm_90 (no GPU
-    needed) and count the warpgroup waits in its SASS, one per consumer, part and K loop (the
-    split tail has a second), and the local-memory spills (none with 128 columns, also with three
-    consumers at 160 registers each; a few outside the K loop with 256). In a
-    fresh process, without TRITON_INTERPRET and with an empty kernel cache: after this suite's
-    interpreted kernels, Triton's Gluon front end mis-typed the descriptor arguments."""
+    needed) and count the warpgroup waits in its SASS and the local-memory spills (none, also
+    with three consumers at 160 registers each). Two consumers take K blocks in pairs: per K
+    loop one wait that leaves the second product in flight (``DEPBAR.LE gsb0, 0x1``), one for
+    it, one for the odd last block; three take one block per step. The split tail has a second
+    K loop. In a fresh process, without TRITON_INTERPRET and with an empty kernel cache: after
+    this suite's interpreted kernels, Triton's Gluon front end mis-typed the descriptor
+    arguments."""
     import json
     import os
     import subprocess
@@ -490,30 +472,28 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
         pytest.skip("this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers), str(tail_split), str(n_parts)],
+    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers), str(tail_split)],
                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     if "skip" in counts:
         pytest.skip(counts["skip"])
     loops = 2 if tail_split > 1 else 1
-    assert counts["gmma"] == 4 * consumers * loops * n_parts  # four k32 steps per 128-wide K block and part
-    assert counts["depbar"] == consumers * loops * n_parts, "ptxas serialised the wgmma pipeline"
+    blocks = 3 if consumers == 2 else 1  # wgmmas per K loop: a pair and the odd last one, or one
+    assert counts["gmma"] == 4 * blocks * consumers * loops  # four k32 steps per 128-wide K block
+    assert counts["depbar"] == blocks * consumers * loops, "ptxas serialised the wgmma pipeline"
+    assert counts["depbar1"] == (consumers * loops if consumers == 2 else 0), "the pair's overlap is gone"
+    # the pair's loop (the odd last block's runs at most once and is not compiled as a loop)
     assert counts["k_loops"] == consumers * loops
-    # two parts: where ptxas overlaps the first part's promotion with the second product, two
-    # products are live and the K loops spill (120 local loads/stores under 3.9, 196 under 3.6;
-    # see gemm_hopper._mma_k_steps)
+    # none in the K loops (session 15's 128 x 256 tiles spilled several hundred there until their
+    # two products were ordered); none at all with Triton 3.6's ptxas (the GPU machine's), nor with
+    # 3.9's but for the split tail's epilogue, 11 local loads/stores once per tail unit
     assert counts["loop_spills"] == 0
-    if n_parts == 1:
-        # none at all with Triton 3.6's ptxas (the GPU machine's) nor 3.9's; session 9's
-        # three-consumer kernel spilled 10 local loads/stores under 3.6. With two parts the
-        # epilogues spill a few (two accumulators and the output pointers): 4 under 3.6, 22 with
-        # the split tail's sum (289 under 3.9), once per tile
-        assert counts["spills"] == 0
+    assert counts["spills"] <= (16 if tail_split > 1 else 0)
     # the split tail's last program reads each split's float32 partial 16 bytes per thread (row-major,
     # 16 loads per thread and partial): read in the wgmma layout (8 bytes a thread, 8 rows a warp) the
     # sum cost more than the split saved (benchmarks/results/tail-diag-h100-2026-11-27-s13.txt)
-    assert counts["ldg128"] >= (16 * tail_split * consumers * n_parts if tail_split > 1 else 0)
+    assert counts["ldg128"] >= (16 * tail_split * consumers if tail_split > 1 else 0)
 
 
 _PDL_PROBE = """

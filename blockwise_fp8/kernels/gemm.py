@@ -41,10 +41,10 @@ Five kernels, chosen by :func:`plan` from the shape:
     feeds a shared-memory ring through TMA and two consumer warpgroups, 64 rows each, wait for
     their own products and promote them with no CTA-wide barrier in the K loop (the compiled
     ``tma`` kernel has three per K step), so one warpgroup's promotion overlaps the other's MMAs.
-    +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md). On large grids three consumers and
-    192 x 128 tiles, another 4-10%; on grids of mid-sized M (512-2048) 128 x 256 tiles, each
-    consumer running its two 64 x 128 products in turn, 2-7% (``_wide_plan``); with 128 x 128
-    and 128 x 256 tiles the split tail of ``tma``. GPU-only: the interpreter cannot run Gluon.
+    +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md); each consumer takes the K blocks in
+    pairs, promoting one product while the next runs (another 7-10%). Where they need no more
+    waves, three consumers and 192 x 128 tiles (``_wide_plan``); with 128 x 128 tiles the split
+    tail of ``tma``. GPU-only: the interpreter cannot run Gluon.
 ``tiled`` (everything else, and the Triton interpreter)
     The same math with plain pointer loads and a one-program-per-tile grid.
 
@@ -596,28 +596,20 @@ def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
     return max(1, min(num_sms // rest, k_blocks // 8, 4))
 
 
-# What a 192 x 128 tile of the ws kernel (three consumers) costs against 1.5 tiles of 128 x 128:
-# 0.93-0.96 on an H100 at M = 4096-8192 (results/ws-tiles-h100-2026-11-26-s9.log).
-WS192_COST = 0.95
-# What a 128 x 256 tile of the ws kernel (each consumer runs its two 64 x 128 products in turn)
-# costs against two tiles of 128 x 128: 0.93-0.98 on an H100 at M = 512-2048, N = 8192-57344
-# (results/ws-wide-n-h100-2026-11-27-s15.txt).
-WS256_COST = 0.95
+# What a 192 x 128 tile of the ws kernel (three consumers, one K block per step) costs against
+# 1.5 tiles of 128 x 128 (two consumers, K blocks in pairs): about even on an H100 (0.95-1.07 at
+# M = 2048-8192, e5m2; benchmarks/NOTES.md, sixteenth session), so the coarser tiles are taken only
+# where they need no more waves.
+WS192_COST = 1.0
 
 
-def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float,
-               ws256_cost: float) -> Plan:
+def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float) -> Plan:
     """128 x 128 tiles, the last partial wave's tiles split over K where ``_tail_split`` says so:
-    the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes coarser tiles
-    where, counted in waves of the persistent grid, they cost less:
-    - 192 x 128 (unsplit) from 8 waves of 128-row tiles up, so that a partial last wave or a
-      part-empty last row of tiles weighs little (M = 2048, N = 8192: 5.3 waves of 192-row
-      tiles, 6% slower; M = 4096: 3% faster, M = 8192: 4%);
-    - otherwise 128 x 256 where twice their waves x WS256_COST is at most the 128 x 128 tiles'
-      waves and their last wave is at least 90% full: the grids that fill their waves as well
-      as 128 x 128 does (M = 512-2048 with N = 8192: 3-7% faster), not those that halve an
-      already short grid (M = 256, N = 8192: 20% slower; N = 10240, 80 tiles: 14% slower than
-      the split tail of 160) or leave a partial wave (M = 256, N = 57344: 0-2% slower)."""
+    the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
+    tiles (unsplit) from 8 waves of 128-row tiles up where, counted in waves of the persistent
+    grid, they cost no more: 1.5 x their waves x WS192_COST at most the 128-row tiles' waves
+    (M = 8192, N = K = 8192: 21 waves against 32, 5% faster; M = 4096, N = 57344: 75 against
+    109, 7% slower, so 128 x 128)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
     if not ws:
@@ -626,14 +618,10 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
     waves_192 = triton.cdiv(triton.cdiv(M, 192) * triton.cdiv(N, 128), num_sms)
     if waves >= 8 and 1.5 * waves_192 * ws192_cost <= waves:
         return Plan("ws", 192, 128, num_warps=4, num_stages=4)  # 4 stages: 164 KB, as fast as 5
-    tiles_256 = triton.cdiv(M, 128) * triton.cdiv(N, 256)
-    waves_256 = triton.cdiv(tiles_256, num_sms)
-    if 2 * waves_256 * ws256_cost <= waves and tiles_256 >= 0.9 * waves_256 * num_sms:
-        # 4 stages (196 KB): 0-5% faster than 3 at K = 28672, 0-5% slower at K = 8192; unsplit:
-        # a last wave >= 90% full is never split (_tail_split)
-        return Plan("ws", 128, 256, num_warps=4, num_stages=4)
-    # 5 stages: results/tune-ws-h100-2026-11-26.txt
-    return Plan("ws", 128, 128, num_warps=4, num_stages=5, tail_split=split)
+    # With the K blocks in pairs, 5 stages were 0-6% faster than 4 on grids of up to 4 waves
+    # (M = 256, N = K = 8192: 40.2 -> 38.0 us) and 4 stages 0-3% faster on longer ones; 6 slower
+    # still (less L1 for the scales; benchmarks/NOTES.md, sixteenth session)
+    return Plan("ws", 128, 128, num_warps=4, num_stages=5 if waves <= 4 else 4, tail_split=split)
 
 
 def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132) -> Plan:
@@ -643,12 +631,12 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
     tiles, 10-22% faster on every measured shape, M = 256..8192, except where the tma kernel's
     tail split saves more, see ``_wide_plan``). Worked out once per shape (host time per call);
     the module's tunables are read here, so A/B runs that change them get fresh plans."""
-    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST, WS256_COST)
+    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m: int, skinny_max_m: int,
-          ws192_cost: float, ws256_cost: float) -> Plan:
+          ws192_cost: float) -> Plan:
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= gemv_max_m:
         # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
@@ -665,8 +653,7 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
                     groups_k=groups_k)
     if M <= skinny_max_m:
         return _skinny_plan(M, N, K, k_blocks, num_sms)
-    return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
-                       ws256_cost=ws256_cost)
+    return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost)
 
 
 def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
@@ -680,7 +667,7 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
 
 
 def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int,
-                ws192_cost: float, ws256_cost: float) -> Plan:
+                ws192_cost: float) -> Plan:
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -693,7 +680,7 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
             if 2 * rounds(64) < 3 * rounds(128):
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
-        return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost, ws256_cost=ws256_cost)
+        return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -877,7 +864,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         programs, tail_start, tail_split, partial, arrivals = _persistent_grid(
             p, M, N, K, num_sms, a.device, counters_per_tile=p.block_m // 64)
         return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, programs=programs, block_m=p.block_m,
-                                   block_n=p.block_n, stages=p.num_stages, group_m=p.group_m, tail_start=tail_start,
+                                   stages=p.num_stages, group_m=p.group_m, tail_start=tail_start,
                                    tail_split=tail_split, partial=partial, arrivals=arrivals)
     if p.kind == "tma":
         _set_tma_allocator()

@@ -16,11 +16,10 @@ Here the roles are split (``gl.warp_specialize``):
                             wgmma, waits for it, releases the stage through ``empty[s]`` (one
                             arrival per consumer), promotes; runs the epilogue (bias, output
                             cast, masked store)
-C = 2 (128 x 128 tiles) or 3 (192 x 128); or C = 2 with two 128-column parts per consumer
-(128 x 256, N_PARTS = 2: one W box of 256 rows per stage, the two products run in turn, see
-``_mma_k_steps``; 2-7% faster than 128 x 128 on mid-M grids, ``gemm._wide_plan``). No CTA-wide
-barrier remains in the K loop (only each warpgroup's own), so the consumers drift apart and one's
-promotion overlaps the others' MMAs, as in DeepGEMM's design. Three consumers read 17% fewer operand bytes from L2 per product and hide one
+C = 2 (128 x 128 tiles) or 3 (192 x 128). No CTA-wide barrier remains in the K loop (only each
+warpgroup's own), so one consumer's promotion overlaps the others' MMAs, as in DeepGEMM's design.
+Two consumers also take the K blocks in pairs, promoting one product while the next runs, and take
+turns issuing them (``_mma_k_steps``): 7-10% faster on mid-M grids. Three consumers read 17% fewer operand bytes from L2 per product and hide one
 more promotion: 4-10% faster per product on an H100 at M >= 4096 (bit-identical;
 benchmarks/results/ws-tiles-h100-2026-11-26-s9.log; ``gemm._wide_plan`` says when the coarser
 tiles pay).
@@ -32,8 +31,8 @@ rows of a tail tile through float32 partials and an arrival counter (see ``_cons
 What ptxas accepts decides whether this pays: when it cannot prove a wgmma's accumulator
 registers safe it serialises every wgmma (info C7511/C7514; 16 waits instead of 2 in the SASS),
 which made two earlier versions slower than ``tma``: one kept a wgmma in flight across the loop's
-back edge, one issued the next K step's wgmma before promoting this one. Here each K step issues,
-waits for and promotes its own wgmma, and ``setmaxnreg`` (``warp_specialize``'s register list)
+back edge, one issued the next K step's wgmma before promoting this one. Here every wgmma issued
+in an iteration of the K loop is waited for in it, and ``setmaxnreg`` (``warp_specialize``'s register list)
 gives each consumer 232 registers and the producer 40 (the 12 warps would otherwise cap all at 168);
 with three consumers 160 and 24.
 
@@ -148,84 +147,102 @@ if AVAILABLE:
     @gluon.jit
     def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start,
                   CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr,
-                  TAIL_SPLIT: gl.constexpr, N_PARTS: gl.constexpr):
+                  TAIL_SPLIT: gl.constexpr):
         """Feeds the ring in the consumers' order: whole tiles, then the split tail's units. Three
         consumers get one 64-row A box each (shared memory shapes are powers of two, 192 is not);
         two share one 128-row box, as before the three-consumer variant existed (the same PTX as
         the GPU-tested two-consumer kernel)."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
-        BLOCK_N: gl.constexpr = BLOCK * N_PARTS
         num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
+        num_n = gl.cdiv(N, BLOCK)
         k_blocks = gl.cdiv(K, BLOCK)
         it = 0
         for tile in range(gl.program_id(0), tail_start, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK_N,
+            it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK,
                                0, k_blocks, it, CONSUMERS, STAGES)
         if TAIL_SPLIT > 1:
             for u in range(gl.program_id(0), (num_m * num_n - tail_start) * TAIL_SPLIT, NUM_PROGRAMS):
                 pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
-                it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK,
                                    kb_start, kb_end, it, CONSUMERS, STAGES)
 
     @gluon.jit
-    def _mma_k_steps(a_bufs, w_bufs, ready, empty, a_s_ptrs, m_ok, w_s_ptr, w_s1_ok, stride_ask, stride_wsn,
-                     stride_wsk, kb_start, kb_end, it, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
-                     PART: gl.constexpr, N_PARTS: gl.constexpr):
-        """This consumer's 64 rows of one tile over K blocks [kb_start, kb_end): each block's
-        product waited for, its stage released, then promoted with both scales. Returns
-        (float32 accumulators of the tile's first and second 128 columns, ring position after);
-        with one part the second stays zero and unused.
+    def _a_tile(a_bufs, s, CONSUMERS: gl.constexpr, PART: gl.constexpr):
+        """This consumer's 64 rows of stage s's A box (one 128-row box with two consumers, one
+        64-row box each with three)."""
+        if CONSUMERS == 2:
+            return a_bufs.index(s).slice(PART * ROWS, ROWS)
+        else:
+            return a_bufs.index(s * CONSUMERS + PART)
 
-        Two parts (64 x 256 per consumer): each K step runs two 64 x 128 products in turn through
-        one set of product registers, so acc, acc1 and one product fit the 232 registers. Left to
-        itself ptxas overlaps the first promotion with the second wgmma, keeping two products
-        live, and the K loop spills (~200 local loads/stores; session 9's 256 x 128 variant
-        failed the same way). So the second wgmma's accumulator operand is ``acc * 0.0``, taken
-        after the first promotion, under a use_acc the compiler cannot prove false (``kb_end <
-        0``; the tensor core then ignores the operand): the wgmma must wait for the promotion
-        and writes into registers it frees. 64 FMULs per K step; bit-identical to 128 x 128
-        tiles."""
+    @gluon.jit
+    def _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb):
+        """a_scale * w_scale of K block kb for this consumer's 64 rows. ptxas takes the product
+        before the wgmma that follows these loads, so the wgmma waits for them: an L1 hit for
+        row-major scales (a row's 32 K blocks share a line). Loading one step ahead, or after the
+        wgmma issue, measured no faster (benchmarks/NOTES.md, fourteenth session)."""
+        return gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
+
+    @gluon.jit
+    def _mma_k_steps(a_bufs, w_bufs, ready, empty, turn, a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk,
+                     kb_start, kb_end, it, turns, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
+                     PART: gl.constexpr):
+        """This consumer's 64 rows of one tile over K blocks [kb_start, kb_end): each block's
+        product waited for, its stage released, then promoted with both scales, in K order.
+        Returns (float32 accumulator, ring position after, turns taken after).
+
+        Two consumers (232 registers: acc + two products fit) take the K blocks in pairs: both
+        wgmmas issued, the first waited for and promoted while the second runs, then the second.
+        Nothing stays in flight across the loop's back edge, which is what made ptxas serialise
+        every wgmma in session 4's attempt at this overlap. The two consumers also take turns
+        issuing their pairs (``turn``: consumer p waits turn[p], hands turn[1 - p] over once its
+        pair is issued), so one's promotions run under the other's products instead of both
+        promoting at once. H100, e5m2: 7-10% faster than one block per step on mid-M grids
+        (benchmarks/NOTES.md, sixteenth session). Three consumers (160 registers) keep one block
+        per step, as does the odd last block of two."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
         zero = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
         acc = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
-        acc1 = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
+        if CONSUMERS == 2:
+            for kb in range(kb_start, kb_end - 1, 2):
+                s0 = it % STAGES
+                s1 = (it + 1) % STAGES
+                scale0 = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb)
+                scale1 = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb + 1)
+                mbarrier.wait(ready.index(s0), (it // STAGES) & 1)
+                # a fresh barrier counts as completed in the phase before its first, so consumer
+                # 0's first wait passes; every later one waits for the other's previous handover
+                if PART == 0:
+                    mbarrier.wait(turn.index(0), (turns & 1) ^ 1)
+                else:
+                    mbarrier.wait(turn.index(1), turns & 1)
+                p0 = warpgroup_mma(_a_tile(a_bufs, s0, CONSUMERS, PART), w_bufs.index(s0).permute((1, 0)), zero,
+                                   use_acc=False, is_async=True)
+                mbarrier.wait(ready.index(s1), ((it + 1) // STAGES) & 1)
+                p1 = warpgroup_mma(_a_tile(a_bufs, s1, CONSUMERS, PART), w_bufs.index(s1).permute((1, 0)), zero,
+                                   use_acc=False, is_async=True)
+                mbarrier.arrive(turn.index(1 - PART), count=1)
+                p0 = warpgroup_mma_wait(1, deps=(p0,))
+                mbarrier.arrive(empty.index(s0), count=1)
+                acc += p0 * gl.expand_dims(scale0, 1)
+                p1 = warpgroup_mma_wait(0, deps=(p1,))
+                mbarrier.arrive(empty.index(s1), count=1)
+                acc += p1 * gl.expand_dims(scale1, 1)
+                it += 2
+                turns += 1
+            kb_start = kb_end - (kb_end - kb_start) % 2
         for kb in range(kb_start, kb_end):
             s = it % STAGES
-            # Issued before the ready wait. ptxas takes their product before the first wgmma, so
-            # the wgmma waits for these loads: an L1 hit for row-major scales (a row's 32 K blocks
-            # share a line). Loading one step ahead, or after the wgmma issue, measured no faster
-            # (benchmarks/NOTES.md, fourteenth session).
-            if N_PARTS == 1:
-                scale = gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
-            else:
-                a_s = gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-                scale = a_s * gl.load(w_s_ptr + kb * stride_wsk)
-                scale1 = a_s * gl.load(w_s_ptr + stride_wsn + kb * stride_wsk, mask=w_s1_ok, other=0.0)
+            scale = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb)
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            if CONSUMERS == 2:
-                a_tile = a_bufs.index(s).slice(PART * ROWS, ROWS)
-            else:
-                a_tile = a_bufs.index(s * CONSUMERS + PART)
-            if N_PARTS == 1:
-                part = warpgroup_mma(a_tile, w_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                part = warpgroup_mma_wait(0, deps=(part,))
-                mbarrier.arrive(empty.index(s), count=1)
-                acc += part * gl.expand_dims(scale, 1)
-            else:
-                w_tile = w_bufs.index(s)
-                part = warpgroup_mma(a_tile, w_tile.slice(0, BLOCK).permute((1, 0)), zero, use_acc=False,
-                                     is_async=True)
-                part = warpgroup_mma_wait(0, deps=(part,))
-                acc += part * gl.expand_dims(scale, 1)
-                part = warpgroup_mma(a_tile, w_tile.slice(BLOCK, BLOCK).permute((1, 0)), acc * 0.0,
-                                     use_acc=kb_end < 0, is_async=True)
-                part = warpgroup_mma_wait(0, deps=(part,))
-                mbarrier.arrive(empty.index(s), count=1)
-                acc1 += part * gl.expand_dims(scale1, 1)
+            part = warpgroup_mma(_a_tile(a_bufs, s, CONSUMERS, PART), w_bufs.index(s).permute((1, 0)), zero,
+                                 use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(0, deps=(part,))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc += part * gl.expand_dims(scale, 1)
             it += 1
-        return acc, acc1, it
+        return acc, it, turns
 
     @gluon.jit
     def _store_rows(acc, rm, m_ok, rn, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS: gl.constexpr):
@@ -237,40 +254,34 @@ if AVAILABLE:
         gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
 
     @gluon.jit
-    def _consumer(a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    def _consumer(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
                   M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
                   HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, N_PARTS: gl.constexpr,
-                  PART: gl.constexpr):
+                  NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, PART: gl.constexpr):
         """Rows [64 PART, 64 PART + 64) of each tile."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
-        BLOCK_N: gl.constexpr = BLOCK * N_PARTS
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, mma)
         col_layout: gl.constexpr = gl.SliceLayout(0, mma)
         num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        n_blocks = gl.cdiv(N, BLOCK)  # rows of w_scale
+        num_n = gl.cdiv(N, BLOCK)
         k_blocks = gl.cdiv(K, BLOCK)
         rows = PART * ROWS + gl.arange(0, ROWS, layout=row_layout)
         cols = gl.arange(0, BLOCK, layout=col_layout)
         it = 0
+        turns = 0
         for tile in range(gl.program_id(0), tail_start, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
             rm = pid_m * BLOCK_M + rows
             m_ok = rm < M
-            acc, acc1, it = _mma_k_steps(a_bufs, w_bufs, ready, empty, a_scale_ptr + rm * stride_asm, m_ok,
-                                         w_scale_ptr + pid_n * N_PARTS * stride_wsn, pid_n * N_PARTS + 1 < n_blocks,
-                                         stride_ask, stride_wsn, stride_wsk, 0, k_blocks, it,
-                                         CONSUMERS, STAGES, PART, N_PARTS)
-            _store_rows(acc, rm, m_ok, pid_n * BLOCK_N + cols, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS)
-            if N_PARTS == 2:
-                _store_rows(acc1, rm, m_ok, pid_n * BLOCK_N + BLOCK + cols, N, bias_ptr, out_ptr, stride_om, stride_on,
-                            HAS_BIAS)
+            acc, it, turns = _mma_k_steps(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr + rm * stride_asm, m_ok,
+                                          w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, 0, k_blocks, it,
+                                          turns, CONSUMERS, STAGES, PART)
+            _store_rows(acc, rm, m_ok, pid_n * BLOCK + cols, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS)
         if TAIL_SPLIT > 1:
             # Split-K of the last, partial wave, finished without a second launch: each split
             # stores its float32 partial of these 64 rows (partials: (tail tiles, TAIL_SPLIT,
-            # BLOCK_M, BLOCK_N)) and arrives on the counter of (tile, PART); the last to arrive sums
+            # BLOCK_M, 128)) and arrives on the counter of (tile, PART); the last to arrive sums
             # the partials in split order (the result does not depend on who came last), runs
             # the epilogue and leaves the counter at zero for the next launch.
             # The last one reads the partials in a row-major layout, 16 contiguous bytes per
@@ -282,30 +293,27 @@ if AVAILABLE:
                 pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
                 rm = pid_m * BLOCK_M + rows
                 m_ok = rm < M
-                acc, acc1, it = _mma_k_steps(a_bufs, w_bufs, ready, empty, a_scale_ptr + rm * stride_asm, m_ok,
-                                             w_scale_ptr + pid_n * N_PARTS * stride_wsn,
-                                             pid_n * N_PARTS + 1 < n_blocks, stride_ask, stride_wsn, stride_wsk,
-                                             kb_start, kb_end, it, CONSUMERS, STAGES, PART, N_PARTS)
+                acc, it, turns = _mma_k_steps(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr + rm * stride_asm,
+                                              m_ok, w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, kb_start,
+                                              kb_end, it, turns, CONSUMERS, STAGES, PART)
                 tail = u // TAIL_SPLIT
-                tile_base = partial_ptr + tail * (TAIL_SPLIT * BLOCK_M * BLOCK_N)
+                tile_base = partial_ptr + tail * (TAIL_SPLIT * BLOCK_M * BLOCK)
                 # (offsets built here, after the K loop, so that they hold no registers through it)
-                offs = gl.expand_dims(rows, 1) * BLOCK_N + gl.expand_dims(cols, 0)
-                gl.store(tile_base + (u % TAIL_SPLIT) * (BLOCK_M * BLOCK_N) + offs, acc)
-                if N_PARTS == 2:
-                    gl.store(tile_base + (u % TAIL_SPLIT) * (BLOCK_M * BLOCK_N) + BLOCK + offs, acc1)
+                offs = gl.expand_dims(rows, 1) * BLOCK + gl.expand_dims(cols, 0)
+                gl.store(tile_base + (u % TAIL_SPLIT) * (BLOCK_M * BLOCK) + offs, acc)
                 # every thread's partial is stored before the (acq_rel, GPU-scope) arrival; the
                 # last to arrive reads the others' partials past L1, which may hold none of them
                 _partition_barrier()
                 counter = arrivals_ptr + tail * CONSUMERS + PART
                 if gl.atomic_add(counter, 1) == TAIL_SPLIT - 1:
                     fin_rows = PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, fin))
-                    fin_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, fin))
-                    fin_ptrs = tile_base + gl.expand_dims(fin_rows, 1) * BLOCK_N + gl.expand_dims(fin_cols, 0)
+                    fin_cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, fin))
+                    fin_ptrs = tile_base + gl.expand_dims(fin_rows, 1) * BLOCK + gl.expand_dims(fin_cols, 0)
                     total = gl.load(fin_ptrs, cache_modifier=".cg")
                     for k in gl.static_range(1, TAIL_SPLIT):
-                        total += gl.load(fin_ptrs + k * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                        total += gl.load(fin_ptrs + k * (BLOCK_M * BLOCK), cache_modifier=".cg")
                     fin_rm = pid_m * BLOCK_M + fin_rows
-                    _store_rows(total, fin_rm, fin_rm < M, pid_n * BLOCK_N + fin_cols, N, bias_ptr, out_ptr, stride_om,
+                    _store_rows(total, fin_rm, fin_rm < M, pid_n * BLOCK + fin_cols, N, bias_ptr, out_ptr, stride_om,
                                 stride_on, HAS_BIAS)
                     gl.atomic_xchg(counter, 0)
 
@@ -316,51 +324,52 @@ if AVAILABLE:
         stride_asm, stride_ask, stride_wsn, stride_wsk,
         stride_om, stride_on,
         HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-        STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, N_PARTS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr,
+        STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ):
-        """Layouts as in ``kernels/gemm.py``; CONSUMERS 2 or 3; w_desc is a (128 N_PARTS) x 128 fp8
-        TMA descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three (N_PARTS 2 only
-        with two). Tiles
+        """Layouts as in ``kernels/gemm.py``; CONSUMERS 2 or 3; w_desc is a 128 x 128 fp8 TMA
+        descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three. Tiles
         [0, tail_start) are computed whole; with TAIL_SPLIT > 1 each later tile is split over K
         among TAIL_SPLIT programs (partial_ptr: (tiles - tail_start, TAIL_SPLIT, 64 CONSUMERS,
-        128 N_PARTS) float32; arrivals_ptr: zeroed int32 counters, CONSUMERS per tail tile)."""
+        128) float32; arrivals_ptr: zeroed int32 counters, CONSUMERS per tail tile)."""
         if CONSUMERS == 2:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 2 * ROWS, BLOCK], a_desc.layout)
         else:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, ROWS, BLOCK], a_desc.layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK * N_PARTS, BLOCK], w_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK, BLOCK], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # two consumers' turns
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
         fence_async_shared()  # the initialised barriers must be visible to the TMA engine
         # (warp_specialize takes its partitions as a literal list, hence the two spellings)
         if CONSUMERS == 2:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
                              arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, N_PARTS, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
                              arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, N_PARTS, 1)),
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
                 (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, N_PARTS)),
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
                              arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, N_PARTS, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
                              arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, N_PARTS, 1)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
                              arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, N_PARTS, 2)),
+                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 2)),
                 (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, N_PARTS)),
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -375,7 +384,7 @@ if AVAILABLE:
 # kernel spilled 10 local loads/stores under 3.6). The producer only issues TMA copies.
 CONSUMER_REGS = {2: 232, 3: 160}
 PRODUCER_REGS = {2: 40, 3: 24}
-TILES = ((128, 128), (192, 128), (128, 256))  # (rows, columns): 128 columns per part
+TILES = ((128, 128), (192, 128))  # (rows, columns): 64 rows per consumer
 
 _GL_FP8 = {}
 if AVAILABLE:
@@ -390,37 +399,35 @@ def smem_layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_FP8[dtype])
 
 
-def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, block_n: int = 128,
-            stages: int = 5, group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None,
-            arrivals=None) -> torch.Tensor:
+def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 4,
+            group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None
+            ) -> torch.Tensor:
     """Launch ``programs`` persistent programs on operands that ``kernels.gemm._run`` has checked,
     into its ``out``; the split tail's buffers come from there too (``tail_start`` None: no tail).
-    Tiles: 128 x 128, 192 x 128 or 128 x 256 (``TILES``)."""
+    Tiles: 128 x 128 or 192 x 128 (``TILES``)."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
     consumers = block_m // int(ROWS)
-    n_parts = block_n // block
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
     a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype))
-    w_desc = GluonDescriptor.from_tensor(w, [block_n, block], smem_layout(block_n, block, w.dtype))
+    w_desc = GluonDescriptor.from_tensor(w, [block, block], smem_layout(block, block, w.dtype))
     if tail_start is None:
-        tail_start = -(-M // block_m) * -(-N // block_n)
+        tail_start = -(-M // block_m) * -(-N // block)
     launch(gemm_ws_kernel, (programs,), (
         a_desc, w_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
         partial if partial is not None else w_scale, arrivals if arrivals is not None else w_scale,
         M, N, K, tail_start,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split, n_parts))
+    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split))
     return out
 
 
 @functools.lru_cache(maxsize=1024)
-def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages: int, tail_split: int,
-             n_parts: int) -> tuple:
+def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages: int, tail_split: int) -> tuple:
     return tuple(dict(
         HAS_BIAS=has_bias, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
-        TAIL_SPLIT=tail_split, N_PARTS=n_parts, CONSUMER_REGS=CONSUMER_REGS[consumers],
-        PRODUCER_REGS=PRODUCER_REGS[consumers], num_warps=4,
+        TAIL_SPLIT=tail_split, CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers],
+        num_warps=4,
     ).items())
