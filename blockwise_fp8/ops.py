@@ -220,8 +220,11 @@ CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
 # alternating in one process, 5.4-8.3 ms fused against 6.6-10.5 two-step, faster in 8 of 9
 # alternations by 18-37% and 1.7% slower in one (results/eager-fused-ab-h100-2026-11-27-s12.txt).
 # So M = 1 fuses (session 12). CUDA-graph captures of eager code fuse as well, although two
-# launches would replay faster: a capture must meet the kernels its eager warm-up loaded, since
-# Triton cannot load a kernel while a stream is capturing.
+# launches replay faster: a capture must meet the kernels its eager warm-up loaded, since Triton
+# cannot load a kernel while a stream is capturing. How much faster grew with the gemv's 8-row
+# tiles (session 10: twice the programs, each re-quantizing the activation): on the GEMM grid's
+# weights (64-470 MB) 24-42% (N = K = 8192: 34.5 vs 26.8 us; N = 57344: 217.7 vs 153.8; H100,
+# benchmarks/NOTES.md sixteenth session). Not re-measured in eager decode since session 12.
 FUSED_QUANT_MAX_M = 1
 
 
