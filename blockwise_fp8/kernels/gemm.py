@@ -597,9 +597,10 @@ def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
 
 
 # What a 192 x 128 tile of the ws kernel (three consumers, one K block per step) costs against
-# 1.5 tiles of 128 x 128 (two consumers, K blocks in pairs): about even on an H100 (0.95-1.07 at
-# M = 2048-8192, e5m2; benchmarks/NOTES.md, sixteenth session), so the coarser tiles are taken only
-# where they need no more waves.
+# 1.5 tiles of 128 x 128 (two consumers, K blocks in pairs): about even on an H100 (whole-GEMM
+# times of the 192-row plan 0.95-1.08x the paired 128-row plan's at M = 2048-8192, e5m2;
+# benchmarks/NOTES.md, sixteenth session), so the coarser tiles are taken only where they need no
+# more waves.
 WS192_COST = 1.0
 
 
@@ -608,8 +609,8 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
     the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
     tiles (unsplit) from 8 waves of 128-row tiles up where, counted in waves of the persistent
     grid, they cost no more: 1.5 x their waves x WS192_COST at most the 128-row tiles' waves
-    (M = 8192, N = K = 8192: 21 waves against 32, 5% faster; M = 4096, N = 57344: 75 against
-    109, 7% slower, so 128 x 128)."""
+    (M = 8192, N = K = 8192: 21 waves against 32, 0-5% faster in two runs; M = 4096,
+    N = 57344: 75 against 109, 7% slower, so 128 x 128)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
     if not ws:
