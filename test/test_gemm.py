@@ -417,7 +417,8 @@ def desc(rows):  # the A box: 128 rows with two consumers, 64 with three; W: 128
 tail_split = int(sys.argv[3])
 names = list(inspect.signature(H.gemm_ws_kernel.fn).parameters)
 consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132,
-              STAGES=4, TAIL_SPLIT=tail_split, CONSUMER_REGS=H.CONSUMER_REGS[consumers], PRODUCER_REGS=H.PRODUCER_REGS[consumers])
+              STAGES=4, TAIL_SPLIT=tail_split, CONSUMER_REGS=H.CONSUMER_REGS[consumers],
+              PRODUCER_REGS=H.PRODUCER_REGS[consumers])
 pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128), a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                 bias_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]

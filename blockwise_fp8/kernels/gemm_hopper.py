@@ -19,10 +19,10 @@ Here the roles are split (``gl.warp_specialize``):
 C = 2 (128 x 128 tiles) or 3 (192 x 128). No CTA-wide barrier remains in the K loop (only each
 warpgroup's own), so one consumer's promotion overlaps the others' MMAs, as in DeepGEMM's design.
 Two consumers also take the K blocks in pairs, promoting one product while the next runs, and take
-turns issuing them (``_mma_k_steps``): 7-10% faster on mid-M grids. Three consumers read 17% fewer operand bytes from L2 per product and hide one
-more promotion: 4-10% faster per product on an H100 at M >= 4096 (bit-identical;
-benchmarks/results/ws-tiles-h100-2026-11-26-s9.log; ``gemm._wide_plan`` says when the coarser
-tiles pay).
+turns issuing them (``_mma_k_steps``): 7-10% faster on mid-M grids. Three consumers read 17% fewer
+operand bytes from L2 per product and hide one more promotion: 4-10% faster per product on an H100
+at M >= 4096 than two consumers were before they paired their K blocks (bit-identical;
+benchmarks/results/ws-tiles-h100-2026-11-26-s9.log); about even with them since (``gemm._wide_plan``).
 
 Where the grid ends in a partial wave, its tiles can be split over K (``TAIL_SPLIT``): both roles
 walk the whole tiles, then the tail's (tile, split) units, and each consumer finishes its own 64
@@ -254,7 +254,8 @@ if AVAILABLE:
         gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
 
     @gluon.jit
-    def _consumer(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    def _consumer(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                  arrivals_ptr,
                   M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
                   HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr,
                   NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, PART: gl.constexpr):
@@ -341,33 +342,39 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # two consumers' turns
+        # the two consumers' turns (three take none)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         fence_async_shared()  # the initialised barriers must be visible to the TMA engine
         # (warp_specialize takes its partitions as a literal list, hence the two spellings)
         if CONSUMERS == 2:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
-                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
-                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
                 (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
                              NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
-                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
-                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
-                             arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk,
-                             stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, 2)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
+                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 2)),
                 (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
                              NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
