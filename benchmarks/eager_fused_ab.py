@@ -8,9 +8,11 @@ Session 12: results/eager-fused-ab-h100-2026-11-27-s12.txt (3 and then 6 alterna
 constant was named EAGER_FUSED_QUANT_MAX_M then, with the same effect on eager calls).
 
 --shapes then also times one M = 1 `ops.linear` per weight shape (Llama-3-8B's and the GEMM
-grid's), fused against two launches, both as an eager loop (wall time per call, host included)
-and replayed from a CUDA graph (triton's do_bench_cudagraph median): session 16's grid found the
-fused kernel 24-42% slower under replay on the grid's weights. Not yet run on a GPU.
+grid's), fused against two launches: as an eager loop (wall time per call, host included) of
+`ops.linear` with FUSED_QUANT_MAX_M 1 and 0, and replayed from a CUDA graph (triton's
+do_bench_cudagraph median) of `gemm.linear_fused` against `ops.linear` (which, since session 17,
+does not fuse while a stream captures): session 16's grid found the fused kernel 24-42% slower
+under replay on the grid's weights.
 """
 import sys, time, torch
 from torchao.quantization import quantize_
@@ -53,28 +55,31 @@ with torch.no_grad():
 if "--shapes" in sys.argv:
     import triton
     from blockwise_fp8 import quantize_weight
+    from blockwise_fp8.kernels.gemm import linear_fused
 
     # Llama-3-8B's q|k|v, o, gate|up, down; the GEMM grid's four (N, K)
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
               (8192, 8192), (10240, 8192), (57344, 8192), (8192, 28672)]
-    say("M = 1 ops.linear, e4m3: us per call, eager loop (200 calls) / CUDA-graph replay; fused (1) vs two launches (0)")
+    say("M = 1 ops.linear, e4m3: us per call, eager loop (200 calls) / CUDA-graph replay; fused vs two launches")
     with torch.no_grad():
         for N, K in shapes:
             w_q, w_s = quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02)
             xs = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
             call = lambda: ops.linear(xs, w_q, w_s)  # noqa: E731
+            fused = lambda: linear_fused(xs, w_q, w_s, None, torch.bfloat16)  # noqa: E731
             got, eager, graph = {}, {}, {}
             for v in (0, 1, 0, 1):  # alternating, best of two each
                 ops.FUSED_QUANT_MAX_M = v
                 got[v] = call().clone()
+                got[v] = call().clone()  # (the first call of a shape runs the two launches)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 for _ in range(200):
                     call()
                 torch.cuda.synchronize()
                 eager[v] = min(eager.get(v, float("inf")), (time.perf_counter() - t0) / 200 * 1e6)
-                graph[v] = min(graph.get(v, float("inf")),
-                               triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median") * 1e3)
+                graph[v] = min(graph.get(v, float("inf")), triton.testing.do_bench_cudagraph(
+                    fused if v else call, rep=100, return_mode="median") * 1e3)
             say(f"N={N:6d} K={K:6d} eager {eager[1]:7.1f} vs {eager[0]:7.1f}   graph {graph[1]:7.1f} vs {graph[0]:7.1f}"
                 f"   bit-identical: {torch.equal(got[0], got[1])}")
             del w_q, w_s

@@ -219,13 +219,34 @@ CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
 # where a launch saved outweighs that: H100, eager 4-layer Llama-3-8B decode step at batch 1,
 # alternating in one process, 5.4-8.3 ms fused against 6.6-10.5 two-step, faster in 8 of 9
 # alternations by 18-37% and 1.7% slower in one (results/eager-fused-ab-h100-2026-11-27-s12.txt).
-# So M = 1 fuses (session 12). CUDA-graph captures of eager code fuse as well, although two
-# launches replay faster: a capture must meet the kernels its eager warm-up loaded, since Triton
-# cannot load a kernel while a stream is capturing. How much faster grew with the gemv's 8-row
-# tiles (session 10: twice the programs, each re-quantizing the activation): on the GEMM grid's
-# weights (64-470 MB) 24-42% (N = K = 8192: 34.5 vs 26.8 us; N = 57344: 217.7 vs 153.8; H100,
-# benchmarks/NOTES.md sixteenth session). Not re-measured in eager decode since session 12.
+# So M = 1 fuses in eager calls (session 12), but not while a stream is capturing a CUDA graph:
+# replayed, where no host time is left to save, the two launches are faster, and by more since
+# the gemv's 8-row tiles (session 10: twice the programs, each re-quantizing the activation): on
+# the GEMM grid's weights (64-470 MB) 24-42% (N = K = 8192: 34.5 vs 26.8 us; N = 57344: 217.7 vs
+# 153.8; H100, benchmarks/NOTES.md sixteenth session). A capture can only replay kernels an eager
+# call has loaded (Triton cannot load one while a stream captures), so the first eager call of a
+# shape takes the two launches and later ones fuse (`_quantize_inside`).
+# Eagerly, one call costs ~70-110 us of host time (H100 machine, session 17); the fused kernel's
+# extra GPU time stays hidden under it while the weight is at most FUSED_QUANT_MAX_WEIGHT
+# elements. Eager loops of one M = 1 linear, fused vs two launches (us per call; results/
+# eager-fused-ab-h100-2026-11-27-s17.txt): 4096 x 14336 115 vs 115, 28672 x 4096 (117 M) 66 vs 98,
+# 10240 x 8192 106 vs 158, but 8192 x 28672 (235 M) 105 vs 100 and 57344 x 8192 219 vs 156.
 FUSED_QUANT_MAX_M = 1
+FUSED_QUANT_MAX_WEIGHT = 1 << 27
+_TWO_STEP_LOADED: set = set()  # (device, N, K, dtypes, bias?) of M = 1 calls that ran the two launches once
+
+
+def _quantize_inside(x: torch.Tensor, w_q: torch.Tensor, bias, activation_dtype, out_dtype) -> bool:
+    """Whether an "auto" linear call quantizes its activation inside the GEMM (one launch)."""
+    if x.shape[0] > FUSED_QUANT_MAX_M or activation_dtype != w_q.dtype or w_q.numel() > FUSED_QUANT_MAX_WEIGHT:
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    key = (x.device, w_q.shape, x.dtype, w_q.dtype, out_dtype, bias is None)
+    if key not in _TWO_STEP_LOADED:
+        _TWO_STEP_LOADED.add(key)  # this call loads the kernels a later capture replays
+        return False
+    return True
 
 
 def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
@@ -507,8 +528,8 @@ def _linear_op(
     gemm_kernels, quant = _kernels()
     M, K = x.shape
     with _on_device(x):
-        if backend == "auto" and M <= FUSED_QUANT_MAX_M and activation_dtype == w_q.dtype:
-            # quantize inside the GEMM, one launch (bit-identical to the two-step path)
+        if backend == "auto" and _quantize_inside(x, w_q, bias, activation_dtype, out_dtype):
+            # one launch, bit-identical to the two below
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
         backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
         # cuBLAS wants the activation scales M-major (strides (1, M)): write them so directly.

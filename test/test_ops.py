@@ -223,38 +223,55 @@ def test_gemm_matches_float64(backend, M, N, K, a_dtype, w_dtype, out_dtype, wit
 @pytest.mark.parametrize("M", [1, 2])
 def test_linear_op_fuses_the_quantization_at_m1(M, monkeypatch):
     """The linear op (eager calls) under "auto" quantizes inside the gemv kernel at M <= FUSED_QUANT_MAX_M
-    (one launch) and in a separate kernel above; both give the two-step path's bits. (On CPU the op
-    body runs the kernels through the interpreter.)"""
+    (one launch) from the second call of a shape on, and in a separate kernel above and in the
+    first call (which loads the two kernels a CUDA-graph capture replays); all give the two-step
+    path's bits. (On CPU the op body runs the kernels through the interpreter.)"""
     from blockwise_fp8.kernels import gemm as G
 
     fused = []
     real = G.linear_fused
     monkeypatch.setattr(G, "linear_fused", lambda *a, **k: fused.append(1) or real(*a, **k))
+    monkeypatch.setattr(ops, "_TWO_STEP_LOADED", set())
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, 300, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
     w_q, w_s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(200, 300, generator=g), (128, 128)))
     e4m3 = torch.float8_e4m3fn
-    out = ops._linear_op.op(x, w_q, w_s, None, e4m3, torch.bfloat16, "auto")
-    assert len(fused) == (1 if M <= ops.FUSED_QUANT_MAX_M else 0)
     two_step = ops.gemm(*ops.quantize_activation(x, backend="triton"), w_q, w_s, backend="triton")
-    assert torch.equal(out.view(torch.int16), two_step.view(torch.int16))
+    for call in range(2):
+        out = ops._linear_op.op(x, w_q, w_s, None, e4m3, torch.bfloat16, "auto")
+        assert len(fused) == (call if M <= ops.FUSED_QUANT_MAX_M else 0)
+        assert torch.equal(out.view(torch.int16), two_step.view(torch.int16))
+    # another output dtype is another pair of kernels: its first call is two-step again
+    ops._linear_op.op(x, w_q, w_s, None, e4m3, torch.float16, "auto")
+    assert len(fused) == (1 if M <= ops.FUSED_QUANT_MAX_M else 0)
 
 
 @pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA-graph capture needs a CUDA device")
-def test_capture_after_eager_warmup_meets_the_same_kernels():
+@pytest.mark.parametrize("warmups", [1, 3])
+def test_capture_after_eager_warmup_meets_the_same_kernels(warmups, monkeypatch):
     """The usual recipe for capturing eager code -- warm up on a side stream, then capture -- works
-    at M = 1: the capture takes the fused path the warm-up loaded (Triton cannot load a kernel while
-    a stream is capturing), and the replayed graph gives the eager result's bits."""
+    at M = 1: the capture takes the two launches (faster replayed than the fused kernel) that the
+    first warm-up call loaded (Triton cannot load a kernel while a stream is capturing), later
+    warm-up calls fuse, and the replayed graph gives the eager result's bits."""
+    from blockwise_fp8.kernels import gemm as G
+
+    fused = []
+    real = G.linear_fused
+    monkeypatch.setattr(G, "linear_fused", lambda *a, **k: fused.append(1) or real(*a, **k))
+    monkeypatch.setattr(ops, "_TWO_STEP_LOADED", set())
     x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
     w_q, w_s = ops.quantize_weight(torch.randn(384, 512, device="cuda"))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        eager = ops.linear(x, w_q, w_s)
+        for _ in range(warmups):
+            eager = ops.linear(x, w_q, w_s)
     torch.cuda.current_stream().wait_stream(s)
+    assert len(fused) == warmups - 1
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = ops.linear(x, w_q, w_s)
+    assert len(fused) == warmups - 1
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured.view(torch.int16), eager.view(torch.int16))
