@@ -255,7 +255,9 @@ def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch
         a_dtype == torch.float8_e4m3fn
         and w_dtype == torch.float8_e4m3fn
         and out_dtype in CUBLAS_OUT_DTYPES
-        and M >= 8  # seen on an H100 (cuBLAS 13.0): M = 2 gives CUBLAS_STATUS_NOT_SUPPORTED, M = 8 runs
+        # seen on an H100 (cuBLAS 13.0, M = 1..139 and a few above): CUBLAS_STATUS_NOT_SUPPORTED
+        # for every M < 8, and for every M not a multiple of 4, which `_cublas_gemm` pads
+        and M >= 8
         and K % 128 == 0
         and N % 16 == 0
     )
@@ -311,6 +313,25 @@ def _m_major(a_scale: torch.Tensor) -> torch.Tensor:
     return a_scale.t().contiguous().t()
 
 
+def _rows_padded_to_4(a_q: torch.Tensor, a_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation with zero rows appended up to a multiple of 4: cuBLAS refuses other M
+    (CUBLAS_STATUS_NOT_SUPPORTED, H100, cuBLAS 13.0; its M-major scales must start every column on 16
+    bytes, and torch checks for stride M exactly, so a padded stride alone will not do). The eager
+    linear quantizes into padded rows (no copy); a gemm call copies its FP8 rows. H100, e4m3, M = 257,
+    1001, 4097 on four grid shapes, same run (results/cublas-padded-m-h100-2026-11-27-s17.txt):
+    linear padded cuBLAS 4-26% faster than ours on all 12 (M = 4097, N = 57344: 3527 vs 3978 us);
+    gemm 0-24% faster on 9, 2-5% slower on 3 (M = 1001, N = K = 8192: 135.8 vs 132.0)."""
+    M, K = a_q.shape
+    m4 = _cdiv(M, 4) * 4
+    q = a_q.new_empty((m4, K))
+    q[:M] = a_q
+    q[M:] = 0
+    s = a_scale.new_empty((a_scale.shape[1], m4)).t()
+    s[:M] = a_scale
+    s[M:] = 0
+    return q, s
+
+
 def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
     F = torch.nn.functional
     M, K = a_q.shape
@@ -331,10 +352,13 @@ def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
     else:
         ws = w_scale.new_zeros((w_scale.shape[0], kb4))
         ws[:, :kb] = w_scale
+    a_s = _m_major(a_scale)
+    if M % 4:
+        a_q, a_s = _rows_padded_to_4(a_q, a_s)
     out = F.scaled_mm(
-        a_q, w_q.t(), _m_major(a_scale), F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
+        a_q, w_q.t(), a_s, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
         output_dtype=out_dtype,
-    )
+    )[:M]
     if bias is not None:
         out += bias.to(out_dtype)
     return out
@@ -534,9 +558,12 @@ def _linear_op(
         backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
         # cuBLAS wants the activation scales M-major (strides (1, M)): write them so directly.
         # Our kernels were tuned with row-major scales (an M-major a_scale measured slower in the TMA kernel).
-        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=backend == "cublas")
         if backend == "cublas":
-            return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+            # (quantized into zero-padded rows where cuBLAS wants them: see _rows_padded_to_4)
+            a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=True,
+                                          rows_multiple_of=4)
+            return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)[:M]
+        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 

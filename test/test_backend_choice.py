@@ -22,6 +22,8 @@ def test_cublas_in_backends():
         (8, 8192, 8192, E4, E4, BF16, True),
         (1, 8192, 8192, E4, E4, BF16, False),  # cuBLAS refuses M = 1
         (2, 8192, 8192, E4, E4, BF16, False),  # and M = 2
+        (4, 8192, 8192, E4, E4, BF16, False),
+        (1001, 8192, 8192, E4, E4, BF16, True),  # (run on rows padded to a multiple of 4)
         (128, 8192, 8192, E5, E5, BF16, False),  # e4m3 only
         (128, 8192, 8192, E4, E5, BF16, False),
         (128, 8192, 300, E4, E4, BF16, False),  # K % 128
@@ -104,3 +106,18 @@ def test_cublas_scale_layout_helper():
     m = ops._m_major(s)
     assert torch.equal(m, s) and m.stride() == (1, 5)
     assert ops._m_major(m) is m
+
+
+@pytest.mark.parametrize("M, Kb", [(9, 3), (1001, 64), (6, 1)])
+def test_cublas_row_padding(M, Kb):
+    """The padded operands `_cublas_gemm` hands cuBLAS for an M it refuses (not a multiple of 4):
+    zero rows up to one, the activation scales M-major with the padded M as their stride, as torch
+    checks for cuBLAS."""
+    g = torch.Generator().manual_seed(M)
+    q = torch.randn(M, 128 * Kb, generator=g).to(E4)
+    s = torch.rand(M, Kb, generator=g)
+    pq, ps = ops._rows_padded_to_4(q, ops._m_major(s))
+    m4 = -(-M // 4) * 4
+    assert pq.shape == (m4, 128 * Kb) and ps.shape == (m4, Kb) and ps.stride() == (1, m4)
+    assert torch.equal(pq[:M].view(torch.uint8), q.view(torch.uint8)) and torch.equal(ps[:M], s)
+    assert not pq[M:].float().any() and not ps[M:].any()

@@ -601,10 +601,31 @@ def test_cublas_matches_reference(M, K):
 
 
 @needs_cublas
-def test_cublas_refuses_what_it_cannot_run():
-    x, aq, as_, wq, ws, b = _operands(1, 1024, 2048, torch.float8_e4m3fn, seed=0)
-    with pytest.raises(bf.BackendUnavailableError):
+@pytest.mark.parametrize("M", [1, 4])
+def test_cublas_refuses_what_it_cannot_run(M):
+    x, aq, as_, wq, ws, b = _operands(M, 1024, 2048, torch.float8_e4m3fn, seed=0)
+    with pytest.raises(bf.BackendUnavailableError, match="M >= 8"):
         bf.gemm(aq, as_, wq, ws, backend="cublas")
+
+
+@needs_cublas
+@pytest.mark.parametrize("M", [9, 65, 257, 1001])
+def test_cublas_pads_m_to_a_multiple_of_4(M):
+    """cuBLAS itself refuses an M that is not a multiple of 4 (CUBLAS_STATUS_NOT_SUPPORTED): the
+    backend appends zero rows and drops their outputs. Checked against the float64 reference, and
+    "auto" linear on a shape its table gives cuBLAS (which it used to pass on unpadded, and fail)
+    gives the explicit cuBLAS call's bits."""
+    N, K = 6144, 1024
+    x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M)
+    out = bf.gemm(aq, as_, wq, ws, bias=b, backend="cublas")
+    assert out.shape == (M, N) and out.is_contiguous()
+    _check(out, aq, as_, wq, ws, b, torch.bfloat16, acc_rel=2.0**-9)
+    if M >= ops.CUBLAS_MIN_M:
+        assert ops.choose_gemm_backend(M, N, K, *(torch.float8_e4m3fn,) * 2, torch.bfloat16,
+                                       cublas_available=True) == "cublas"
+        xb, bb = x.to(torch.bfloat16), b.to(torch.bfloat16)
+        explicit = bf.gemm(*bf.quantize_activation(xb), wq, ws, bias=bb, backend="cublas")
+        assert torch.equal(bf.linear(xb, wq, ws, bias=bb).view(torch.int16), explicit.view(torch.int16))
 
 
 # --------------------------------------------------------------------------- gemm_group

@@ -300,3 +300,19 @@ def test_block_scale_division_is_ieee_division(seed):
     assert int(small.sum()) > n // 100, "the cases must reach the underflow region"
     for fp8 in FP8:
         assert same_bits(fast.to(fp8), ieee.to(fp8))
+
+
+@pytest.mark.parametrize("M, K", [(1, 128), (3, 200), (67, 384), (68, 256)])
+def test_quantize_pads_rows_for_cublas(M, K):
+    """``rows_multiple_of=4`` (the eager linear's cuBLAS path) appends zero rows and zero scales up
+    to a multiple of 4, M-major scales strided by the padded M; the first M rows are the
+    reference's bits."""
+    from blockwise_fp8.kernels import quant
+
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
+    q, s = quant.quantize(x.to(KERNEL_DEVICE), 1, 128, torch.float8_e4m3fn, scale_m_major=True, rows_multiple_of=4)
+    m4 = -(-M // 4) * 4
+    assert q.shape == (m4, K) and s.shape == (m4, -(-K // 128)) and s.stride() == (1, m4)
+    q_ref, s_ref = bf.reference.quantize(x, (1, 128), torch.float8_e4m3fn)
+    assert torch.equal(q[:M].cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s[:M].cpu(), s_ref)
+    assert not q[M:].cpu().float().any() and not s[M:].cpu().any()

@@ -277,21 +277,28 @@ QUANT_WAITS = True
 
 
 def quantize(
-    x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, *, scale_m_major: bool = False, tiling=None
+    x: torch.Tensor, group_m: int, block_k: int, dtype: torch.dtype, *, scale_m_major: bool = False, tiling=None,
+    rows_multiple_of: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the 2-D ``x`` in ``group_m x block_k`` blocks. Returns ``(q, scale)``.
 
     ``scale_m_major`` stores the (same-valued) scale with strides (1, rows): the layout cuBLAS's
-    blockwise GEMM requires, and a contiguous vector per K block for our GEMM kernels."""
-    assert x.dim() == 2
+    blockwise GEMM requires, and a contiguous vector per K block for our GEMM kernels.
+    ``rows_multiple_of`` (group_m 1 only): q and scale get zero rows appended up to a multiple of
+    it, as cuBLAS needs (4) without a copy."""
+    assert x.dim() == 2 and (rows_multiple_of == 1 or group_m == 1)
     M, K = x.shape
     device = x.device
-    q = torch.empty((M, K), dtype=dtype, device=device)
-    s_rows, s_cols = -(-M // group_m), -(-K // block_k)
+    rows = -(-M // rows_multiple_of) * rows_multiple_of
+    q = torch.empty((rows, K), dtype=dtype, device=device)
+    s_rows, s_cols = -(-rows // group_m), -(-K // block_k)
     if scale_m_major:
         scale = torch.empty((s_cols, s_rows), dtype=torch.float32, device=device).t()
     else:
         scale = torch.empty((s_rows, s_cols), dtype=torch.float32, device=device)
+    if rows > M:
+        q[M:] = 0
+        scale[M:] = 0
     if M == 0 or K == 0:
         return q, scale
     pdl = programmatic_launch(device)
