@@ -314,7 +314,8 @@ def _m_major(a_scale: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_padded_to_4(a_q: torch.Tensor, a_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The activation with zero rows appended up to a multiple of 4: cuBLAS refuses other M
+    """The activation with zero rows appended up to a multiple of 4, its scales (any layout in)
+    M-major with the padded M as their stride: cuBLAS refuses other M
     (CUBLAS_STATUS_NOT_SUPPORTED, H100, cuBLAS 13.0; its M-major scales must start every column on 16
     bytes, and torch checks for stride M exactly, so a padded stride alone will not do). The eager
     linear quantizes into padded rows (no copy); a gemm call copies its FP8 rows. H100, e4m3, M = 257,
@@ -352,9 +353,10 @@ def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
     else:
         ws = w_scale.new_zeros((w_scale.shape[0], kb4))
         ws[:, :kb] = w_scale
-    a_s = _m_major(a_scale)
     if M % 4:
-        a_q, a_s = _rows_padded_to_4(a_q, a_s)
+        a_q, a_s = _rows_padded_to_4(a_q, a_scale)  # (writes them M-major itself)
+    else:
+        a_s = _m_major(a_scale)
     out = F.scaled_mm(
         a_q, w_q.t(), a_s, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
         output_dtype=out_dtype,

@@ -116,8 +116,9 @@ def test_cublas_row_padding(M, Kb):
     g = torch.Generator().manual_seed(M)
     q = torch.randn(M, 128 * Kb, generator=g).to(E4)
     s = torch.rand(M, Kb, generator=g)
-    pq, ps = ops._rows_padded_to_4(q, ops._m_major(s))
     m4 = -(-M // 4) * 4
-    assert pq.shape == (m4, 128 * Kb) and ps.shape == (m4, Kb) and ps.stride() == (1, m4)
-    assert torch.equal(pq[:M].view(torch.uint8), q.view(torch.uint8)) and torch.equal(ps[:M], s)
-    assert not pq[M:].float().any() and not ps[M:].any()
+    for scales in (s, ops._m_major(s)):  # row-major (a gemm call's) or M-major in
+        pq, ps = ops._rows_padded_to_4(q, scales)
+        assert pq.shape == (m4, 128 * Kb) and ps.shape == (m4, Kb) and ps.stride() == (1, m4)
+        assert torch.equal(pq[:M].view(torch.uint8), q.view(torch.uint8)) and torch.equal(ps[:M], s)
+        assert not pq[M:].float().any() and not ps[M:].any()
