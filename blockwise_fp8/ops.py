@@ -375,6 +375,18 @@ def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w
     )
 
 
+def _scales_m_major(backend: str, M: int, K: int, a_dtype: torch.dtype, w_q, out_dtype) -> bool:
+    """The activation-scale layout the GEMM of a linear call reads best, for a resolved ``backend``
+    ("triton" or "cublas", or "auto"): M-major (strides (1, rows)) for cuBLAS, which requires it,
+    and for the ws kernel's 128-row tiles, whose ring then carries the scales
+    (``kernels.gemm.prefers_m_major_scales``); row-major for our other kernels, which were tuned
+    with it (M-major scales measured slower in the skinny kernel)."""
+    backend = _gemm_backend_for_call(backend, M, K, a_dtype, w_q, out_dtype)
+    if backend == "cublas":
+        return True
+    return backend == "triton" and _kernels()[0].prefers_m_major_scales(M, w_q.shape[0], K, w_q)
+
+
 _KERNEL_MODULES: list = []
 
 
@@ -558,13 +570,15 @@ def _linear_op(
             # one launch, bit-identical to the two below
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
         backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
-        # cuBLAS wants the activation scales M-major (strides (1, M)): write them so directly.
-        # Our kernels were tuned with row-major scales (an M-major a_scale measured slower in the TMA kernel).
-        if backend == "cublas":
-            # (quantized into zero-padded rows where cuBLAS wants them: see _rows_padded_to_4)
+        if _scales_m_major(backend, M, K, activation_dtype, w_q, out_dtype):
+            # M-major scales written so directly, into zero rows appended up to a multiple of 4:
+            # cuBLAS needs such M (see _rows_padded_to_4), and the ws kernel's ring loads scales
+            # whose column stride is a multiple of 16 bytes (gemm_hopper.scales_ride_the_ring)
             a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=True,
                                           rows_multiple_of=4)
-            return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)[:M]
+            if backend == "cublas":
+                return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)[:M]
+            return gemm_kernels.gemm(a_q[:M], a_scale[:M], w_q, w_scale, bias, out_dtype)
         a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
@@ -807,10 +821,11 @@ def linear(
         # The scale layout _linear_op would pick, where M is a plain int. For a dynamic M the
         # per-M test would guard and recompile at each M band of the table, so the scales stay
         # row-major and a cuBLAS call transposes them (one small copy); M-major scales measured
-        # slower in the skinny kernel (Llama layer at M = 16: 129.7 vs 123.1 us).
+        # slower in the skinny kernel (Llama layer at M = 16: 129.7 vs 123.1 us). This node does
+        # not pad the rows, so the ws kernel's ring carries the scales only where M % 4 == 0.
         M = x2.shape[0]
-        m_major = isinstance(M, int) and (
-            backend == "cublas" or _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype) == "cublas"
+        m_major = isinstance(M, int) and _scales_m_major(backend, M, K, activation_dtype, w_q, out_dtype) and (
+            M % 4 == 0 or _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype) == "cublas"
         )
         if mode is None:
             # Dynamo traces this call (BlockwiseFP8Linear): it records the two halves, and the

@@ -157,6 +157,82 @@ def test_ws_tail_split_matches_reference_and_is_deterministic(programs, split):
     assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
 
 
+@pytest.mark.parametrize("M,K,split,programs", [
+    (67, 1152, 1, 0), (300, 1152, 1, 0), (300, 128, 1, 0), (1000, 2048, 1, 0), (300, 1152, 3, 4), (1000, 2048, 2, 7),
+])
+def test_ws_scales_in_the_ring_give_the_bits_of_scales_from_memory(M, K, split, programs):
+    """The ws kernel with its ring carrying the activation scales (M-major, rows padded to 4, as
+    ``linear`` writes them for this kernel) against the same plan reading row-major scales from
+    global memory (the plan's ``scales_tma`` does not apply to them; GPU only): the same bits,
+    and right. Ragged M (the boxes' rows past M zero),
+    an odd K block count (the pairs' odd last block), one K block, the split tail; 2 and 6
+    stages."""
+    x, aq, as_, wq, ws, b = _operands(M, 600, K, torch.float8_e5m2, seed=M + K)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
+    padded = as_.new_zeros((as_.shape[1], -(-M // 4) * 4)).t()
+    padded[:M] = as_
+    in_ring = padded[:M]
+    assert gemm_hopper.scales_ride_the_ring(in_ring, 2) and not gemm_hopper.scales_ride_the_ring(as_, 2)
+    for stages in (2, 6):
+        p = G.Plan("ws", 128, 128, 4, stages, tail_split=split, num_programs=programs, scales_tma=True)
+        from_memory = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
+        from_ring = G.gemm(aq, in_ring, wq, ws, b, torch.bfloat16, plan_override=p)
+        assert torch.equal(from_memory, from_ring)
+        _check(from_ring, aq, as_, wq, ws, b, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("M,N", [(512, 8192), (2048, 8192)])
+def test_ws_ring_reuses_its_scale_stages_safely(M, N):
+    """Stages refilled many times over a long K loop and several tiles per program, bf16 out: the
+    shapes where, without a proxy fence between the consumers' scale reads and the stage's
+    release, the producer's next TMA copy overtook the reads (wrong on 8 of 8 runs, H200). Every
+    run must give the bits of the scales read from memory."""
+    from blockwise_fp8.kernels import quant
+
+    K = 8192
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    wq, ws = quant.quantize(w, 128, 128, torch.float8_e5m2)
+    aq, as_ = quant.quantize(x, 1, 128, torch.float8_e5m2)
+    _, in_ring = quant.quantize(x, 1, 128, torch.float8_e5m2, scale_m_major=True, rows_multiple_of=4)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
+    assert gemm_hopper.scales_ride_the_ring(in_ring[:M], 2)
+    p = G.Plan("ws", 128, 128, 4, 6, scales_tma=True)
+    expected = G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p)
+    for _ in range(4):
+        assert torch.equal(G.gemm(aq, in_ring[:M], wq, ws, None, torch.bfloat16, plan_override=p), expected)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("M", [1001, 1024])
+def test_linear_quantizes_for_the_ws_ring_where_its_plan_is_ws(monkeypatch, M):
+    """Where the GEMM's plan is the ws kernel's 128-row tiles, ``linear`` writes M-major scales
+    into rows padded to 4, and the kernel takes them through its ring (SCALES_TMA): the bits of
+    quantize + gemm with row-major scales (which read them from memory)."""
+    from blockwise_fp8.kernels import quant
+
+    N, K = 1280, 2048
+    x, _, _, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M)
+    if not G.ws_usable(wq, wq):
+        pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
+    assert G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), scales_in_ring=True).scales_tma
+    assert G.prefers_m_major_scales(M, N, K, wq)
+    x = x.to(torch.bfloat16)
+    aq, as_ = quant.quantize(x, 1, 128, torch.float8_e4m3fn)
+    expected = G.gemm(aq, as_, wq, ws, b, torch.bfloat16)
+    seen = []
+    meta = gemm_hopper._ws_meta
+    monkeypatch.setattr(gemm_hopper, "_ws_meta", lambda *args: seen.append(args[-1]) or meta(*args))
+    got = bf.linear(x, wq, ws, b, backend="triton")
+    assert seen == [True]
+    assert torch.equal(got, expected)
+    _check(got, aq, as_, wq, ws, b, torch.bfloat16)
+
+
 def test_split_k_is_deterministic_and_leaves_counters_zero():
     """The last program of a tile adds the partials in split order: the same bits every call,
     equal to the float32 sum of the per-split products; the arrival counters end at zero."""
@@ -369,11 +445,42 @@ def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
     assert G.plan(8192, 8192, 8192, tma=True, ws=False, num_sms=132).kind == "tma"
     # 128 x 128: 5 stages up to 4 waves, 4 above
     assert G.plan(1024, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 5  # 3.9 waves
+    assert G.plan(1280, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 4  # 4.8 waves
     assert G.plan(2048, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 4  # 7.8 waves
+    # where the scales' layout lets the ring carry them: 6 stages and the ring up to 3 waves and
+    # 64 K blocks, the plan above elsewhere
+    ring = dict(tma=True, ws=True, num_sms=132, scales_in_ring=True)
+    for M, N, K in ((256, 8192, 8192), (256, 10240, 8192), (512, 10240, 8192), (384, 4096, 4096)):
+        p = G.plan(M, N, K, **ring)
+        assert (p.kind, p.block_m, p.num_stages, p.scales_tma) == ("ws", 128, 6, True)
+        assert p.tail_split == G.plan(M, N, K, tma=True, ws=True, num_sms=132).tail_split
+    for M, N, K in ((1024, 8192, 8192), (512, 8192, 28672), (2048, 8192, 8192), (8192, 8192, 8192)):
+        assert G.plan(M, N, K, **ring) == G.plan(M, N, K, tma=True, ws=True, num_sms=132)
+    assert not G.plan(512, 8192, 8192, tma=True, ws=True, num_sms=132).scales_tma
     for M in (1024, 2048, 8192):
-        p = G.plan(M, 8192, 8192, tma=True, ws=True, num_sms=132)
-        assert p.num_stages * (p.block_m + 128) * 128 <= 227 * 1024  # the ring fits in shared memory
-        assert (p.block_m, p.block_n) in gemm_hopper.TILES
+        for in_ring in (False, True):
+            p = G.plan(M, 8192, 8192, tma=True, ws=True, num_sms=132, scales_in_ring=in_ring)
+            scales = 128 * 4 if in_ring and p.block_m == 128 else 0
+            assert p.num_stages * ((p.block_m + 128) * 128 + scales) <= 227 * 1024  # the ring fits in shared memory
+            assert (p.block_m, p.block_n) in gemm_hopper.TILES
+
+
+def test_scales_ride_the_ring_only_where_tma_can_load_them():
+    """The ring carries the activation scales for two consumers, M-major scales with a column
+    stride of whole 16-byte units and a 16-byte aligned base: what quantize(rows_multiple_of=4)
+    writes. Others (row-major, M-major of stride 67, an odd offset) are read from memory."""
+    from blockwise_fp8.kernels import quant
+
+    rides = gemm_hopper.scales_ride_the_ring
+    x = torch.randn(67, 512, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    _, padded = quant.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True, rows_multiple_of=4)
+    assert padded.stride() == (1, 68)
+    assert rides(padded[:67], 2) and rides(padded, 2)
+    assert not rides(padded[:67], 3)  # 192-row tiles: no power-of-two box
+    _, row_major = quant.quantize(x, 1, 128, torch.float8_e4m3fn)
+    assert not rides(row_major, 2)
+    assert not rides(row_major.t().contiguous().t(), 2)  # stride 67
+    assert not rides(padded[1:], 2)  # base 4 bytes off
 
 
 def test_ws_plan_refuses_other_tiles():
@@ -415,11 +522,13 @@ def desc(rows):  # the A box: 128 rows with two consumers, 64 with three; W: 128
     layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
     return f"tensordesc<fp8e4nv[{rows}, 128],{layout!r}>"
 tail_split = int(sys.argv[3])
+scales_tma = sys.argv[4] == "1"
 names = list(inspect.signature(H.gemm_ws_kernel.fn).parameters)
 consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132,
-              STAGES=4, TAIL_SPLIT=tail_split, CONSUMER_REGS=H.CONSUMER_REGS[consumers],
+              STAGES=6 if scales_tma else 4, TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=H.CONSUMER_REGS[consumers],
               PRODUCER_REGS=H.PRODUCER_REGS[consumers])
-pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128), a_scale_ptr="*fp32", w_scale_ptr="*fp32",
+s_desc = f"tensordesc<fp32[1, 128],{H.SCALE_SMEM!r}>" if scales_tma else "*fp32"
+pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128), s_desc=s_desc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                 bias_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]
 # 16-byte aligned pointers, as our launches have them (Triton specializes on it): what lets the
@@ -451,15 +560,16 @@ print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DE
 """
 
 
-@pytest.mark.parametrize("consumers,tail_split", [(2, 1), (2, 4), (3, 1)])
-def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split):
+@pytest.mark.parametrize("consumers,tail_split,scales_tma", [(2, 1, 0), (2, 4, 0), (3, 1, 0), (2, 1, 1), (2, 4, 1)])
+def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split, scales_tma):
     """ptxas silently serialises every wgmma when it cannot prove the accumulators safe, which
     made earlier versions of this kernel slower than the plain one: compile it for sm_90 (no GPU
     needed) and count the warpgroup waits in its SASS and the local-memory spills (none, also
     with three consumers at 160 registers each). Two consumers take K blocks in pairs: per K
     loop one wait that leaves the second product in flight (``DEPBAR.LE gsb0, 0x1``), one for
     it, one for the odd last block; three take one block per step. The split tail has a second
-    K loop. In a fresh process, without TRITON_INTERPRET and with an empty kernel cache: after
+    K loop. The same with the activation scales carried by the ring (``scales_tma``: 6 stages, as
+    the plan gives it). In a fresh process, without TRITON_INTERPRET and with an empty kernel cache: after
     this suite's interpreted kernels, Triton's Gluon front end mis-typed the descriptor
     arguments."""
     import json
@@ -473,7 +583,7 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
         pytest.skip("this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers), str(tail_split)],
+    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers), str(tail_split), str(scales_tma)],
                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
@@ -487,10 +597,11 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
     # the pair's loop (the odd last block's runs at most once and is not compiled as a loop)
     assert counts["k_loops"] == consumers * loops
     # none in the K loops (session 15's 128 x 256 tiles spilled several hundred there until their
-    # two products were ordered); none at all with Triton 3.6's ptxas (the GPU machine's), nor with
-    # 3.9's but for the split tail's epilogue, 11 local loads/stores once per tail unit
+    # two products were ordered); outside them only with the split tail, once per tail unit: 11
+    # local loads/stores with Triton 3.9's ptxas (9 with the scales in the ring), none with 3.6's
+    # (the GPU machine's) but 19 with the scales in the ring (entry values reloaded)
     assert counts["loop_spills"] == 0
-    assert counts["spills"] <= (16 if tail_split > 1 else 0)
+    assert counts["spills"] <= (24 if tail_split > 1 else 0)
     # the split tail's last program reads each split's float32 partial 16 bytes per thread (row-major,
     # 16 loads per thread and partial): read in the wgmma layout (8 bytes a thread, 8 rows a warp) the
     # sum cost more than the split saved (benchmarks/results/tail-diag-h100-2026-11-27-s13.txt)

@@ -44,7 +44,8 @@ Five kernels, chosen by :func:`plan` from the shape:
     +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md); each consumer takes the K blocks in
     pairs, promoting one product while the next runs (another 7-10%). Where they need no more
     waves, three consumers and 192 x 128 tiles (``_wide_plan``); with 128 x 128 tiles the split
-    tail of ``tma``. GPU-only: the interpreter cannot run Gluon.
+    tail of ``tma``, and on short grids the activation scales carried by the ring
+    (``Plan.scales_tma``, M-major scales). GPU-only: the interpreter cannot run Gluon.
 ``tiled`` (everything else, and the Triton interpreter)
     The same math with plain pointer loads and a one-program-per-tile grid.
 
@@ -526,6 +527,7 @@ class Plan:
     tail_split: int = 1  # "tma", "ws": split the last, partial wave's tiles over K among this many programs
     num_programs: int = 0  # "tma", "ws": persistent programs (0: one per SM); tests use fewer
     groups_k: int = 1  # "gemv": 128-wide K blocks per loop step
+    scales_tma: bool = False  # "ws", 128-row tiles: the ring carries the activation scales where their layout allows
 
 
 @functools.lru_cache(maxsize=None)
@@ -561,6 +563,22 @@ def ws_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
     """The Gluon kernel needs what the TMA kernel needs, Gluon itself, and Hopper's wgmma (sm_90
     exactly: later architectures dropped wgmma)."""
     return gemm_hopper.AVAILABLE and tma_usable(a, w) and _sm90(a.device.index or 0)
+
+
+def prefers_m_major_scales(M: int, N: int, K: int, w: torch.Tensor) -> bool:
+    """Whether a GEMM of an (M, K) activation quantized now against ``w`` should get its scales
+    M-major with rows padded to a multiple of 4 (``quant.quantize(scale_m_major=True,
+    rows_multiple_of=4)``): where its plan is the ws kernel's 128-row tiles, whose ring then
+    carries the scales (``gemm_hopper.scales_ride_the_ring``) on the grids where that pays
+    (RING_MAX_WAVES); the other kernels were tuned with row-major scales, and the skinny kernel
+    measured slower with M-major ones."""
+    # (w's layout from its strides alone: under torch.compile it is a fake tensor with no address)
+    if not gemm_hopper.AVAILABLE or w.device.type != "cuda" or K % 16 or w.stride(1) != 1 or w.stride(0) % 16:
+        return False
+    dev = w.device.index or 0
+    if not _sm90(dev):
+        return False
+    return plan(M, N, K, tma=True, ws=True, num_sms=_num_sms(dev), scales_in_ring=True).scales_tma
 
 
 def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> int:
@@ -604,13 +622,26 @@ def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
 WS192_COST = 1.0
 
 
-def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float) -> Plan:
+# Where the ws kernel's ring carries the activation scales (``gemm_hopper.scales_ride_the_ring``),
+# with 6 stages: L1 then holds nothing the K loop needs, so the sixth stage costs nothing there.
+# H200, same run, bit-identical, against the plan with scales read from memory
+# (results/ws-scales-ring-h200-2026-11-27-s18.txt): 3-14% faster on grids of up to 3 waves at
+# K = 8192 (M = 256, N = 8192: 41.4 -> 36.4 us, e5m2), 0-3% slower at 4-8 waves, and at
+# K = 28672 even at 1 wave and 3-5% slower at 2. Elsewhere the scales stay in memory.
+RING_MAX_WAVES = 3
+RING_MAX_K_BLOCKS = 64
+
+
+def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float,
+               scales_in_ring: bool) -> Plan:
     """128 x 128 tiles, the last partial wave's tiles split over K where ``_tail_split`` says so:
     the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
     tiles (unsplit) from 8 waves of 128-row tiles up where, counted in waves of the persistent
     grid, they cost no more: 1.5 x their waves x WS192_COST at most the 128-row tiles' waves
     (M = 8192, N = K = 8192: 21 waves against 32, 0-5% faster in two runs; M = 4096,
-    N = 57344: 75 against 109, 7% slower, so 128 x 128)."""
+    N = 57344: 75 against 109, 7% slower, so 128 x 128). ``scales_in_ring``: the activation
+    scales' layout lets the ring carry them, which pays on the grids RING_MAX_WAVES and
+    RING_MAX_K_BLOCKS describe."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
     if not ws:
@@ -621,23 +652,28 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
         return Plan("ws", 192, 128, num_warps=4, num_stages=4)  # 4 stages: 164 KB, as fast as 5
     # With the K blocks in pairs, 5 stages were 0-6% faster than 4 on grids of up to 4 waves
     # (M = 256, N = K = 8192: 40.2 -> 38.0 us) and 4 stages 0-3% faster on longer ones; 6 slower
-    # still (less L1 for the scales; benchmarks/NOTES.md, sixteenth session)
+    # still (less L1 for the scales; benchmarks/NOTES.md, sixteenth session).
+    if scales_in_ring and waves <= RING_MAX_WAVES and k_blocks <= RING_MAX_K_BLOCKS:
+        return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
     return Plan("ws", 128, 128, num_warps=4, num_stages=5 if waves <= 4 else 4, tail_split=split)
 
 
-def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132) -> Plan:
+def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132,
+         scales_in_ring: bool = False) -> Plan:
     """The shape heuristic: a small, fixed set of configs (no autotuning, so a new shape costs one
     compile of at most a few configs, not a sweep). ``tma``: tensor descriptors usable;
     ``ws``: the warp-specialised Gluon kernel usable (it then replaces the 128 x 128 ``tma``
     tiles, 10-22% faster on every measured shape, M = 256..8192, except where the tma kernel's
-    tail split saves more, see ``_wide_plan``). Worked out once per shape (host time per call);
+    tail split saves more, see ``_wide_plan``); ``scales_in_ring``: the ws kernel's ring can carry
+    the activation scales (their layout allows it, ``gemm_hopper.scales_ride_the_ring``), which
+    changes its stages. Worked out once per shape (host time per call);
     the module's tunables are read here, so A/B runs that change them get fresh plans."""
-    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST)
+    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST, scales_in_ring)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m: int, skinny_max_m: int,
-          ws192_cost: float) -> Plan:
+          ws192_cost: float, scales_in_ring: bool) -> Plan:
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= gemv_max_m:
         # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
@@ -654,7 +690,8 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
                     groups_k=groups_k)
     if M <= skinny_max_m:
         return _skinny_plan(M, N, K, k_blocks, num_sms)
-    return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost)
+    return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
+                       scales_in_ring=scales_in_ring)
 
 
 def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
@@ -668,7 +705,7 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
 
 
 def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int,
-                ws192_cost: float) -> Plan:
+                ws192_cost: float, scales_in_ring: bool) -> Plan:
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -681,7 +718,8 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
             if 2 * rounds(64) < 3 * rounds(128):
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
-        return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost)
+        return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
+                          scales_in_ring=scales_in_ring)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -846,7 +884,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     else:
         tma = tma_usable(a, w)  # checked once per call: ws_usable would repeat it
         ws = tma and gemm_hopper.AVAILABLE and _sm90(dev)
-        p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms)
+        p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms,
+                 scales_in_ring=ws and gemm_hopper.scales_ride_the_ring(a_scale, 2))
     if fuse_quant and p.kind not in STREAMING_KINDS:
         raise ValueError(f"the fused activation quantization runs only in the gemv and skinny kernels, not {p.kind!r}")
     if p.kind in STREAMING_KINDS:
@@ -866,7 +905,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
             p, M, N, K, num_sms, a.device, counters_per_tile=p.block_m // 64)
         return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, programs=programs, block_m=p.block_m,
                                    stages=p.num_stages, group_m=p.group_m, tail_start=tail_start,
-                                   tail_split=tail_split, partial=partial, arrivals=arrivals)
+                                   tail_split=tail_split, partial=partial, arrivals=arrivals,
+                                   scales_tma=p.scales_tma)
     if p.kind == "tma":
         _set_tma_allocator()
         a_desc = TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK])

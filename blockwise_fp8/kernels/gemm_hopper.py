@@ -24,6 +24,11 @@ operand bytes from L2 per product and hide one more promotion: 4-10% faster per 
 at M >= 4096 than two consumers were before they paired their K blocks (bit-identical;
 benchmarks/results/ws-tiles-h100-2026-11-26-s9.log); about even with them since (``gemm._wide_plan``).
 
+Where the plan says so (``scales_tma``) and the activation scales are M-major with a column
+stride TMA accepts, the producer also loads each K block's 128 scales of the tile rows into the
+stage, and the consumers read them from shared memory (``_staged_scale``) instead of global
+memory (``_block_scale``); see ``scales_ride_the_ring`` and ``gemm.RING_MAX_WAVES``.
+
 Where the grid ends in a partial wave, its tiles can be split over K (``TAIL_SPLIT``): both roles
 walk the whole tiles, then the tail's (tile, split) units, and each consumer finishes its own 64
 rows of a tail tile through float32 partials and an arrival counter (see ``_consumer``).
@@ -124,17 +129,23 @@ if AVAILABLE:
         return pid_m, pid_n, kb_start, gl.minimum(kb_start + kb_per, k_blocks)
 
     @gluon.jit
-    def _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, off_m, off_n, kb_start, kb_end, it,
-                      CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
-        """TMA-loads K blocks [kb_start, kb_end) of one tile into the ring, from slot it % STAGES;
-        returns the ring position after them."""
+    def _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, off_m, off_n, kb_start, kb_end,
+                      it, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, SCALES_TMA: gl.constexpr):
+        """TMA-loads K blocks [kb_start, kb_end) of one tile into the ring, from slot it % STAGES
+        (with SCALES_TMA also the tile rows' activation scales of each block); returns the ring
+        position after them."""
         for kb in range(kb_start, kb_end):
             s = it % STAGES
             # a fresh barrier counts as released in the phase before its first, so the first
             # lap over the ring does not wait
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             if CONSUMERS == 2:
-                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                if SCALES_TMA:
+                    mbarrier.expect(ready.index(s),
+                                    a_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes)
+                    _tma_load(s_desc, kb, off_m, ready.index(s), s_bufs.index(s))
+                else:
+                    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
                 _tma_load(a_desc, off_m, kb * BLOCK, ready.index(s), a_bufs.index(s))
             else:
                 mbarrier.expect(ready.index(s), CONSUMERS * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
@@ -145,9 +156,9 @@ if AVAILABLE:
         return it
 
     @gluon.jit
-    def _producer(a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start,
+    def _producer(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, M, N, K, tail_start,
                   CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr,
-                  TAIL_SPLIT: gl.constexpr):
+                  TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr):
         """Feeds the ring in the consumers' order: whole tiles, then the split tail's units. Three
         consumers get one 64-row A box each (shared memory shapes are powers of two, 192 is not);
         two share one 128-row box, as before the three-consumer variant existed (the same PTX as
@@ -159,13 +170,13 @@ if AVAILABLE:
         it = 0
         for tile in range(gl.program_id(0), tail_start, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK,
-                               0, k_blocks, it, CONSUMERS, STAGES)
+            it = _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, pid_m * BLOCK_M,
+                               pid_n * BLOCK, 0, k_blocks, it, CONSUMERS, STAGES, SCALES_TMA)
         if TAIL_SPLIT > 1:
             for u in range(gl.program_id(0), (num_m * num_n - tail_start) * TAIL_SPLIT, NUM_PROGRAMS):
                 pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
-                it = _load_k_steps(a_desc, w_desc, a_bufs, w_bufs, ready, empty, pid_m * BLOCK_M, pid_n * BLOCK,
-                                   kb_start, kb_end, it, CONSUMERS, STAGES)
+                it = _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, pid_m * BLOCK_M,
+                                   pid_n * BLOCK, kb_start, kb_end, it, CONSUMERS, STAGES, SCALES_TMA)
 
     @gluon.jit
     def _a_tile(a_bufs, s, CONSUMERS: gl.constexpr, PART: gl.constexpr):
@@ -178,16 +189,30 @@ if AVAILABLE:
 
     @gluon.jit
     def _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb):
-        """a_scale * w_scale of K block kb for this consumer's 64 rows. ptxas takes the product
-        before the wgmma that follows these loads, so the wgmma waits for them: an L1 hit for
-        row-major scales (a row's 32 K blocks share a line). Loading one step ahead, or after the
-        wgmma issue, measured no faster (benchmarks/NOTES.md, fourteenth session)."""
+        """a_scale * w_scale of K block kb for this consumer's 64 rows, loaded from global memory
+        (scales the ring does not carry). ptxas takes the product before the wgmma that follows
+        these loads, so the wgmma waits for them: an L1 hit for row-major scales (a row's 32 K
+        blocks share a line). Loading one step ahead, or after the wgmma issue, measured no faster
+        (benchmarks/NOTES.md, fourteenth session)."""
         return gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
 
     @gluon.jit
-    def _mma_k_steps(a_bufs, w_bufs, ready, empty, turn, a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk,
+    def _staged_scale(s_bufs, s, w_scale, PART: gl.constexpr, STAGES: gl.constexpr):
+        """a_scale * w_scale for this consumer's 64 rows, the activation scales read from ring
+        stage s (landed with its A and W tiles). The caller must put a proxy fence
+        (``fence_async_shared``) between these reads and the stage's release: they are generic
+        shared-memory loads, and the producer's next TMA copy into the stage (the async proxy)
+        is not ordered after them by the mbarrier alone. Without the fence the copy overtook
+        the loads: wrong results on every one of 8 runs at M = 512-2048, N = K = 8192
+        (H200, bf16 out; session 18), bit-exact with it."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
+        rows = s_bufs.index(s).reshape([BLOCK]).slice(PART * ROWS, ROWS)
+        return rows.load(gl.SliceLayout(1, mma)) * w_scale
+
+    @gluon.jit
+    def _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, turn, a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk,
                      kb_start, kb_end, it, turns, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
-                     PART: gl.constexpr):
+                     PART: gl.constexpr, SCALES_TMA: gl.constexpr):
         """This consumer's 64 rows of one tile over K blocks [kb_start, kb_end): each block's
         product waited for, its stage released, then promoted with both scales, in K order.
         Returns (float32 accumulator, ring position after, turns taken after).
@@ -200,7 +225,10 @@ if AVAILABLE:
         pair is issued), so one's promotions run under the other's products instead of both
         promoting at once. H100, e5m2: 7-10% faster than one block per step on mid-M grids
         (benchmarks/NOTES.md, sixteenth session). Three consumers (160 registers) keep one block
-        per step, as does the odd last block of two."""
+        per step, as does the odd last block of two.
+
+        With SCALES_TMA the activation scales come from the ring (``_staged_scale``), read while
+        the products run; otherwise from global memory before the wait (``_block_scale``)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
         zero = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
         acc = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
@@ -208,8 +236,12 @@ if AVAILABLE:
             for kb in range(kb_start, kb_end - 1, 2):
                 s0 = it % STAGES
                 s1 = (it + 1) % STAGES
-                scale0 = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb)
-                scale1 = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb + 1)
+                if SCALES_TMA:
+                    w_scale0 = gl.load(w_s_ptr + kb * stride_wsk)
+                    w_scale1 = gl.load(w_s_ptr + (kb + 1) * stride_wsk)
+                else:
+                    scale0 = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb)
+                    scale1 = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb + 1)
                 mbarrier.wait(ready.index(s0), (it // STAGES) & 1)
                 # a fresh barrier counts as completed in the phase before its first, so consumer
                 # 0's first wait passes; every later one waits for the other's previous handover
@@ -223,6 +255,11 @@ if AVAILABLE:
                 p1 = warpgroup_mma(_a_tile(a_bufs, s1, CONSUMERS, PART), w_bufs.index(s1).permute((1, 0)), zero,
                                    use_acc=False, is_async=True)
                 mbarrier.arrive(turn.index(1 - PART), count=1)
+                if SCALES_TMA:
+                    scale0 = _staged_scale(s_bufs, s0, w_scale0, PART, STAGES)
+                    scale1 = _staged_scale(s_bufs, s1, w_scale1, PART, STAGES)
+                    # before the stages are released: see _staged_scale
+                    fence_async_shared()
                 p0 = warpgroup_mma_wait(1, deps=(p0,))
                 mbarrier.arrive(empty.index(s0), count=1)
                 acc += p0 * gl.expand_dims(scale0, 1)
@@ -234,10 +271,16 @@ if AVAILABLE:
             kb_start = kb_end - (kb_end - kb_start) % 2
         for kb in range(kb_start, kb_end):
             s = it % STAGES
-            scale = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb)
+            if SCALES_TMA:
+                w_scale = gl.load(w_s_ptr + kb * stride_wsk)
+            else:
+                scale = _block_scale(a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk, kb)
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             part = warpgroup_mma(_a_tile(a_bufs, s, CONSUMERS, PART), w_bufs.index(s).permute((1, 0)), zero,
                                  use_acc=False, is_async=True)
+            if SCALES_TMA:
+                scale = _staged_scale(s_bufs, s, w_scale, PART, STAGES)
+                fence_async_shared()
             part = warpgroup_mma_wait(0, deps=(part,))
             mbarrier.arrive(empty.index(s), count=1)
             acc += part * gl.expand_dims(scale, 1)
@@ -254,11 +297,12 @@ if AVAILABLE:
         gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
 
     @gluon.jit
-    def _consumer(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
+    def _consumer(a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
                   arrivals_ptr,
                   M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
                   HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, PART: gl.constexpr):
+                  NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr,
+                  PART: gl.constexpr):
         """Rows [64 PART, 64 PART + 64) of each tile."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
@@ -275,9 +319,9 @@ if AVAILABLE:
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
             rm = pid_m * BLOCK_M + rows
             m_ok = rm < M
-            acc, it, turns = _mma_k_steps(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr + rm * stride_asm, m_ok,
-                                          w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, 0, k_blocks, it,
-                                          turns, CONSUMERS, STAGES, PART)
+            acc, it, turns = _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr + rm * stride_asm,
+                                          m_ok, w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, 0, k_blocks,
+                                          it, turns, CONSUMERS, STAGES, PART, SCALES_TMA)
             _store_rows(acc, rm, m_ok, pid_n * BLOCK + cols, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS)
         if TAIL_SPLIT > 1:
             # Split-K of the last, partial wave, finished without a second launch: each split
@@ -294,9 +338,10 @@ if AVAILABLE:
                 pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
                 rm = pid_m * BLOCK_M + rows
                 m_ok = rm < M
-                acc, it, turns = _mma_k_steps(a_bufs, w_bufs, ready, empty, turn, a_scale_ptr + rm * stride_asm,
-                                              m_ok, w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, kb_start,
-                                              kb_end, it, turns, CONSUMERS, STAGES, PART)
+                acc, it, turns = _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, turn,
+                                              a_scale_ptr + rm * stride_asm, m_ok, w_scale_ptr + pid_n * stride_wsn,
+                                              stride_ask, stride_wsk, kb_start, kb_end, it, turns, CONSUMERS, STAGES,
+                                              PART, SCALES_TMA)
                 tail = u // TAIL_SPLIT
                 tile_base = partial_ptr + tail * (TAIL_SPLIT * BLOCK_M * BLOCK)
                 # (offsets built here, after the K loop, so that they hold no registers through it)
@@ -320,23 +365,31 @@ if AVAILABLE:
 
     @gluon.jit
     def gemm_ws_kernel(
-        a_desc, w_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+        a_desc, w_desc, s_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
         M, N, K, tail_start,
         stride_asm, stride_ask, stride_wsn, stride_wsk,
         stride_om, stride_on,
         HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-        STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+        STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr,
     ):
         """Layouts as in ``kernels/gemm.py``; CONSUMERS 2 or 3; w_desc is a 128 x 128 fp8 TMA
-        descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three. Tiles
-        [0, tail_start) are computed whole; with TAIL_SPLIT > 1 each later tile is split over K
-        among TAIL_SPLIT programs (partial_ptr: (tiles - tail_start, TAIL_SPLIT, 64 CONSUMERS,
-        128) float32; arrivals_ptr: zeroed int32 counters, CONSUMERS per tail tile)."""
+        descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three. With SCALES_TMA
+        (two consumers only) s_desc is a (1, 128) float32 descriptor over a_scale.T, (K blocks,
+        M), and the ring carries the scales (``scales_ride_the_ring``); else s_desc is unused and
+        the consumers load a_scale_ptr. Tiles [0, tail_start) are computed whole; with
+        TAIL_SPLIT > 1 each later tile is split over K among TAIL_SPLIT programs (partial_ptr:
+        (tiles - tail_start, TAIL_SPLIT, 64 CONSUMERS, 128) float32; arrivals_ptr: zeroed int32
+        counters, CONSUMERS per tail tile)."""
         if CONSUMERS == 2:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 2 * ROWS, BLOCK], a_desc.layout)
         else:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, ROWS, BLOCK], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK, BLOCK], w_desc.layout)
+        if SCALES_TMA:
+            s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK], s_desc.layout)
+        else:
+            s_bufs = w_bufs  # (never read)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -350,39 +403,39 @@ if AVAILABLE:
         # (warp_specialize takes its partitions as a literal list, hence the two spellings)
         if CONSUMERS == 2:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
                              partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 0)),
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
                              partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
-                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 1)),
+                (_producer, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, M, N, K, tail_start,
+                             CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
                              partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 0)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 0)),
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
                              partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 1)),
-                (_consumer, (a_bufs, w_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 1)),
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
                              partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, 2)),
-                (_producer, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, M, N, K, tail_start, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT)),
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 2)),
+                (_producer, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, M, N, K, tail_start,
+                             CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
-
 if AVAILABLE:
-    # 164 KB of shared memory: the largest L1 left over holds the rows of activation scales the
-    # consumers read (launch.prefer_l1 says why and what it measured)
+    # 164 KB of shared memory at 4 stages: the largest L1 left over holds the rows of activation
+    # scales the consumers read where the ring does not carry them (launch.prefer_l1 says why and
+    # what it measured)
     prefer_l1(gemm_ws_kernel)
 
 # setmaxnreg per thread, by consumer count: a consumer holds acc + one product (64 each) + addresses;
@@ -396,6 +449,24 @@ TILES = ((128, 128), (192, 128))  # (rows, columns): 64 rows per consumer
 _GL_FP8 = {}
 if AVAILABLE:
     _GL_FP8 = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
+    # The (1, 128) float32 boxes of activation scales: unswizzled, so a stage's 128 scales lie in
+    # row order and the consumers read them as a plain row (``_staged_scale``).
+    SCALE_SMEM = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
+def scales_ride_the_ring(a_scale: torch.Tensor, consumers: int) -> bool:
+    """Whether the producer can TMA-load the activation scales with each ring stage: two consumers
+    (a 128-row box; 192 is no power of two) and M-major scales whose column stride TMA accepts
+    (a multiple of 16 bytes, so every box starts on 16 bytes: ``quant.quantize`` with
+    ``rows_multiple_of=4`` writes such scales for any M), on a 16-byte aligned base.
+
+    Why: loaded from global memory, each K block's scales are an L1 hit the wgmma waits for
+    (``_block_scale``), and they need the L1 that more ring stages would take. From the ring they
+    cost the consumers one shared-memory read under the running products. H100, same run, bit-
+    identical: 0-4% faster at the same stages, 1-7% with 6 stages on grids of up to 5 waves
+    (M = 1024, N = K = 8192, e5m2: 134.1 -> 126.6 us; results/ws-scales-ring-h100-2026-11-27-s17.txt)."""
+    return (consumers == 2 and a_scale.stride(0) == 1 and a_scale.stride(1) % 4 == 0
+            and a_scale.data_ptr() % 16 == 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -407,11 +478,13 @@ def smem_layout(rows: int, cols: int, dtype: torch.dtype):
 
 
 def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 4,
-            group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None
-            ) -> torch.Tensor:
+            group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None,
+            scales_tma: bool = False) -> torch.Tensor:
     """Launch ``programs`` persistent programs on operands that ``kernels.gemm._run`` has checked,
     into its ``out``; the split tail's buffers come from there too (``tail_start`` None: no tail).
-    Tiles: 128 x 128 or 192 x 128 (``TILES``)."""
+    Tiles: 128 x 128 or 192 x 128 (``TILES``). With ``scales_tma`` (the plan's choice) the ring
+    carries the activation scales where their layout lets it (``scales_ride_the_ring``); else
+    the consumers read them from memory."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
@@ -419,22 +492,28 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
     a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype))
     w_desc = GluonDescriptor.from_tensor(w, [block, block], smem_layout(block, block, w.dtype))
+    scales_tma = scales_tma and scales_ride_the_ring(a_scale, consumers)
+    if scales_tma:
+        s_desc = GluonDescriptor.from_tensor(a_scale.t(), [1, block], SCALE_SMEM)  # (K blocks, M), rows >= M zero
+    else:
+        s_desc = w_scale  # (unused)
     if tail_start is None:
         tail_start = -(-M // block_m) * -(-N // block)
     launch(gemm_ws_kernel, (programs,), (
-        a_desc, w_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
+        a_desc, w_desc, s_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
         partial if partial is not None else w_scale, arrivals if arrivals is not None else w_scale,
         M, N, K, tail_start,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split))
+    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split, scales_tma))
     return out
 
 
 @functools.lru_cache(maxsize=1024)
-def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages: int, tail_split: int) -> tuple:
+def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages: int, tail_split: int,
+             scales_tma: bool) -> tuple:
     return tuple(dict(
         HAS_BIAS=has_bias, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
-        TAIL_SPLIT=tail_split, CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers],
+        TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers],
         num_warps=4,
     ).items())
