@@ -824,9 +824,12 @@ def linear(
         # slower in the skinny kernel (Llama layer at M = 16: 129.7 vs 123.1 us). This node does
         # not pad the rows, so the ws kernel's ring carries the scales only where M % 4 == 0.
         M = x2.shape[0]
-        m_major = isinstance(M, int) and _scales_m_major(backend, M, K, activation_dtype, w_q, out_dtype) and (
-            M % 4 == 0 or _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype) == "cublas"
-        )
+        m_major = False
+        if isinstance(M, int):
+            chosen = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
+            m_major = chosen == "cublas" or (
+                M % 4 == 0 and _scales_m_major(chosen, M, K, activation_dtype, w_q, out_dtype)
+            )
         if mode is None:
             # Dynamo traces this call (BlockwiseFP8Linear): it records the two halves, and the
             # fusion pass merges the quantizations of one input (fusion.FuseSiblingGemms).

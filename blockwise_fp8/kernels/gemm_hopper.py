@@ -514,6 +514,6 @@ def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages
              scales_tma: bool) -> tuple:
     return tuple(dict(
         HAS_BIAS=has_bias, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
-        TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=CONSUMER_REGS[consumers], PRODUCER_REGS=PRODUCER_REGS[consumers],
-        num_warps=4,
+        TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=CONSUMER_REGS[consumers],
+        PRODUCER_REGS=PRODUCER_REGS[consumers], num_warps=4,
     ).items())
