@@ -376,11 +376,11 @@ def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w
 
 
 def _scales_m_major(backend: str, M: int, K: int, a_dtype: torch.dtype, w_q, out_dtype) -> bool:
-    """The activation-scale layout the GEMM of a linear call reads best, for a resolved ``backend``
-    ("triton" or "cublas", or "auto"): M-major (strides (1, rows)) for cuBLAS, which requires it,
-    and for the ws kernel's 128-row tiles, whose ring then carries the scales
-    (``kernels.gemm.prefers_m_major_scales``); row-major for our other kernels, which were tuned
-    with it (M-major scales measured slower in the skinny kernel)."""
+    """Whether an eager linear call's GEMM reads its activation scales best M-major (strides
+    (1, rows)), for ``backend`` "triton", "cublas" or "auto": for cuBLAS, which requires it, and
+    for the ws kernel's plans whose ring carries the scales (short grids,
+    ``kernels.gemm.prefers_m_major_scales``); row-major for our other kernels and plans, which were
+    tuned with it (M-major scales measured slower in the skinny kernel)."""
     backend = _gemm_backend_for_call(backend, M, K, a_dtype, w_q, out_dtype)
     if backend == "cublas":
         return True
@@ -821,15 +821,14 @@ def linear(
         # The scale layout _linear_op would pick, where M is a plain int. For a dynamic M the
         # per-M test would guard and recompile at each M band of the table, so the scales stay
         # row-major and a cuBLAS call transposes them (one small copy); M-major scales measured
-        # slower in the skinny kernel (Llama layer at M = 16: 129.7 vs 123.1 us). This node does
-        # not pad the rows, so the ws kernel's ring carries the scales only where M % 4 == 0.
+        # slower in the skinny kernel (Llama layer at M = 16: 129.7 vs 123.1 us). Unlike an eager
+        # call, the ws kernel's ring plans do not get M-major scales here: the Linears sharing
+        # this quantization (q/k/v, gate/up) can have different plans (at M = 2048, Llama-3-8B's
+        # q has 4 waves of tiles, k and v one), and two layouts would quantize the input twice.
         M = x2.shape[0]
-        m_major = False
-        if isinstance(M, int):
-            chosen = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
-            m_major = chosen == "cublas" or (
-                M % 4 == 0 and _scales_m_major(chosen, M, K, activation_dtype, w_q, out_dtype)
-            )
+        m_major = isinstance(M, int) and (
+            backend == "cublas" or _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype) == "cublas"
+        )
         if mode is None:
             # Dynamo traces this call (BlockwiseFP8Linear): it records the two halves, and the
             # fusion pass merges the quantizations of one input (fusion.FuseSiblingGemms).
