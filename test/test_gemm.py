@@ -465,6 +465,35 @@ def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
             assert (p.block_m, p.block_n) in gemm_hopper.TILES
 
 
+def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
+    """``prefers_m_major_scales`` (what eager ``linear`` asks before quantizing) is true exactly
+    where the plan puts the scales in the ws kernel's ring: an sm_90 CUDA device with Gluon,
+    K % 16 == 0, a TMA-able weight, a ws plan of 128-row tiles of at most RING_MAX_WAVES waves and
+    RING_MAX_K_BLOCKS K blocks. Checked by its logic on a stand-in weight (no GPU here)."""
+    class Weight:  # what prefers_m_major_scales reads of w
+        device = torch.device("cuda", 0)
+
+        def __init__(self, strides):
+            self.strides = strides
+
+        def stride(self, dim):
+            return self.strides[dim]
+
+    monkeypatch.setattr(gemm_hopper, "AVAILABLE", True)
+    monkeypatch.setattr(G, "_sm90", lambda index: True)
+    monkeypatch.setattr(G, "_num_sms", lambda index: 132)
+    w = Weight((8192, 1))
+    assert G.prefers_m_major_scales(256, 8192, 8192, w) and G.prefers_m_major_scales(512, 10240, 8192, w)
+    assert not G.prefers_m_major_scales(1024, 8192, 8192, w)  # 3.9 waves
+    assert not G.prefers_m_major_scales(512, 8192, 28672, w)  # 224 K blocks
+    assert not G.prefers_m_major_scales(16, 8192, 8192, w)  # skinny kernel
+    assert not G.prefers_m_major_scales(8192, 8192, 8192, w)  # 192-row tiles
+    assert not G.prefers_m_major_scales(256, 8192, 8200, Weight((8200, 1)))  # K % 16
+    assert not G.prefers_m_major_scales(256, 8192, 8192, Weight((1, 8192)))  # a transposed weight
+    monkeypatch.setattr(G, "_sm90", lambda index: False)
+    assert not G.prefers_m_major_scales(256, 8192, 8192, w)
+
+
 def test_scales_ride_the_ring_only_where_tma_can_load_them():
     """The ring carries the activation scales for two consumers, M-major scales with a column
     stride of whole 16-byte units and a 16-byte aligned base: what quantize(rows_multiple_of=4)
