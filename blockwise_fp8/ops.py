@@ -751,6 +751,12 @@ def gemm(
 ) -> torch.Tensor:
     """``dequantize(a) @ dequantize(w).T + bias`` with 1 x 128 activation and 128 x 128 weight
     scales, accumulated in float32 and written as ``out_dtype``. Shape ``(*a_q.shape[:-1], N)``.
+
+    ``a_scale`` may have any strides. For 2-D operands on Hopper, M-major activation scales
+    (``a_scale.t().contiguous().t()``, strides (1, M)) with M a multiple of 4 are read without a
+    copy by cuBLAS and, on short grids, loaded by our large-M kernel together with its operand
+    tiles (what ``linear`` writes for such calls); row-major scales are what our other kernels
+    were tuned with.
     """
     _check_fp8_tensor(a_q, "a_q")
     _check_out_dtype(out_dtype)
