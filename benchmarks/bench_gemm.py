@@ -12,6 +12,7 @@ x {e4m3, e5m2}. Contenders, all on the same inputs:
                       (e4m3, M >= 8 only)
     ours_triton       our Triton GEMM alone on pre-quantized operands
     ours_auto         blockwise_fp8.gemm(backend="auto") on pre-quantized operands
+(the activation scales of cublas and ours laid out as each library writes them: see operand_scales)
     ours_linear       blockwise_fp8.linear(backend="auto"): quantize + GEMM from bf16 x
 Times: median microseconds of triton.testing.do_bench_cudagraph (each call captured in a CUDA
 graph and replayed, so the numbers are device time without Python launch overhead -- what a
@@ -111,9 +112,28 @@ def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
 
 
+def operand_scales(aq, as_, wq, dt) -> dict:
+    """The activation scales handed to cublas, ours_triton and ours_auto (row-major ``as_``
+    elsewhere): the same values, laid out outside the timing as each contender's library writes
+    them for this call. cuBLAS: M-major (strides (1, M)), as a ``scaled_mm`` user passes them;
+    until the eighteenth session it got row-major ones and its timed call transposed them, a small
+    copy kernel inside its time. ours_triton: what ``linear`` writes for this shape (M-major, rows
+    padded to 4, where the ws kernel's ring carries them; row-major elsewhere). ours_auto: the
+    layout of the backend "auto" picks."""
+    M, K = aq.shape
+    N = wq.shape[0]
+    m_major = ops._m_major(as_)
+    padded = as_.new_zeros((as_.shape[1], -(-M // 4) * 4)).t()
+    padded[:M] = as_
+    ours = padded[:M] if G.prefers_m_major_scales(M, N, K, wq) else as_
+    auto = ops._gemm_backend_for_call("auto", M, K, dt, wq, torch.bfloat16)
+    return {"cublas": m_major, "ours_triton": ours, "ours_auto": m_major if auto == "cublas" else ours}
+
+
 def contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, label: str) -> tuple[dict, dict]:
     """The timed calls of one grid cell by contender, and their outputs (for the SQNR columns)."""
     fns = {"bf16": lambda: F.linear(x16, w16), "fp16": lambda: F.linear(xh, wh)}
+    scales = operand_scales(aq, as_, wq, dt)
     outs = {}
     if torchao_gemm is not None:
         try:
@@ -123,11 +143,11 @@ def contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, label: str) 
             print(f"  torchao failed at {label}: {type(e).__name__} {str(e)[:100]}")
     M, K = aq.shape
     if ops.cublas_supports(M, wq.shape[0], K, dt, dt, torch.bfloat16) and ops.cublas_blockwise_available(x16.device):
-        outs["cublas"] = ops._cublas_gemm(aq, as_, wq, ws, None, torch.bfloat16)
-        fns["cublas"] = lambda: ops._cublas_gemm(aq, as_, wq, ws, None, torch.bfloat16)
-    outs["ours_triton"] = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
-    fns["ours_triton"] = lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
-    fns["ours_auto"] = lambda: bf.gemm(aq, as_, wq, ws)
+        outs["cublas"] = ops._cublas_gemm(aq, scales["cublas"], wq, ws, None, torch.bfloat16)
+        fns["cublas"] = lambda: ops._cublas_gemm(aq, scales["cublas"], wq, ws, None, torch.bfloat16)
+    outs["ours_triton"] = G.gemm(aq, scales["ours_triton"], wq, ws, None, torch.bfloat16)
+    fns["ours_triton"] = lambda: G.gemm(aq, scales["ours_triton"], wq, ws, None, torch.bfloat16)
+    fns["ours_auto"] = lambda: bf.gemm(aq, scales["ours_auto"], wq, ws)
     outs["ours_linear"] = bf.linear(x16, wq, ws, activation_dtype=dt)
     fns["ours_linear"] = lambda: bf.linear(x16, wq, ws, activation_dtype=dt)
     return fns, outs
@@ -181,10 +201,12 @@ def main():
                 r = {"M": M, "N": N, "K": K, "dtype": dname}
                 fns, outs = contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, f"{M},{N},{K},{dname}")
                 r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds).items()})
-                p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq))
-                # ws tiles: "ws128" / "ws192"; session 15's 128 x 256 tiles (since dropped) were "ws128x256"
+                p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq),
+                           scales_in_ring=G.prefers_m_major_scales(M, N, K, wq))
+                # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18);
+                # session 15's 128 x 256 tiles (since dropped) were "ws128x256"
                 r["ours_triton_plan"] = p.kind if p.kind != "ws" else f"ws{p.block_m}" + (
-                    f"x{p.block_n}" if p.block_n != 128 else "")
+                    f"x{p.block_n}" if p.block_n != 128 else "") + ("ring" if p.scales_tma else "")
                 r["ours_auto_backend"] = ops.choose_gemm_backend(
                     M, N, K, dt, dt, torch.bfloat16, cublas_available=ops.cublas_blockwise_available(x16.device))
                 # accuracy against the float64 product of the original operands (first 256 rows)

@@ -247,6 +247,30 @@ def test_bench_gemm_rotates_the_contender_order_between_rounds():
     assert calls == ["a", "b"]
 
 
+@pytest.mark.parametrize("ring,auto", [(False, "triton"), (True, "triton"), (False, "cublas"), (True, "cublas")])
+def test_bench_gemm_hands_each_contender_its_scale_layout(monkeypatch, ring, auto):
+    """benchmarks/bench_gemm.operand_scales: the same scale values for every contender, laid out
+    as each library writes them: cuBLAS M-major; ours M-major in rows padded to 4 where the ws
+    kernel's ring would carry them, row-major elsewhere; auto the layout of the backend it picks
+    (CPU: the kernels' and the table's answers stubbed)."""
+    from blockwise_fp8 import ops
+    from blockwise_fp8.kernels import gemm as G
+
+    bench = _bench_gemm()
+    monkeypatch.setattr(G, "prefers_m_major_scales", lambda M, N, K, w: ring)
+    monkeypatch.setattr(ops, "_gemm_backend_for_call", lambda backend, M, K, a, w, o: auto)
+    M, kb = 67, 3
+    as_ = torch.rand(M, kb) + 0.5
+    aq = torch.zeros(M, 128 * kb, dtype=torch.float8_e4m3fn)
+    wq = torch.zeros(256, 128 * kb, dtype=torch.float8_e4m3fn)
+    got = bench.operand_scales(aq, as_, wq, torch.float8_e4m3fn)
+    for name, scales in got.items():
+        assert torch.equal(scales, as_), name
+    assert got["cublas"].stride() == (1, M)
+    assert got["ours_triton"].stride() == ((1, 68) if ring else (kb, 1))
+    assert got["ours_auto"] is (got["cublas"] if auto == "cublas" else got["ours_triton"])
+
+
 def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
     """benchmarks/bench_gemm.py --merge: the rows of runs over parts of the grid written as one
     (CSV and summary; every header line kept; a later run's row replaces an earlier one's for the
