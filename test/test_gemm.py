@@ -582,9 +582,11 @@ loops = [(labels[t], i) for i, l in enumerate(lines[:end]) for t in re.findall(r
          if t in labels and labels[t] < i and any("GMMA" in x for x in lines[labels[t]:i])]
 inner = [(a, b) for a, b in loops if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)]
 loop_spills = sum(("STL" in x or "LDL" in x) for a, b in inner for x in lines[a:b])
+loop_fences = sum("FENCE.VIEW.ASYNC" in x for a, b in inner for x in lines[a:b])
 print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DEPBAR"),
                   "depbar1": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1"), "k_loops": len(inner),
                   "spills": sass.count("STL") + sass.count("LDL"), "loop_spills": loop_spills,
+                  "loop_fences": loop_fences,
                   "ldg128": sass.count("LDG.E.128")}))
 """
 
@@ -631,6 +633,9 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
     # (the GPU machine's) but 19 with the scales in the ring (entry values reloaded)
     assert counts["loop_spills"] == 0
     assert counts["spills"] <= (24 if tail_split > 1 else 0)
+    # with the scales in the ring, each pair's proxy fence between the consumers' reads of the
+    # scales and the stages' release (without it the next TMA copy overtook the reads on an H200)
+    assert counts["loop_fences"] == (consumers * loops if scales_tma else 0)
     # the split tail's last program reads each split's float32 partial 16 bytes per thread (row-major,
     # 16 loads per thread and partial): read in the wgmma layout (8 bytes a thread, 8 rows a warp) the
     # sum cost more than the split saved (benchmarks/results/tail-diag-h100-2026-11-27-s13.txt)
