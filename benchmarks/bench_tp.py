@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                                  tokens_per_s=b / ms * 1e3))
                 log(f"{name} decode batch {b}: {ms:.3f} ms ({mode})")
                 torch._dynamo.reset()  # each phase compiles afresh (no guard chains, no dynamic batch)
-        del model
+        model = None  # (drops the model before the next one is built; `del` reads as undefined to pyflakes)
         torch._dynamo.reset()
         if cuda:
             torch.cuda.empty_cache()
