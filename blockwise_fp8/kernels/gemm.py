@@ -625,9 +625,10 @@ WS192_COST = 1.0
 # Where the ws kernel's ring carries the activation scales (``gemm_hopper.scales_ride_the_ring``),
 # with 6 stages: L1 then holds nothing the K loop needs, so the sixth stage costs nothing there.
 # H200, same run, bit-identical, against the plan with scales read from memory
-# (results/ws-scales-ring-h200-2026-11-27-s18.txt): 3-14% faster on grids of up to 3 waves at
-# K = 8192 (M = 256, N = 8192: 41.4 -> 36.4 us, e5m2), 0-3% slower at 4-8 waves, and at
-# K = 28672 even at 1 wave and 3-5% slower at 2. Elsewhere the scales stay in memory.
+# (results/ws-scales-ring-h200-2026-11-27-s18.txt): up to 12% less time (1.00-1.14x) on grids
+# of up to 3 waves at K = 8192 (M = 256, N = 8192: 41.4 -> 36.4 us, e5m2), 0-5% slower on longer
+# grids (4-14 waves; one exception), and at K = 28672 even at 1 wave and 3-5% slower at 2.
+# Elsewhere the scales stay in memory.
 RING_MAX_WAVES = 3
 RING_MAX_K_BLOCKS = 64
 
