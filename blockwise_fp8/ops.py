@@ -375,13 +375,12 @@ def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w
     )
 
 
-def _scales_m_major(backend: str, M: int, K: int, a_dtype: torch.dtype, w_q, out_dtype) -> bool:
-    """Whether an eager linear call's GEMM reads its activation scales best M-major (strides
-    (1, rows)), for ``backend`` "triton", "cublas" or "auto": for cuBLAS, which requires it, and
-    for the ws kernel's plans whose ring carries the scales (short grids,
+def _scales_m_major(backend: str, M: int, K: int, w_q) -> bool:
+    """Whether an eager linear call's GEMM, on the resolved ``backend`` ("triton" or "cublas"),
+    reads its activation scales best M-major (strides (1, rows)): for cuBLAS, which requires it,
+    and for the ws kernel's plans whose ring carries the scales (short grids,
     ``kernels.gemm.prefers_m_major_scales``); row-major for our other kernels and plans, which were
     tuned with it (M-major scales measured slower in the skinny kernel)."""
-    backend = _gemm_backend_for_call(backend, M, K, a_dtype, w_q, out_dtype)
     if backend == "cublas":
         return True
     return backend == "triton" and _kernels()[0].prefers_m_major_scales(M, w_q.shape[0], K, w_q)
@@ -570,7 +569,7 @@ def _linear_op(
             # one launch, bit-identical to the two below
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
         backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
-        if _scales_m_major(backend, M, K, activation_dtype, w_q, out_dtype):
+        if _scales_m_major(backend, M, K, w_q):
             # M-major scales written so directly, into zero rows appended up to a multiple of 4:
             # cuBLAS needs such M (see _rows_padded_to_4), and the ws kernel's ring loads scales
             # whose column stride is a multiple of 16 bytes (gemm_hopper.scales_ride_the_ring)
