@@ -1,7 +1,7 @@
 """The ws kernel with its ring carrying the activation scales against the same kernel reading them
 from memory, in one process on one card (session 18: results/ws-scales-ring-h200-2026-11-27-s18.txt).
 
-    PYTHONPATH=. python benchmarks/ab_ws_ring.py OUT.txt [--ms 256,512,1024,2048] [--repeats 8]
+    PYTHONPATH=. python benchmarks/ab_ws_ring.py OUT.txt [--ms 256,512,1024,2048] [--repeats 8] [--stages 4,5,6]
 
 For each grid shape (N, K) of bench_gemm, dtype and M: "mem", the plan for row-major scales (read
 from global memory by the consumers) timed twice (first and last: the run-to-run spread), and the
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--ms", default="256,512,1024,2048", help="comma-separated M values")
     parser.add_argument("--repeats", type=int, default=8, help="bit-for-bit comparisons per ring config")
+    parser.add_argument("--stages", default="4,5,6", help="comma-separated ring stage counts to time")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     out = open(args.out, "w")
@@ -51,7 +52,7 @@ def main() -> None:
                 _, in_ring = quant.quantize(x, 1, 128, dt, scale_m_major=True, rows_multiple_of=4)
                 in_ring = in_ring[:M]
                 mem_plan = G.plan(M, N, K, tma=True, ws=True)
-                ring_plan = G.plan(M, N, K, tma=True, ws=True, scales_in_ring=True)
+                ring_plan = G.plan(M, N, K, tma=True, ws=True, scales_in_ring=True, ring=G.ring_limits(0))
                 if (mem_plan.kind, mem_plan.block_m) != ("ws", 128):  # 192-row tiles carry no scales
                     continue
                 base = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
@@ -59,7 +60,7 @@ def main() -> None:
                 line = (f"{str(dt)[-6:]:6s} M={M:5d} N={N:6d} K={K:6d} tiles={tiles:5d} "
                         f"plan ring={ring_plan.scales_tma!s:5s} mem[st{mem_plan.num_stages} ts{mem_plan.tail_split}] "
                         f"{median_us(lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16)):8.1f}")
-                for stages in (4, 5, 6):
+                for stages in (int(s) for s in args.stages.split(",")):
                     p = G.Plan("ws", 128, 128, 4, stages, tail_split=mem_plan.tail_split, scales_tma=True)
                     same = all(torch.equal(G.gemm(aq, in_ring, wq, ws, None, torch.bfloat16, plan_override=p), base)
                                for _ in range(args.repeats))

@@ -202,7 +202,7 @@ def main():
                 fns, outs = contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, f"{M},{N},{K},{dname}")
                 r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds).items()})
                 p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq),
-                           scales_in_ring=G.prefers_m_major_scales(M, N, K, wq))
+                           scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), ring=G.ring_limits(wq.device.index or 0))
                 # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18);
                 # session 15's 128 x 256 tiles (since dropped) were "ws128x256"
                 r["ours_triton_plan"] = p.kind if p.kind != "ws" else f"ws{p.block_m}" + (

@@ -219,7 +219,8 @@ def test_linear_quantizes_for_the_ws_ring_where_its_plan_is_ws(monkeypatch, M):
     x, _, _, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M)
     if not G.ws_usable(wq, wq):
         pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
-    assert G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), scales_in_ring=True).scales_tma
+    assert G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), scales_in_ring=True,
+                  ring=G.ring_limits(0)).scales_tma
     assert G.prefers_m_major_scales(M, N, K, wq)
     x = x.to(torch.bfloat16)
     aq, as_ = quant.quantize(x, 1, 128, torch.float8_e4m3fn)
@@ -447,15 +448,23 @@ def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
     assert G.plan(1024, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 5  # 3.9 waves
     assert G.plan(1280, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 4  # 4.8 waves
     assert G.plan(2048, 8192, 8192, tma=True, ws=True, num_sms=132).num_stages == 4  # 7.8 waves
-    # where the scales' layout lets the ring carry them: 6 stages and the ring up to 3 waves and
-    # 64 K blocks, the plan above elsewhere
+    # where the scales' layout lets the ring carry them: 6 stages and the ring within the card's
+    # limits (the default plan: the H100's, up to 7 waves at any K), the plan above elsewhere
     ring = dict(tma=True, ws=True, num_sms=132, scales_in_ring=True)
-    for M, N, K in ((256, 8192, 8192), (256, 10240, 8192), (512, 10240, 8192), (384, 4096, 4096)):
+    ringed = ((256, 8192, 8192), (256, 10240, 8192), (512, 10240, 8192), (384, 4096, 4096),
+              (1024, 8192, 8192), (1024, 10240, 8192), (256, 57344, 8192), (512, 8192, 28672))  # 1-6.8 waves
+    for M, N, K in ringed:
         p = G.plan(M, N, K, **ring)
         assert (p.kind, p.block_m, p.num_stages, p.scales_tma) == ("ws", 128, 6, True)
         assert p.tail_split == G.plan(M, N, K, tma=True, ws=True, num_sms=132).tail_split
-    for M, N, K in ((1024, 8192, 8192), (512, 8192, 28672), (2048, 8192, 8192), (8192, 8192, 8192)):
+    for M, N, K in ((2048, 8192, 8192), (512, 57344, 8192), (8192, 8192, 8192)):  # 7.8, 13.6 waves; 192 rows
         assert G.plan(M, N, K, **ring) == G.plan(M, N, K, tma=True, ws=True, num_sms=132)
+    # other cards (the H200's measurements): up to 3 waves and 64 K blocks
+    other = dict(ring, ring=G.RING_LIMITS["default"])
+    for M, N, K in ringed[:4]:
+        assert G.plan(M, N, K, **other).scales_tma
+    for M, N, K in ringed[4:]:
+        assert G.plan(M, N, K, **other) == G.plan(M, N, K, tma=True, ws=True, num_sms=132)
     assert not G.plan(512, 8192, 8192, tma=True, ws=True, num_sms=132).scales_tma
     for M in (1024, 2048, 8192):
         for in_ring in (False, True):
@@ -468,8 +477,8 @@ def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
 def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     """``prefers_m_major_scales`` (what eager ``linear`` asks before quantizing) is true exactly
     where the plan puts the scales in the ws kernel's ring: an sm_90 CUDA device with Gluon,
-    K % 16 == 0, a TMA-able weight, a ws plan of 128-row tiles of at most RING_MAX_WAVES waves and
-    RING_MAX_K_BLOCKS K blocks. Checked by its logic on a stand-in weight (no GPU here)."""
+    K % 16 == 0, a TMA-able weight, a ws plan of 128-row tiles within the card's ``ring_limits``
+    (waves, K blocks). Checked by its logic on a stand-in weight (no GPU here)."""
     class Weight:  # what prefers_m_major_scales reads of w
         device = torch.device("cuda", 0)
 
@@ -482,16 +491,31 @@ def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     monkeypatch.setattr(gemm_hopper, "AVAILABLE", True)
     monkeypatch.setattr(G, "_sm90", lambda index: True)
     monkeypatch.setattr(G, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["default"])
     w = Weight((8192, 1))
     assert G.prefers_m_major_scales(256, 8192, 8192, w) and G.prefers_m_major_scales(512, 10240, 8192, w)
     assert not G.prefers_m_major_scales(1024, 8192, 8192, w)  # 3.9 waves
     assert not G.prefers_m_major_scales(512, 8192, 28672, w)  # 224 K blocks
+    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["H100"])
+    assert G.prefers_m_major_scales(1024, 8192, 8192, w) and G.prefers_m_major_scales(512, 8192, 28672, w)
+    assert not G.prefers_m_major_scales(2048, 8192, 8192, w)  # 7.8 waves
+    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["default"])
     assert not G.prefers_m_major_scales(16, 8192, 8192, w)  # skinny kernel
     assert not G.prefers_m_major_scales(8192, 8192, 8192, w)  # 192-row tiles
     assert not G.prefers_m_major_scales(256, 8192, 8200, Weight((8200, 1)))  # K % 16
     assert not G.prefers_m_major_scales(256, 8192, 8192, Weight((1, 8192)))  # a transposed weight
     monkeypatch.setattr(G, "_sm90", lambda index: False)
     assert not G.prefers_m_major_scales(256, 8192, 8192, w)
+
+
+@pytest.mark.parametrize("name,limits", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "default"),
+                                         ("NVIDIA A100-SXM4-80GB", "default")])
+def test_ring_limits_follow_the_card_name(monkeypatch, name, limits):
+    """The H100's limits where the device name says H100 (where they were measured), the H200's
+    (the default) elsewhere."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: name)
+    assert G.ring_limits.__wrapped__(0) == G.RING_LIMITS[limits]
 
 
 def test_scales_ride_the_ring_only_where_tma_can_load_them():

@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -570,7 +571,7 @@ def prefers_m_major_scales(M: int, N: int, K: int, w: torch.Tensor) -> bool:
     M-major with rows padded to a multiple of 4 (``quant.quantize(scale_m_major=True,
     rows_multiple_of=4)``): where its plan is the ws kernel's 128-row tiles, whose ring then
     carries the scales (``gemm_hopper.scales_ride_the_ring``) on the grids where that pays
-    (RING_MAX_WAVES); the other kernels were tuned with row-major scales, and the skinny kernel
+    (``ring_limits``); the other kernels were tuned with row-major scales, and the skinny kernel
     measured slower with M-major ones."""
     # (w's layout from its strides alone: under torch.compile it is a fake tensor with no address)
     if not gemm_hopper.AVAILABLE or w.device.type != "cuda" or K % 16 or w.stride(1) != 1 or w.stride(0) % 16:
@@ -578,7 +579,8 @@ def prefers_m_major_scales(M: int, N: int, K: int, w: torch.Tensor) -> bool:
     dev = w.device.index or 0
     if not _sm90(dev):
         return False
-    return plan(M, N, K, tma=True, ws=True, num_sms=_num_sms(dev), scales_in_ring=True).scales_tma
+    return plan(M, N, K, tma=True, ws=True, num_sms=_num_sms(dev), scales_in_ring=True,
+                ring=ring_limits(dev)).scales_tma
 
 
 def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> int:
@@ -624,25 +626,42 @@ WS192_COST = 1.0
 
 # Where the ws kernel's ring carries the activation scales (``gemm_hopper.scales_ride_the_ring``),
 # with 6 stages: L1 then holds nothing the K loop needs, so the sixth stage costs nothing there.
-# H200, same run, bit-identical, against the plan with scales read from memory
-# (results/ws-scales-ring-h200-2026-11-27-s18.txt): up to 12% less time (1.00-1.14x) on grids
-# of up to 3 waves at K = 8192 (M = 256, N = 8192: 41.4 -> 36.4 us, e5m2), 0-5% slower on longer
-# grids (4-14 waves; one exception), and at K = 28672 even at 1 wave and 3-5% slower at 2.
+# The limits differ by card (``ring_limits``), each measured in one process against the plan with
+# the scales read from memory, bit-identical outputs (benchmarks/ab_ws_ring.py):
+# - H100 (80 GB HBM3, results/ws-scales-ring-h100-2026-11-27-s19.txt): the ring was 2-10% faster on
+#   every grid of up to 7 waves, at K = 8192 and 28672 alike (M = 1024, N = 10240, 4.8 waves:
+#   161.8 -> 153.8 us, e4m3; M = 256, N = 8192, K = 28672: 128.4 -> 112.9), within noise at 14 and
+#   27 waves. Its scale loads from memory cost more on the H100's slower HBM.
+# - H200 (results/ws-scales-ring-h200-2026-11-27-s18.txt): up to 12% faster on grids of up to 3
+#   waves at K = 8192 (M = 256, N = 8192: 41.4 -> 36.4 us, e5m2), 0-5% slower on longer grids
+#   (4-14 waves), even at K = 28672 and 1 wave, 3-5% slower at 2. The default for other cards.
 # Elsewhere the scales stay in memory.
-RING_MAX_WAVES = 3
-RING_MAX_K_BLOCKS = 64
+class RingLimits(NamedTuple):
+    max_waves: int  # of 128 x 128 tiles over the persistent grid
+    max_k_blocks: int
+
+
+RING_LIMITS = {"H100": RingLimits(max_waves=7, max_k_blocks=1 << 30),  # no K limit measured
+               "default": RingLimits(max_waves=3, max_k_blocks=64)}
+
+
+@functools.lru_cache(maxsize=None)
+def ring_limits(device_index: int) -> RingLimits:
+    """The ring's limits for a card: the H100's where its name says H100, the default elsewhere."""
+    name = torch.cuda.get_device_name(device_index) if torch.cuda.is_available() else ""
+    return RING_LIMITS["H100" if "H100" in name else "default"]
 
 
 def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float,
-               scales_in_ring: bool) -> Plan:
+               scales_in_ring: bool, ring: RingLimits) -> Plan:
     """128 x 128 tiles, the last partial wave's tiles split over K where ``_tail_split`` says so:
     the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
     tiles (unsplit) from 8 waves of 128-row tiles up where, counted in waves of the persistent
     grid, they cost no more: 1.5 x their waves x WS192_COST at most the 128-row tiles' waves
     (M = 8192, N = K = 8192: 21 waves against 32, 0-5% faster in two runs; M = 4096,
     N = 57344: 75 against 109, 7% slower, so 128 x 128). ``scales_in_ring``: the activation
-    scales' layout lets the ring carry them, which pays on the grids RING_MAX_WAVES and
-    RING_MAX_K_BLOCKS describe."""
+    scales' layout lets the ring carry them, which pays on the grids ``ring`` describes (see
+    RING_LIMITS)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
     if not ws:
@@ -654,27 +673,28 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
     # With the K blocks in pairs, 5 stages were 0-6% faster than 4 on grids of up to 4 waves
     # (M = 256, N = K = 8192: 40.2 -> 38.0 us) and 4 stages 0-3% faster on longer ones; 6 slower
     # still (less L1 for the scales; benchmarks/NOTES.md, sixteenth session).
-    if scales_in_ring and waves <= RING_MAX_WAVES and k_blocks <= RING_MAX_K_BLOCKS:
+    if scales_in_ring and waves <= ring.max_waves and k_blocks <= ring.max_k_blocks:
         return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
     return Plan("ws", 128, 128, num_warps=4, num_stages=5 if waves <= 4 else 4, tail_split=split)
 
 
 def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132,
-         scales_in_ring: bool = False) -> Plan:
+         scales_in_ring: bool = False, ring: RingLimits = RING_LIMITS["H100"]) -> Plan:
     """The shape heuristic: a small, fixed set of configs (no autotuning, so a new shape costs one
     compile of at most a few configs, not a sweep). ``tma``: tensor descriptors usable;
     ``ws``: the warp-specialised Gluon kernel usable (it then replaces the 128 x 128 ``tma``
     tiles, 10-22% faster on every measured shape, M = 256..8192, except where the tma kernel's
     tail split saves more, see ``_wide_plan``); ``scales_in_ring``: the ws kernel's ring can carry
     the activation scales (their layout allows it, ``gemm_hopper.scales_ride_the_ring``), which
-    changes its stages. Worked out once per shape (host time per call);
+    changes its stages where the grid is within ``ring``, the card's ``ring_limits`` (default: the
+    H100's, like ``num_sms``). Worked out once per shape (host time per call);
     the module's tunables are read here, so A/B runs that change them get fresh plans."""
-    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST, scales_in_ring)
+    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST, scales_in_ring, ring)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m: int, skinny_max_m: int,
-          ws192_cost: float, scales_in_ring: bool) -> Plan:
+          ws192_cost: float, scales_in_ring: bool, ring: RingLimits) -> Plan:
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= gemv_max_m:
         # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
@@ -692,7 +712,7 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
     if M <= skinny_max_m:
         return _skinny_plan(M, N, K, k_blocks, num_sms)
     return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
-                       scales_in_ring=scales_in_ring)
+                       scales_in_ring=scales_in_ring, ring=ring)
 
 
 def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
@@ -706,7 +726,7 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
 
 
 def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int,
-                ws192_cost: float, scales_in_ring: bool) -> Plan:
+                ws192_cost: float, scales_in_ring: bool, ring: RingLimits) -> Plan:
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -720,7 +740,7 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
         return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
-                          scales_in_ring=scales_in_ring)
+                          scales_in_ring=scales_in_ring, ring=ring)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -886,7 +906,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         tma = tma_usable(a, w)  # checked once per call: ws_usable would repeat it
         ws = tma and gemm_hopper.AVAILABLE and _sm90(dev)
         p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms,
-                 scales_in_ring=ws and gemm_hopper.scales_ride_the_ring(a_scale, 2))
+                 scales_in_ring=ws and gemm_hopper.scales_ride_the_ring(a_scale, 2), ring=ring_limits(dev))
     if fuse_quant and p.kind not in STREAMING_KINDS:
         raise ValueError(f"the fused activation quantization runs only in the gemv and skinny kernels, not {p.kind!r}")
     if p.kind in STREAMING_KINDS:
