@@ -14,7 +14,7 @@ ls .whl/torchao-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 run() {  # group name, test files...
     local name=$1; shift
-    timeout "${GROUP_TIMEOUT:-500}" python3 -m pytest -q --tb=short -p no:cacheprovider -rf --durations=5 "$@" \
+    timeout "${GROUP_TIMEOUT:-500}" python3 -m pytest -q --tb=short -p no:cacheprovider -rfs --durations=5 "$@" \
         > "$out/$name.log" 2>&1
     echo "$name rc=$?" >> "$out/$name.log"
 }
