@@ -631,7 +631,7 @@ WS192_COST = 1.0
 # - H100 (80 GB HBM3, results/ws-scales-ring-h100-2026-11-27-s19.txt): the ring was 2-10% faster on
 #   every grid of up to 7 waves, at K = 8192 and 28672 alike (M = 1024, N = 10240, 4.8 waves:
 #   161.8 -> 153.8 us, e4m3; M = 256, N = 8192, K = 28672: 128.4 -> 112.9), within noise at 14 and
-#   27 waves. Its scale loads from memory cost more on the H100's slower HBM.
+#   27 waves. (Why the cards differ was not profiled; the H100's HBM is the slower.)
 # - H200 (results/ws-scales-ring-h200-2026-11-27-s18.txt): up to 12% faster on grids of up to 3
 #   waves at K = 8192 (M = 256, N = 8192: 41.4 -> 36.4 us, e5m2), 0-5% slower on longer grids
 #   (4-14 waves), even at K = 28672 and 1 wave, 3-5% slower at 2. The default for other cards.
