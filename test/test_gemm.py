@@ -183,15 +183,15 @@ def test_ws_scales_in_the_ring_give_the_bits_of_scales_from_memory(M, K, split, 
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
-@pytest.mark.parametrize("M,N", [(512, 8192), (2048, 8192)])
-def test_ws_ring_reuses_its_scale_stages_safely(M, N):
+@pytest.mark.parametrize("M,N,K", [(512, 8192, 8192), (2048, 8192, 8192), (512, 2048, 28672)])
+def test_ws_ring_reuses_its_scale_stages_safely(M, N, K):
     """Stages refilled many times over a long K loop and several tiles per program, bf16 out: the
     shapes where, without a proxy fence between the consumers' scale reads and the stage's
-    release, the producer's next TMA copy overtook the reads (wrong on 8 of 8 runs, H200). Every
+    release, the producer's next TMA copy overtook the reads (wrong on 8 of 8 runs, H200); and
+    K = 28672 (224 K blocks, where the H100's ring limits now put the scales in the ring). Every
     run must give the bits of the scales read from memory."""
     from blockwise_fp8.kernels import quant
 
-    K = 8192
     g = torch.Generator(device="cuda").manual_seed(M)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
