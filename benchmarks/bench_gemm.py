@@ -161,9 +161,11 @@ def main():
     ap.add_argument("--dtypes", default="e4m3,e5m2")
     ap.add_argument("--torchao-configs", default="heuristic", choices=["heuristic", "full"])
     ap.add_argument("--plot", action="store_true", default=True)
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=int, default=2,
                     help="time every contender this many times per cell, the order rotated each round, and "
-                         "keep its best median (see time_contenders; 1: the fixed order, about 270 s on an H100)")
+                         "keep its best median (see time_contenders; 2: about 540 s on an H100; 1: one fixed "
+                         "order, about 270 s, where two timings of one cuBLAS call in one cell differed by up "
+                         "to 20%% at large M in the nineteenth session)")
     ap.add_argument("--merge", default=None,
                     help="comma-separated output folders of runs over parts of the grid (e.g. --nk halves, each "
                          "within a time limit): write their rows as one grid to --out, no GPU needed")
