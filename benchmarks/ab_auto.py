@@ -1,9 +1,13 @@
 """ours (backend="triton") vs cuBLAS on model shapes, e4m3, bf16 out, one process.
 
 The data behind ops.choose_gemm_backend's M bands (results/ab-auto-mid-m-h100-2026-11-27-s12.txt,
-M = 48..256, one timing per side, before this script alternated them).
+M = 48..256, one timing per side, before this script alternated them; results/
+ab-auto-decode-h100-2026-11-27-s20.txt, the H100's band at M = 8-32 and the one-wave margin).
 
     PYTHONPATH=. python benchmarks/ab_auto.py OUT.txt [--ms 48,64,...] [--shapes 8192x8192,...] [--rounds 2]
+    PYTHONPATH=. python benchmarks/ab_auto.py OUT.txt --cells 256:10240x8192,384:6144x8192
+
+``--ms`` x ``--shapes`` times every pair; ``--cells`` names single M:NxK cells instead.
 
 Each side gets its activation scales as ``linear`` writes them for it, made outside the timing:
 cuBLAS M-major; ours row-major, or M-major in rows padded to 4 where the ws kernel's ring carries
@@ -30,12 +34,18 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--ms", default=MS, help="comma-separated M values")
     ap.add_argument("--shapes", default=SHAPES, help="comma-separated NxK weight shapes")
+    ap.add_argument("--cells", help="comma-separated M:NxK cells, instead of --ms x --shapes")
     ap.add_argument("--rounds", type=int, default=2, help="timings per side, the order alternating")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [int(m) for m in args.ms.split(",")]
+    try:
+        if args.cells:
+            cells = [(int(m), *(int(v) for v in nk.split("x"))) for m, nk in (c.split(":") for c in args.cells.split(","))]
+        else:
+            cells = [(int(m), *(int(v) for v in s.split("x"))) for s in args.shapes.split(",") for m in args.ms.split(",")]
+    except ValueError as e:
+        ap.error(f"cells are M:NxK and shapes NxK, comma-separated integers ({e})")
     out = open(args.out, "w")
 
     def say(s: str) -> None:
@@ -46,24 +56,27 @@ def main() -> None:
         f"best of {args.rounds} alternating rounds")
     say("N,K,M,ours_us,cublas_us,auto_pick,ours/cublas")
     torch.manual_seed(0)
-    for N, K in shapes:
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
-        wq, ws = ops.quantize_weight(w)
-        for M in ms:
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            ring = G.prefers_m_major_scales(M, N, K, wq)
-            aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=ring, rows_multiple_of=4 if ring else 1)
-            aq, as_ = aq[:M], as_[:M]  # (rows padded to 4 where the ring carries the scales)
-            _, as_m = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True)  # what linear hands cuBLAS
-            calls = {"triton": lambda: ops.gemm(aq, as_, wq, ws, backend="triton"),
-                     "cublas": lambda: ops.gemm(aq, as_m, wq, ws, backend="cublas")}
-            best = {}
-            for r in range(args.rounds):
-                for side in (("triton", "cublas") if r % 2 == 0 else ("cublas", "triton")):
-                    t = triton.testing.do_bench_cudagraph(calls[side], rep=60, return_mode="median") * 1e3
-                    best[side] = min(t, best.get(side, float("inf")))
-            pick = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16, cublas_available=True)
-            say(f"{N},{K},{M},{best['triton']:.1f},{best['cublas']:.1f},{pick},{best['triton'] / best['cublas']:.3f}")
+    weights = {}
+    for M, N, K in cells:
+        if (N, K) not in weights:
+            weights[N, K] = ops.quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5)
+        wq, ws = weights[N, K]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        ring = G.prefers_m_major_scales(M, N, K, wq)
+        aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=ring, rows_multiple_of=4 if ring else 1)
+        aq, as_ = aq[:M], as_[:M]  # (rows padded to 4 where the ring carries the scales)
+        _, as_m = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True)  # what linear hands cuBLAS
+        calls = {"triton": lambda: ops.gemm(aq, as_, wq, ws, backend="triton"),
+                 "cublas": lambda: ops.gemm(aq, as_m, wq, ws, backend="cublas")}
+        best = {}
+        for r in range(args.rounds):
+            for side in (("triton", "cublas") if r % 2 == 0 else ("cublas", "triton")):
+                t = triton.testing.do_bench_cudagraph(calls[side], rep=60, return_mode="median") * 1e3
+                best[side] = min(t, best.get(side, float("inf")))
+        card, sms = ops.gemm_card(wq.device)
+        pick = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16, cublas_available=True,
+                                       card=card, num_sms=sms)
+        say(f"{N},{K},{M},{best['triton']:.1f},{best['cublas']:.1f},{pick},{best['triton'] / best['cublas']:.3f}")
     out.close()
 
 

@@ -61,8 +61,9 @@ class BlockwiseFP8Linear(nn.Module):
         self.weight_scale_inv = nn.Parameter(weight_scale_inv, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         if weight.device.type == "cuda":
-            # answered now so that tracing the forward reads a cached answer (no device query)
+            # answered now so that tracing the forward reads cached answers (no device query)
             ops.cublas_blockwise_available(weight.device)
+            ops.gemm_card(weight.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> "BlockwiseFP8Linear":

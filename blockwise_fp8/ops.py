@@ -45,6 +45,7 @@ __all__ = [
     "choose_gemm_backend",
     "cublas_supports",
     "cublas_blockwise_available",
+    "gemm_card",
 ]
 
 FP8_DTYPES = reference.FP8_DTYPES
@@ -195,9 +196,9 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize")
 # the weight-streaming Triton kernels (gemv at M = 1, skinny) win the decode range, the persistent TMA kernel and
 # cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
 # (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
-CUBLAS_MIN_M = 33  # below, the weight-streaming kernels (M <= 32) always win; from here cuBLAS is
-# considered, and our tma/ws kernels keep the shapes where their output grid leaves SMs idle and
-# they split K over it (kernels/gemm.py, _persistent_grid) while cuBLAS does not:
+CUBLAS_MIN_M = 33  # below, the weight-streaming kernels (M <= 32) win, except in the band below;
+# from here cuBLAS is considered, and our tma/ws kernels keep the shapes where their output grid
+# leaves SMs idle and they split K over it (kernels/gemm.py, _persistent_grid) while cuBLAS does not:
 OURS_UP_TO_M64 = (6144, 14336)  # M <= 64: ours for N <= 6144 or N >= 14336
 OURS_UP_TO_M128 = 4096  # M <= 128: ours for N <= 2048, and for N <= 4096 where K >= 3 N
 OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
@@ -207,7 +208,31 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 #              N >= 14336 0.94-1.02 (57344 x 8192 0.94-0.95); N = 7168-10240 1.03-1.28 (7168 x 2048 1.28)
 #   M = 80-128: N <= 2048 0.63-0.83; 4096 x 14336 0.92-0.93; 4096 x 4096 1.01-1.04, 6144 x 4096 1.09-1.11
 #   M = 160-256: N <= 2048 0.82-0.85; 4096 x 14336 1.15-1.18; every other shape 1.08-1.56
-# Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md).
+# Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md),
+# except on grids just over one wave (below).
+#
+# On an H100, cuBLAS from M = 24 where 6144 < N < 14336 and K < 3 N: once cuBLAS gets its
+# activation scales M-major from `linear` (no transpose in its time, session 18), it streams those
+# weights about as fast as the skinny kernel from M = 20-28 on. H100, rotated A/B, ours / cuBLAS at
+# M = 16, 20, 24, 28, 32 (results/ab-auto-decode-h100-2026-11-27-s20.txt): 10240 x 8192 1.02,
+# 1.04, 1.02, 1.06, 1.08; 8192 x 8192 1.00, 1.00, 1.01, 1.01, 1.02; 11008 x 4096 0.84, 1.01,
+# 1.03, 1.05, 1.07; 7168 x 2048 0.89, 0.98, 0.99, 1.01, 1.10; 12288 x 4096 0.98, 0.95, 1.07, 0.97,
+# 0.99. From M = 16 would lose up to 11% at 7168 x 2048; from M = 24 loses at most 3% (12288 x 4096,
+# M = 28). N = 57344 (0.90-0.92), K = 28672 (0.89-0.97) and N <= 6144 or K >= 3 N at K = 4096-14336
+# (0.53-0.95) stay ours at M = 8-32. Not on an H200, where the skinny kernel was 8-15% faster than
+# cuBLAS at M = 16-32, N = 8192 (benchmarks/NOTES.md, session 19).
+CUBLAS_MIN_M_H100_MID_N = 24
+MID_N = (6144, 14336)  # exclusive bounds of that band
+# Grids just over one wave: where our 128 x 128 output tiles number more than the card's SMs but at
+# most 4/3 of them (M > 128, K >= 7168), cuBLAS runs a second, mostly empty wave, and our ws
+# kernel's tail split (`_tail_split`) spreads the tiles left over K on every SM instead. H100, e4m3,
+# rotated A/B, ours / cuBLAS (results/ab-auto-decode-h100-2026-11-27-s20.txt), tiles on 132 SMs:
+# K >= 7168: 136 tiles 0.90 (M = 256, N = 8704), 144 0.90 (384 x 6144) and 0.92 (1024 x 2304,
+# K = 7168), 160 0.91 (512 x 5120) and 0.95 (256 x 10240; 50.3-51.4 us against 53.4-55.5 in three
+# runs, and 44.4 against 51-52 on an H200), 168 0.93, 176 0.97 (256 x 11264); but 320 tiles (2.4
+# waves) 1.03 and 128 (one wave) 1.10. At K = 4096 cuBLAS won at 144-160 tiles (1.08-1.12).
+ONE_WAVE_MARGIN = 4 / 3
+ONE_WAVE_MIN_K = 7168
 CUBLAS_OUT_DTYPES = (torch.bfloat16,)  # output dtypes we route to cuBLAS
 # The linear op (eager calls; compiled graphs record quantize_input + gemm instead, see `linear`):
 # quantize inside the weight-streaming GEMM for M <= this, one launch instead of two. On the GPU
@@ -264,19 +289,26 @@ def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch
 
 
 def choose_gemm_backend(
-    M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, *, cublas_available: bool
+    M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, *,
+    cublas_available: bool, card: str = "H100", num_sms: int = 132,
 ) -> str:
-    """The "auto" table: "cublas" where cuBLAS runs the call and was measured faster, else "triton"."""
-    if not (cublas_available and M >= CUBLAS_MIN_M and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype)):
+    """The "auto" table: "cublas" where cuBLAS runs the call and was measured faster, else "triton".
+    ``card`` is "H100" or "other" (``gemm_card``), ``num_sms`` the card's SM count; the defaults
+    are the H100's."""
+    if card not in ("H100", "other"):
+        raise ValueError(f'card must be "H100" or "other", got {card!r}')
+    mid_n = MID_N[0] < N < MID_N[1] and K < 3 * N
+    min_m = CUBLAS_MIN_M_H100_MID_N if card == "H100" and mid_n else CUBLAS_MIN_M
+    if not (cublas_available and M >= min_m and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype)):
         return "triton"
     if M <= 64:
         ours = N <= OURS_UP_TO_M64[0] or N >= OURS_UP_TO_M64[1]
     elif M <= 128:
         ours = N <= OURS_UP_TO_M256 or (N <= OURS_UP_TO_M128 and K >= 3 * N)
-    elif M <= 256:
-        ours = N <= OURS_UP_TO_M256
     else:
-        ours = False
+        tiles = _cdiv(M, 128) * _cdiv(N, 128)
+        just_over_one_wave = K >= ONE_WAVE_MIN_K and num_sms < tiles <= num_sms * ONE_WAVE_MARGIN
+        ours = (M <= 256 and N <= OURS_UP_TO_M256) or just_over_one_wave
     return "triton" if ours else "cublas"
 
 
@@ -366,12 +398,30 @@ def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
     return out
 
 
+# device index -> (card, SM count) for choose_gemm_backend; a plain dict, as _CUBLAS_BLOCKWISE.
+_GEMM_CARD: dict = {}
+
+
+def gemm_card(device: torch.device) -> tuple[str, int]:
+    """("H100" where the device's name says H100, else "other"; its SM count), for the choice table
+    (("other", 1) off CUDA, where the table is not consulted: cuBLAS is unavailable there)."""
+    if device.type != "cuda":
+        return ("other", 1)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GEMM_CARD:
+        props = torch.cuda.get_device_properties(index)
+        _GEMM_CARD[index] = ("H100" if "H100" in props.name else "other", props.multi_processor_count)
+    return _GEMM_CARD[index]
+
+
 def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w_q, out_dtype) -> str:
     """Resolve "auto" for one gemm/linear call on CUDA (explicit backends pass through)."""
     if backend != "auto":
         return backend
+    card, num_sms = gemm_card(w_q.device)
     return choose_gemm_backend(
-        M, w_q.shape[0], K, a_dtype, w_q.dtype, out_dtype, cublas_available=cublas_blockwise_available(w_q.device)
+        M, w_q.shape[0], K, a_dtype, w_q.dtype, out_dtype, cublas_available=cublas_blockwise_available(w_q.device),
+        card=card, num_sms=num_sms,
     )
 
 

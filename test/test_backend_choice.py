@@ -36,10 +36,13 @@ def test_cublas_supports(M, N, K, a, w, out, ok):
 
 
 def test_choice_table():
-    pick = lambda M, a=E4, avail=True, N=8192, K=8192: ops.choose_gemm_backend(M, N, K, a, a, BF16, cublas_available=avail)
-    # decode range: always our weight-streaming kernels
+    pick = lambda M, a=E4, avail=True, N=8192, K=8192, card="H100": ops.choose_gemm_backend(
+        M, N, K, a, a, BF16, cublas_available=avail, card=card)
+    # decode range: our weight-streaming kernels, but for the H100's band of N (below)
     assert pick(1) == "triton"
-    assert pick(ops.CUBLAS_MIN_M - 1) == "triton"
+    assert pick(ops.CUBLAS_MIN_M - 1, card="other") == "triton"
+    assert pick(ops.CUBLAS_MIN_M - 1, N=57344) == "triton"
+    assert pick(ops.CUBLAS_MIN_M - 1) == "cublas"
     # large M: cuBLAS where it runs, Triton otherwise
     assert pick(ops.CUBLAS_MIN_M) == "cublas"
     assert pick(8192) == "cublas"
@@ -67,6 +70,52 @@ def test_choice_table_mid_m(M, N, K, expected):
     assert ops.choose_gemm_backend(M, N, K, E4, E4, BF16, cublas_available=True) == expected
     # e5m2 has no cuBLAS path, whatever the shape
     assert ops.choose_gemm_backend(M, N, K, E5, E5, BF16, cublas_available=True) == "triton"
+
+
+# (M, N, K, card, auto's choice) at M < CUBLAS_MIN_M: the H100 gives cuBLAS M >= 24 where
+# 6144 < N < 14336 and K < 3 N (benchmarks/results/ab-auto-decode-h100-2026-11-27-s20.txt); other
+# cards keep the weight-streaming kernels
+@pytest.mark.parametrize(
+    "M, N, K, card, expected",
+    [
+        (23, 8192, 8192, "H100", "triton"), (24, 8192, 8192, "H100", "cublas"), (32, 10240, 8192, "H100", "cublas"),
+        (24, 8192, 8192, "other", "triton"), (32, 10240, 8192, "other", "triton"),
+        (24, 6144, 4096, "H100", "triton"), (24, 6160, 4096, "H100", "cublas"),
+        (24, 14320, 4096, "H100", "cublas"), (24, 14336, 4096, "H100", "triton"),
+        (32, 8192, 24448, "H100", "cublas"), (32, 8192, 24576, "H100", "triton"),  # K = 3 N: ours
+        (32, 57344, 8192, "H100", "triton"), (16, 10240, 8192, "H100", "triton"),
+    ],
+)
+def test_choice_table_decode_band(M, N, K, card, expected):
+    assert ops.choose_gemm_backend(M, N, K, E4, E4, BF16, cublas_available=True, card=card) == expected
+    assert ops.choose_gemm_backend(M, N, K, E5, E5, BF16, cublas_available=True, card=card) == "triton"
+    assert ops.choose_gemm_backend(M, N, K, E4, E4, BF16, cublas_available=False, card=card) == "triton"
+
+
+# (M, N, K, SMs, auto's choice) above M = 128: ours where its 128 x 128 tiles number more than the
+# SMs and at most 4/3 of them, at K >= 7168 (cuBLAS would run a mostly empty second wave); cuBLAS
+# otherwise
+@pytest.mark.parametrize(
+    "M, N, K, sms, expected",
+    [
+        (256, 10240, 8192, 132, "triton"),  # 160 tiles
+        (256, 8192, 8192, 132, "cublas"),  # 128: one wave
+        (256, 8320, 8192, 132, "cublas"), (256, 8576, 8192, 132, "triton"),  # 130 / 134 tiles
+        (256, 11264, 8192, 132, "triton"), (256, 11392, 8192, 132, "cublas"),  # 176 / 178
+        (384, 6144, 8192, 132, "triton"), (1024, 2304, 7168, 132, "triton"),  # 144
+        (256, 10240, 7040, 132, "cublas"), (512, 5120, 4096, 132, "cublas"),  # K < 7168
+        (512, 10240, 8192, 132, "cublas"), (8192, 8192, 8192, 132, "cublas"),  # 2.4 and 31 waves
+        (129, 8960, 8192, 132, "triton"), (128, 18432, 8192, 132, "cublas"),  # 140 / 144: M <= 128 keeps its bands
+        (256, 8192, 8192, 114, "triton"), (256, 10240, 8192, 114, "cublas"),  # 114 SMs: 128 / 160 tiles
+    ],
+)
+def test_choice_table_one_wave_margin(M, N, K, sms, expected):
+    assert ops.choose_gemm_backend(M, N, K, E4, E4, BF16, cublas_available=True, num_sms=sms) == expected
+
+
+def test_choice_table_rejects_unknown_cards():
+    with pytest.raises(ValueError, match='"H100" or "other"'):
+        ops.choose_gemm_backend(64, 8192, 8192, E4, E4, BF16, cublas_available=True, card="H200")
 
 
 def test_resolve_backend_rules():
