@@ -5,7 +5,8 @@
 For Llama-3-8B and grid shapes at M = 1 and 16 it times every (BLOCK_N, stages, split-K) of a small
 grid with ``do_bench_cudagraph`` next to bf16 ``F.linear`` and the current ``plan()`` choice, and
 prints the best config per shape with its weight-streaming bandwidth. ``--gemv``: the same for the
-M = 1 gemv kernel's meta-parameters, next to the skinny kernel.
+M = 1 gemv kernel's meta-parameters, next to the skinny kernel. ``--cold``: either sweep times each
+GEMM over rotating copies of the weight, so that a weight smaller than L2 streams from memory.
 """
 
 from __future__ import annotations
@@ -60,6 +61,32 @@ GEMV_GRID = dict(bn=(16, 32), groups=(4, 8, 16), warps=(4, 8), splits=(1, 2, 3, 
 COLD_BYTES = 150 * 2**20  # weight bytes one timed call streams with --cold: three times the H100's L2
 
 
+def weight_copies(w, wq, ws, cold: bool):
+    """The FP8 (data, scales) and bf16 weights one timed call loops over: the weight alone, or with
+    ``cold`` enough copies to stream COLD_BYTES (FP8) and 2 x COLD_BYTES (bf16) per call."""
+    N, K = wq.shape
+    wqs = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(-(-COLD_BYTES // (N * K)) - 1 if cold else 0)]
+    w16s = [w] + [w.clone() for _ in range(-(-COLD_BYTES // (2 * N * K)) - 1 if cold else 0)]
+    return wqs, w16s
+
+
+def gemm_over(aq, as_, wqs):
+    """run(plan, first_only=False): our GEMM over every weight copy (or the first), last output."""
+    def run(p, first_only=False):
+        for q, s in wqs[:1] if first_only else wqs:
+            out = G.gemm(aq, as_, q, s, None, torch.bfloat16, plan_override=p)
+        return out
+    return run
+
+
+def per_gemm(fn, n: int) -> float:
+    return us(fn) / n
+
+
+def bf16_per_gemm(x, w16s) -> float:
+    return per_gemm(lambda: [F.linear(x, v) for v in w16s], len(w16s))
+
+
 def gemv_sweep(M: int, N: int, K: int, cold: bool = False) -> str:
     """plan()'s config, the skinny kernel's plan, and a small grid of gemv configs (GEMV_GRID;
     BLOCK_M = M rounded up to a power of two; plan() itself sends only M <= GEMV_MAX_M to the
@@ -70,24 +97,15 @@ def gemv_sweep(M: int, N: int, K: int, cold: bool = False) -> str:
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     wq, ws = ops.quantize_weight(w)
     aq, as_ = ops.quantize_activation(x)
-    copies = -(-COLD_BYTES // (N * K)) if cold else 1
-    wqs = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(copies - 1)]
-    w16s = [w] + [w.clone() for _ in range(-(-COLD_BYTES // (2 * N * K)) - 1 if cold else 0)]
-
-    def run(p, first_only=False):
-        for q, s in wqs[:1] if first_only else wqs:
-            out = G.gemm(aq, as_, q, s, None, torch.bfloat16, plan_override=p)
-        return out
-
-    def per_gemm(fn, n):
-        return us(fn) / n
+    wqs, w16s = weight_copies(w, wq, ws, cold)
+    run = gemm_over(aq, as_, wqs)
 
     cur = G.plan(M, N, K, tma=True)
     sk = G._skinny_plan(M, N, K, triton.cdiv(K, 128), G._num_sms(0))
     ref = run(sk, first_only=True).float()
     tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
     t_cur, t_sk = per_gemm(lambda: run(cur), len(wqs)), per_gemm(lambda: run(sk), len(wqs))
-    t_bf16 = per_gemm(lambda: [F.linear(x, v) for v in w16s], len(w16s))
+    t_bf16 = bf16_per_gemm(x, w16s)
     results = []
     for bn, g, nw, split, st in itertools.product(*GEMV_GRID.values()):
         p = G.Plan("gemv", triton.next_power_of_2(M), bn, nw, st, split_k=split, groups_k=g)
@@ -122,12 +140,13 @@ def main(argv=None) -> int:
                     help="with --gemv: the configs swept, e.g. 16,32/4,8/4,8/1 (default %s)"
                          % "/".join(",".join(map(str, v)) for v in GEMV_GRID.values()))
     ap.add_argument("--cold", action="store_true",
-                    help="with --gemv: time each GEMM over rotating weight copies, from memory rather than L2")
+                    help="time each GEMM over rotating weight copies (COLD_BYTES per call), from memory "
+                         "rather than L2, as in a model's decode step")
     ap.add_argument("--fused", action="store_true",
                     help="instead of the sweep: quantize + GEMM (two launches) vs linear_fused, current plan")
     args = ap.parse_args(argv)
-    if args.cold and not args.gemv:
-        ap.error("--cold applies to the --gemv sweep only")
+    if args.cold and args.fused:
+        ap.error("--cold applies to the skinny and --gemv sweeps, not --fused")
     if args.scales_ahead is not None:
         G.SKINNY_SCALES_AHEAD = bool(args.scales_ahead)
     ints = lambda v: [int(t) for t in v.split(",")]  # noqa: E731
@@ -146,7 +165,7 @@ def main(argv=None) -> int:
     if mode is not None:  # one line per (M, shape) instead of the skinny sweep
         for M in ms:
             for N, K in shapes:
-                say(mode(M, N, K, cold=True) if args.cold and mode is gemv_sweep else mode(M, N, K))
+                say(mode(M, N, K, cold=True) if args.cold else mode(M, N, K))
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
@@ -158,10 +177,12 @@ def main(argv=None) -> int:
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
             wq, ws = ops.quantize_weight(w)
             aq, as_ = ops.quantize_activation(x)
+            wqs, w16s = weight_copies(w, wq, ws, args.cold)
+            run = gemm_over(aq, as_, wqs)
             ref = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
-            t_bf16 = us(lambda: F.linear(x, w))
+            t_bf16 = bf16_per_gemm(x, w16s)
             cur = G.plan(M, N, K, tma=True)
-            t_cur = us(lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16))
+            t_cur = per_gemm(lambda: run(None), len(wqs))
             for _ in range(args.repeat_check):
                 again = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)
                 if not torch.equal(again.view(torch.int16), ref.view(torch.int16)):
@@ -173,18 +194,18 @@ def main(argv=None) -> int:
                     continue  # this split leaves empty splits: the launcher would run a smaller one
                 p = G.Plan("skinny", max(16, triton.next_power_of_2(M)), bn, num_warps=nw, num_stages=st, split_k=sk)
                 try:
-                    out = G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p)
+                    out = run(p, first_only=True)
                     if not torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2):
                         say(f"  M={M} N={N} K={K} {p} WRONG")
                         continue
-                    t = us(lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p))
+                    t = per_gemm(lambda: run(p), len(wqs))
                     results.append((t, bn, st, sk, nw))
                 except Exception as e:  # noqa: BLE001 -- a config that does not compile is skipped, reported
                     say(f"  M={M} N={N} K={K} bn={bn} st={st} sk={sk} nw={nw} failed: {type(e).__name__}")
             results.sort()
             best = results[0]
             tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
-            say(f"M={M:3d} N={N:6d} K={K:6d} bf16 {t_bf16:7.1f}  current(bn{cur.block_n} st{cur.num_stages} sk{cur.split_k}) "
+            say(f"M={M:3d} N={N:6d} K={K:6d}{' cold x' + str(len(wqs)) if args.cold else ''} bf16 {t_bf16:7.1f}  current(bn{cur.block_n} st{cur.num_stages} sk{cur.split_k}) "
                 f"{t_cur:7.1f} us {tb(t_cur):.2f} TB/s  best {best[0]:7.1f} us {tb(best[0]):.2f} TB/s "
                 f"(bn{best[1]} st{best[2]} sk{best[3]} nw{best[4]})  top5 " +
                 " ".join(f"{t:.1f}:bn{b}/st{s}/sk{k}/nw{n}" for t, b, s, k, n in results[:5]))
@@ -192,6 +213,7 @@ def main(argv=None) -> int:
             for t, b, s_, k, n in results:
                 by_split.setdefault(k, t)
             say("      best per split: " + " ".join(f"sk{k}={t:.1f}" for k, t in sorted(by_split.items())))
+            say("      all: " + " ".join(f"bn{b}/st{s_}/sk{k}/nw{n}={t:.1f}" for t, b, s_, k, n in sorted(results, key=lambda r: r[1:])))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -167,8 +167,22 @@ def test_profile_decode_cuts_steps_at_the_host_gaps_and_names_kernels():
     assert prof.category("Memcpy DtoD (Device -> Device)") == "other"
 
 
-def test_tune_skinny_cold_needs_the_gemv_sweep():
+def test_tune_skinny_cold_is_refused_with_the_fused_comparison():
     tune = _load("tune_skinny")
     with pytest.raises(SystemExit) as e:
-        tune.main(["--cold"])
+        tune.main(["--cold", "--fused"])
     assert e.value.code == 2
+
+
+def test_tune_skinny_cold_copies_stream_the_set_bytes(monkeypatch):
+    """--cold times each GEMM over distinct weight copies: COLD_BYTES of FP8 (2 x of bf16) per call."""
+    tune = _load("tune_skinny")
+    monkeypatch.setattr(tune, "COLD_BYTES", 100)
+    w = torch.randn(4, 5, dtype=torch.bfloat16)
+    wq, ws = w.to(torch.float8_e4m3fn), torch.ones(1, 1)
+    wqs, w16s = tune.weight_copies(w, wq, ws, cold=True)
+    assert (len(wqs), len(w16s)) == (5, 3)  # 100 / 20 FP8 bytes, 100 / 40 bf16 bytes, rounded up
+    assert len({q.data_ptr() for q, _ in wqs}) == 5 and len({v.data_ptr() for v in w16s}) == 3
+    assert all(torch.equal(q.view(torch.uint8), wq.view(torch.uint8)) for q, _ in wqs)
+    (only,), (only16,) = tune.weight_copies(w, wq, ws, cold=False)
+    assert only[0] is wq and only[1] is ws and only16 is w

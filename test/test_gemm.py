@@ -398,6 +398,19 @@ def test_plan_heuristic_ranges():
     assert G.plan(16, 8192, 8192, tma=True).split_k > 1
     assert G.plan(16, 57344, 8192, tma=True).split_k == 1
     assert G.plan(16, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
+    # ... and where the 64-column tiles give >= 1.2 programs per SM (132 x 1.2 = 158.4) none
+    skinny = lambda M, N, K: (lambda p: (p.split_k, p.num_stages))(G.plan(M, N, K, tma=True, num_sms=132))  # noqa: E731
+    assert skinny(8, 10112, 8192) == (2, 4)  # 158 tiles, 32 K blocks per program
+    assert skinny(8, 10176, 8192) == (1, 6)  # 159 tiles
+    assert skinny(32, 12288, 4096) == (1, 6)  # 192 tiles: 6 stages at every M
+    # 6 stages only for unsplit grids of <= 2 programs per SM or programs of > 64 K blocks
+    assert skinny(16, 16896, 4096) == (1, 6)  # 264 tiles
+    assert skinny(16, 16960, 4096) == (1, 4)  # 265 tiles
+    assert skinny(16, 57344, 8192) == (1, 4)  # 896 tiles of 64 K blocks
+    assert skinny(16, 8192, 28672) == (2, 6)  # 112 K blocks per program
+    assert skinny(16, 8192, 16384) == (2, 4)  # 64
+    assert skinny(16, 8192, 16512) == (2, 6)  # 65
+    assert skinny(16, 4096, 4096) == (4, 4)  # 8 K blocks per program
     # gemv: 8-row tiles of 16 K blocks up to K = 16384, 16-row tiles of 8 above
     assert (G.plan(1, 4096, 14336, tma=True).block_n, G.plan(1, 4096, 14336, tma=True).groups_k) == (8, 16)
     assert (G.plan(1, 4096, 28672, tma=True).block_n, G.plan(1, 4096, 28672, tma=True).groups_k) == (16, 8)

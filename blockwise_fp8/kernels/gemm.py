@@ -596,12 +596,38 @@ def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> i
 
 
 def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
-    """The smallest split giving >= 1.5 programs per SM, each keeping >= 4 K blocks.
+    """No split where the N tiles alone give >= 1.2 programs per SM; below that, the smallest split
+    giving >= 1.5 programs per SM, each keeping >= 4 K blocks.
 
     H100 sweeps (benchmarks/tune_skinny.py, CUDA graphs, M = 1 and 16, eight N x K, splits 1-12):
     about 1.5 programs per SM was best or within 3% of best on every shape; splitting N = 14336
-    in two lost 13-22% (27.0 vs 23.5 us at M = 1), and N = 1024 wants 8 splits of 4 blocks."""
+    in two lost 13-22% (27.0 vs 23.5 us at M = 1), and N = 1024 wants 8 splits of 4 blocks.
+    With the weights streamed from memory (``--cold``, M = 2-32, 22 shapes,
+    results/tune-skinny-cold-h100-2026-11-27-s21.txt), split 2 still won at 112-144 tiles, but at
+    160-192 tiles (N = 10240-12288) no split was 1-11% faster than two (10240 x 5120, M = 16:
+    22.2 vs 23.5 us; 12288 x 4096, M = 32: 21.6 vs 24.5), except 10240 x 8192 at M = 2 (0-1.5%
+    slower)."""
+    if 5 * n_tiles >= 6 * num_sms:
+        return 1
     return max(1, min(-(-3 * num_sms // (2 * n_tiles)), k_blocks // 4))
+
+
+def _skinny_stages(n_tiles: int, k_blocks: int, split: int, num_sms: int) -> int:
+    """6 stages for a long K loop in an unsplit grid of <= 2 programs per SM, or for any program of
+    more than 64 K blocks; 4 otherwise.
+
+    Cold sweep (results/tune-skinny-cold-h100-2026-11-27-s21.txt, M = 2-32): with 6 stages an SM
+    holds fewer programs, so 4 were faster where the grid has more (28672 x 4096: 448 programs,
+    43.3 vs 47.5 us at M = 2), and in split grids, whose programs run half the K loop or less
+    (8192 x 8192, split 2: 26.8 vs 27.1 us; 6144 x 4096, split 3: 11.7 vs 12.7); 6 stages were
+    faster in unsplit grids of <= 1.7 programs per SM at every M (12288 x 5120, M = 32: 26.1 vs
+    26.7; 13824 x 5120, M = 2: 27.0 vs 27.6) and at 112 K blocks per program (8192 x 28672, split
+    2: 83.4 vs 85.4). Programs of <= 8 K blocks keep 4 (3-9% on the Llama q/o/k/v shapes,
+    results/tune-skinny-h100-2026-11-26-s5-ahead1.txt)."""
+    k_per_program = triton.cdiv(k_blocks, split)
+    if k_per_program <= 8:
+        return 4
+    return 6 if (split == 1 and n_tiles <= 2 * num_sms) or k_per_program > 64 else 4
 
 
 def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
@@ -718,10 +744,9 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
 def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
     block_m = max(16, triton.next_power_of_2(M))
     block_n = 64
-    split = _skinny_split_k(triton.cdiv(N, block_n), k_blocks, num_sms)
-    # 6 stages for the long K loops; a program of <= 8 K blocks runs 3-9% faster with 4
-    # (Llama q/o/k/v shapes, M = 1 and 16: results/tune-skinny-h100-2026-11-26-s5-ahead1.txt)
-    stages = 6 if block_m == 16 and triton.cdiv(k_blocks, split) > 8 else 4
+    n_tiles = triton.cdiv(N, block_n)
+    split = _skinny_split_k(n_tiles, k_blocks, num_sms)
+    stages = _skinny_stages(n_tiles, k_blocks, split, num_sms)
     return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
 
 
