@@ -28,6 +28,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
+from .kernels.card import card
 
 __all__ = [
     "BackendUnavailableError",
@@ -409,8 +410,7 @@ def gemm_card(device: torch.device) -> tuple[str, int]:
         return ("other", 1)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _GEMM_CARD:
-        props = torch.cuda.get_device_properties(index)
-        _GEMM_CARD[index] = ("H100" if "H100" in props.name else "other", props.multi_processor_count)
+        _GEMM_CARD[index] = card(index)
     return _GEMM_CARD[index]
 
 

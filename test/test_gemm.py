@@ -473,7 +473,7 @@ def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
     for M, N, K in ((2048, 8192, 8192), (512, 57344, 8192), (8192, 8192, 8192)):  # 7.8, 13.6 waves; 192 rows
         assert G.plan(M, N, K, **ring) == G.plan(M, N, K, tma=True, ws=True, num_sms=132)
     # other cards (the H200's measurements): up to 3 waves and 64 K blocks
-    other = dict(ring, ring=G.RING_LIMITS["default"])
+    other = dict(ring, ring=G.RING_LIMITS["other"])
     for M, N, K in ringed[:4]:
         assert G.plan(M, N, K, **other).scales_tma
     for M, N, K in ringed[4:]:
@@ -504,7 +504,7 @@ def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     monkeypatch.setattr(gemm_hopper, "AVAILABLE", True)
     monkeypatch.setattr(G, "_sm90", lambda index: True)
     monkeypatch.setattr(G, "_num_sms", lambda index: 132)
-    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["default"])
+    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["other"])
     w = Weight((8192, 1))
     assert G.prefers_m_major_scales(256, 8192, 8192, w) and G.prefers_m_major_scales(512, 10240, 8192, w)
     assert not G.prefers_m_major_scales(1024, 8192, 8192, w)  # 3.9 waves
@@ -512,7 +512,7 @@ def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["H100"])
     assert G.prefers_m_major_scales(1024, 8192, 8192, w) and G.prefers_m_major_scales(512, 8192, 28672, w)
     assert not G.prefers_m_major_scales(2048, 8192, 8192, w)  # 7.8 waves
-    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["default"])
+    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["other"])
     assert not G.prefers_m_major_scales(16, 8192, 8192, w)  # skinny kernel
     assert not G.prefers_m_major_scales(8192, 8192, 8192, w)  # 192-row tiles
     assert not G.prefers_m_major_scales(256, 8192, 8200, Weight((8200, 1)))  # K % 16
@@ -521,14 +521,24 @@ def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     assert not G.prefers_m_major_scales(256, 8192, 8192, w)
 
 
-@pytest.mark.parametrize("name,limits", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "default"),
-                                         ("NVIDIA A100-SXM4-80GB", "default")])
-def test_ring_limits_follow_the_card_name(monkeypatch, name, limits):
-    """The H100's limits where the device name says H100 (where they were measured), the H200's
-    (the default) elsewhere."""
+@pytest.mark.parametrize("name,family", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100"),
+                                         ("NVIDIA H200", "other"), ("NVIDIA A100-SXM4-80GB", "other")])
+def test_the_card_and_its_tables_follow_the_device_name(monkeypatch, name, family):
+    """One reading of the device for every per-card table: the H100's limits where the device name
+    says H100 (where they were measured), the H200's elsewhere; the SM count as the device
+    reports it, for the plans and for auto's choice table alike."""
+    from blockwise_fp8.kernels import card as C
+
+    props = type("Props", (), {"name": name, "multi_processor_count": 114})()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: name)
-    assert G.ring_limits.__wrapped__(0) == G.RING_LIMITS[limits]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(C, "card", C.card.__wrapped__)  # no cached answer from the real device
+    monkeypatch.setattr(G, "device_card", C.card)
+    assert G.ring_limits(0) == G.RING_LIMITS[family]
+    assert G._num_sms(0) == 114
+    monkeypatch.setattr(ops, "card", C.card)
+    monkeypatch.setattr(ops, "_GEMM_CARD", {})
+    assert ops.gemm_card(torch.device("cuda", 0)) == (family, 114)
 
 
 def test_scales_ride_the_ring_only_where_tma_can_load_them():

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from . import gemm_hopper
+from .card import card as device_card
 from .quant import (
     allow_next_grid,
     hardware_fp8_cast,
@@ -531,11 +532,8 @@ class Plan:
     scales_tma: bool = False  # "ws", 128-row tiles: the ring carries the activation scales where their layout allows
 
 
-@functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return device_card(device_index)[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -668,14 +666,12 @@ class RingLimits(NamedTuple):
 
 
 RING_LIMITS = {"H100": RingLimits(max_waves=7, max_k_blocks=1 << 30),  # no K limit measured
-               "default": RingLimits(max_waves=3, max_k_blocks=64)}
+               "other": RingLimits(max_waves=3, max_k_blocks=64)}
 
 
-@functools.lru_cache(maxsize=None)
 def ring_limits(device_index: int) -> RingLimits:
-    """The ring's limits for a card: the H100's where its name says H100, the default elsewhere."""
-    name = torch.cuda.get_device_name(device_index) if torch.cuda.is_available() else ""
-    return RING_LIMITS["H100" if "H100" in name else "default"]
+    """The ring's limits for a card (``card.card``, its family): the H100's, or the H200's on every other card."""
+    return RING_LIMITS[device_card(device_index)[0]]
 
 
 def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float,
