@@ -403,6 +403,10 @@ def test_plan_heuristic_ranges():
     assert skinny(8, 10112, 8192) == (2, 4)  # 158 tiles, 32 K blocks per program
     assert skinny(8, 10176, 8192) == (1, 6)  # 159 tiles
     assert skinny(32, 12288, 4096) == (1, 6)  # 192 tiles: 6 stages at every M
+    # ... or >= 0.7 per SM (92.4) with a short K loop (<= 24 K blocks)
+    assert skinny(8, 5952, 3072) == (1, 6)  # 93 tiles, 24 K blocks
+    assert skinny(8, 5888, 3072) == (3, 4)  # 92 tiles
+    assert skinny(8, 5952, 3200) == (3, 4)  # 25 K blocks
     # 6 stages only for unsplit grids of <= 2 programs per SM or programs of > 64 K blocks
     assert skinny(16, 16896, 4096) == (1, 6)  # 264 tiles
     assert skinny(16, 16960, 4096) == (1, 4)  # 265 tiles

@@ -594,8 +594,8 @@ def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> i
 
 
 def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
-    """No split where the N tiles alone give >= 1.2 programs per SM; below that, the smallest split
-    giving >= 1.5 programs per SM, each keeping >= 4 K blocks.
+    """No split where the N tiles alone give >= 1.2 programs per SM, or >= 0.7 with <= 24 K blocks;
+    elsewhere the smallest split giving >= 1.5 programs per SM, each keeping >= 4 K blocks.
 
     H100 sweeps (benchmarks/tune_skinny.py, CUDA graphs, M = 1 and 16, eight N x K, splits 1-12):
     about 1.5 programs per SM was best or within 3% of best on every shape; splitting N = 14336
@@ -604,8 +604,11 @@ def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
     results/tune-skinny-cold-h100-2026-11-27-s21.txt), split 2 still won at 112-144 tiles, but at
     160-192 tiles (N = 10240-12288) no split was 1-11% faster than two (10240 x 5120, M = 16:
     22.2 vs 23.5 us; 12288 x 4096, M = 32: 21.6 vs 24.5), except 10240 x 8192 at M = 2 (0-1.5%
-    slower)."""
-    if 5 * n_tiles >= 6 * num_sms:
+    slower). With a short K loop (K = 2048-3072) no split won from 96 tiles: 6144 x 2048, 7168 x
+    2048 and 8192 x 3072 8-18%, 10-18% and 3-9% faster than the 2-3 splits of the 1.5 rule (7168 x
+    2048, M = 16: 7.7 vs 9.0 us), while at 80 tiles (5120 x 3072) 3 splits stayed 3-7% faster, and
+    at 112-128 tiles with 40-64 K blocks 2 splits 3-5% (7168 x 5120, 8192 x 8192)."""
+    if 5 * n_tiles >= 6 * num_sms or (10 * n_tiles >= 7 * num_sms and k_blocks <= 24):
         return 1
     return max(1, min(-(-3 * num_sms // (2 * n_tiles)), k_blocks // 4))
 
