@@ -23,7 +23,7 @@ FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 ON_GPU = KERNEL_DEVICE == "cuda"
 
 # (M, N, K): M in the skinny and large ranges, ragged N and K
-SHAPES = [(1, 129, 128), (3, 200, 300), (67, 129, 256)] if not ON_GPU else [
+SHAPES = [(1, 129, 128), (3, 200, 300), (40, 130, 300), (67, 129, 256)] if not ON_GPU else [
     (1, 129, 128), (3, 200, 300), (67, 129, 256), (16, 1000, 4096), (64, 256, 1152),
     (65, 384, 512), (300, 520, 1000), (1024, 1280, 2048), (2048, 2048, 1920),
 ]
@@ -376,6 +376,15 @@ def test_fused_rejects_large_plan():
         G.linear_fused(x.to(torch.bfloat16), wq, ws, None, torch.bfloat16, plan_override=G.Plan("tiled", 16, 64, 4, 2))
 
 
+def test_skinny_mid_range_follows_its_tunables(monkeypatch):
+    monkeypatch.setattr(G, "SKINNY_MID_MAX_M", 0)  # A/B runs: M = 33-64 back on the tma tiles
+    assert G.plan(48, 8192, 8192, tma=True).kind == "tma"
+    monkeypatch.setattr(G, "SKINNY_MID_MAX_M", 64)
+    monkeypatch.setattr(G, "SKINNY_MID_MAX_NK", (4096, 8192))
+    assert G.plan(48, 8192, 8192, tma=True).kind == "tma"
+    assert G.plan(48, 4096, 8192, tma=True).kind == "skinny"
+
+
 def test_gemv_range_follows_gemv_max_m(monkeypatch):
     monkeypatch.setattr(G, "GEMV_MAX_M", 0)  # A/B runs: M = 1 back on the skinny kernel
     assert G.plan(1, 4096, 4096, tma=True).kind == "skinny"
@@ -392,7 +401,17 @@ def test_plan_heuristic_ranges():
     assert G.plan(1, 8192, 8192, tma=True).kind == "gemv"
     assert G.plan(2, 8192, 8192, tma=True).kind == "skinny"
     assert G.plan(G.SKINNY_MAX_M, 8192, 8192, tma=True).kind == "skinny"
-    assert G.plan(G.SKINNY_MAX_M + 1, 8192, 8192, tma=True).kind == "tma"
+    assert G.plan(G.SKINNY_MAX_M + 1, 10240, 8192, tma=True).kind == "tma"
+    # past SKINNY_MAX_M on weights of up to 8192 x 8192: 64-row token tiles, <= 2 programs per SM,
+    # <= 4 splits, 4 stages
+    mid = lambda M, N, K: (lambda p: (p.kind, p.block_m, p.split_k, p.num_stages))(  # noqa: E731
+        G.plan(M, N, K, tma=True, num_sms=132))
+    assert mid(33, 8192, 8192) == ("skinny", 64, 2, 4)
+    assert mid(64, 6144, 4096) == ("skinny", 64, 2, 4)  # 96 tiles: 3 splits would be 288 programs
+    assert mid(64, 1024, 4096) == ("skinny", 64, 4, 4)
+    assert mid(64, 8192, 2048) == ("skinny", 64, 1, 4)
+    assert mid(65, 8192, 8192)[0] == "tma"
+    assert mid(64, 8256, 8192)[0] == "tma" and mid(64, 8192, 8320)[0] == "tma"
     assert G.plan(4096, 8192, 8192, tma=False).kind == "tiled"
     # split-K only where N alone leaves the card under-filled
     assert G.plan(16, 8192, 8192, tma=True).split_k > 1

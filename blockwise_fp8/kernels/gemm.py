@@ -18,7 +18,7 @@ Five kernels, chosen by :func:`plan` from the shape:
     row. With no shared memory, more programs share an SM and keep more weight bytes in flight
     than the skinny kernel's tensor-core tiles (padded to 16 rows) allow. Split-K, members and
     PDL as in ``skinny``, through the same launcher.
-``skinny`` (M <= SKINNY_MAX_M, decode and small batches)
+``skinny`` (M <= SKINNY_MAX_M, decode and small batches; up to SKINNY_MID_MAX_M on smaller weights)
     Swapped operands: each program computes a (BLOCK_N x BLOCK_M) tile of out.T = w @ a.T, so
     the large N dimension fills the MMA's M side (64 rows per warpgroup) and the few tokens sit
     on its N side (>= 16). The kernel is bound by streaming w once; split-K over a second grid
@@ -79,7 +79,11 @@ from .launch import launch
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
-SKINNY_MAX_M = 32  # largest M served by the swapped-operand kernel (see plan())
+SKINNY_MAX_M = 32  # largest M served by the swapped-operand kernel on every shape (see plan())
+# ... and on weights of at most SKINNY_MID_MAX_NK[0] rows and [1] columns up to this M, in
+# 64-row token tiles (see _skinny_plan); 0 turns that range off, for A/B runs
+SKINNY_MID_MAX_M = 64
+SKINNY_MID_MAX_NK = (8192, 8192)
 GEMV_MAX_M = 1  # largest M served by the gemv kernel (0 sends M = 1 to the skinny kernel, for A/B runs)
 
 try:  # host-side tensor descriptors (Triton >= 3.3)
@@ -714,12 +718,14 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
     changes its stages where the grid is within ``ring``, the card's ``ring_limits`` (default: the
     H100's, like ``num_sms``). Worked out once per shape (host time per call);
     the module's tunables are read here, so A/B runs that change them get fresh plans."""
-    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, WS192_COST, scales_in_ring, ring)
+    return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, SKINNY_MID_MAX_M, SKINNY_MID_MAX_NK,
+                 WS192_COST, scales_in_ring, ring)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m: int, skinny_max_m: int,
-          ws192_cost: float, scales_in_ring: bool, ring: RingLimits) -> Plan:
+          skinny_mid_max_m: int, skinny_mid_max_nk: tuple, ws192_cost: float, scales_in_ring: bool,
+          ring: RingLimits) -> Plan:
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= gemv_max_m:
         # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
@@ -734,7 +740,14 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
         split = _gemv_split_k(triton.cdiv(N, block_n), k_blocks, groups_k, num_sms)
         return Plan("gemv", triton.next_power_of_2(M), block_n, num_warps=4, num_stages=1, split_k=split,
                     groups_k=groups_k)
-    if M <= skinny_max_m:
+    # Past M = 32 the skinny kernel's 64-row token tiles re-read the activation from L2 for every
+    # N tile, and its programs run slower: on weights of up to 8192 x 8192 it still beat the
+    # 64 x 128 tma tiles by 6-30% at M = 40-64 (11 shapes; 8192 x 8192: 30.6 vs 33.5 us at M = 48,
+    # 32.1 vs 34.1 at M = 64; 6144 x 4096: 15.1 vs 17.1; 4096 x 4096: 11.5 vs 14.4), but lost on
+    # wider or longer ones (N = 10240: 43.9 vs 38.3; N = 57344: 204.0 vs 182.0; at M = 64, K = 14336
+    # and 28672: 34.0 vs 31.9, 99.6 vs 95.9) and at M = 96-128 everywhere (cold sweeps,
+    # results/tune-skinny-cold-h100-2026-11-27-s21.txt, runs 6 and 7).
+    if M <= skinny_max_m or (M <= skinny_mid_max_m and N <= skinny_mid_max_nk[0] and K <= skinny_mid_max_nk[1]):
         return _skinny_plan(M, N, K, k_blocks, num_sms)
     return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
                        scales_in_ring=scales_in_ring, ring=ring)
@@ -745,6 +758,15 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
     block_n = 64
     n_tiles = triton.cdiv(N, block_n)
     split = _skinny_split_k(n_tiles, k_blocks, num_sms)
+    if block_m > 32:
+        # 64-row token tiles: at most 2 programs per SM and 4 splits, 4 stages. Past 2 per SM
+        # the grid ran a second round (8192 x 8192 in 3 splits, 384 programs: 38-39 us against
+        # 30.5-32 in 2; 6144 x 4096 in 3: 20-21 against 15-16 in 2); of splits 1-6, 6 never won
+        # (1024 x 4096: 7.3-8.4 us in 4, 8.3-9.4 in 6), and 4 splits of 64 tiles (256 programs)
+        # were the best (4096 x 4096: 11.0-12.3 us). Stages 3 and 4 were swept: 4 best, or 3
+        # by 1-6% on the smallest weights (3072 x 3072: 10.0 vs 10.6 us at M = 64).
+        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=4,
+                    split_k=max(1, min(split, 4, 2 * num_sms // n_tiles)))
     stages = _skinny_stages(n_tiles, k_blocks, split, num_sms)
     return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
 
