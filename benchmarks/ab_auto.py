@@ -7,7 +7,9 @@ ab-auto-decode-h100-2026-11-27-s20.txt, the H100's band at M = 8-32 and the one-
     PYTHONPATH=. python benchmarks/ab_auto.py OUT.txt [--ms 48,64,...] [--shapes 8192x8192,...] [--rounds 2]
     PYTHONPATH=. python benchmarks/ab_auto.py OUT.txt --cells 256:10240x8192,384:6144x8192
 
-``--ms`` x ``--shapes`` times every pair; ``--cells`` names single M:NxK cells instead.
+``--ms`` x ``--shapes`` times every pair; ``--cells`` names single M:NxK cells instead. ``--cold``
+times each side over weight copies (from memory, not L2); ``--mid-off`` adds our kernels without
+the skinny kernel's M = 33-64 range as a third side.
 
 Each side gets its activation scales as ``linear`` writes them for it, made outside the timing:
 cuBLAS M-major; ours row-major, or M-major in rows padded to 4 where the ws kernel's ring carries
@@ -29,6 +31,18 @@ SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336,10240x8192,8192x8192,57344x8
 MS = "48,64,80,96,128,160,192,256"
 
 
+COLD_BYTES = 150 * 2**20  # with --cold: FP8 weight bytes per timed call, three times the H100's L2
+
+
+def mid_off(fn):
+    """fn() with the skinny kernel's M = 33-64 range off (plans are made per call, at capture)."""
+    saved, G.SKINNY_MID_MAX_M = G.SKINNY_MID_MAX_M, 0
+    try:
+        return fn()
+    finally:
+        G.SKINNY_MID_MAX_M = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
@@ -36,6 +50,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES, help="comma-separated NxK weight shapes")
     ap.add_argument("--cells", help="comma-separated M:NxK cells, instead of --ms x --shapes")
     ap.add_argument("--rounds", type=int, default=2, help="timings per side, the order alternating")
+    ap.add_argument("--cold", action="store_true",
+                    help="time each side over weight copies streaming COLD_BYTES per call (per-GEMM time), "
+                         "so that weights smaller than L2 come from memory, as in a model's forward")
+    ap.add_argument("--mid-off", action="store_true",
+                    help="a third side: ours with gemm.SKINNY_MID_MAX_M = 0 (M = 33-64 on the tma tiles)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -54,29 +73,33 @@ def main() -> None:
 
     say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
         f"best of {args.rounds} alternating rounds")
-    say("N,K,M,ours_us,cublas_us,auto_pick,ours/cublas")
+    say("N,K,M,ours_us,cublas_us,auto_pick,ours/cublas" + (",ours_mid_off_us" if args.mid_off else ""))
     torch.manual_seed(0)
     weights = {}
     for M, N, K in cells:
         if (N, K) not in weights:
             weights[N, K] = ops.quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5)
         wq, ws = weights[N, K]
+        copies = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(-(-COLD_BYTES // (N * K)) - 1 if args.cold else 0)]
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         ring = G.prefers_m_major_scales(M, N, K, wq)
         aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=ring, rows_multiple_of=4 if ring else 1)
         aq, as_ = aq[:M], as_[:M]  # (rows padded to 4 where the ring carries the scales)
         _, as_m = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True)  # what linear hands cuBLAS
-        calls = {"triton": lambda: ops.gemm(aq, as_, wq, ws, backend="triton"),
-                 "cublas": lambda: ops.gemm(aq, as_m, wq, ws, backend="cublas")}
+        calls = {"triton": lambda: [ops.gemm(aq, as_, q, s, backend="triton") for q, s in copies],
+                 "cublas": lambda: [ops.gemm(aq, as_m, q, s, backend="cublas") for q, s in copies]}
+        if args.mid_off:
+            calls["mid_off"] = lambda: mid_off(lambda: [ops.gemm(aq, as_, q, s, backend="triton") for q, s in copies])
         best = {}
         for r in range(args.rounds):
-            for side in (("triton", "cublas") if r % 2 == 0 else ("cublas", "triton")):
-                t = triton.testing.do_bench_cudagraph(calls[side], rep=60, return_mode="median") * 1e3
+            for side in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                t = triton.testing.do_bench_cudagraph(calls[side], rep=60, return_mode="median") * 1e3 / len(copies)
                 best[side] = min(t, best.get(side, float("inf")))
         card, sms = ops.gemm_card(wq.device)
         pick = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16, cublas_available=True,
                                        card=card, num_sms=sms)
-        say(f"{N},{K},{M},{best['triton']:.1f},{best['cublas']:.1f},{pick},{best['triton'] / best['cublas']:.3f}")
+        say(f"{N},{K},{M},{best['triton']:.1f},{best['cublas']:.1f},{pick},{best['triton'] / best['cublas']:.3f}"
+            + (f",{best['mid_off']:.1f}" if args.mid_off else ""))
     out.close()
 
 

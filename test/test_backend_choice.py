@@ -52,11 +52,13 @@ def test_choice_table():
 
 
 # (M, N, K, auto's choice): each band's edges, on the shapes of the A/B the table was read from
-# (benchmarks/results/ab-auto-mid-m-h100-2026-11-27-s12.txt)
+# (benchmarks/results/ab-auto-mid-m-h100-2026-11-27-s12.txt; N <= 5120 at M <= 64 from
+# ab-auto-mid-m-cold-h100-2026-11-27-s21.txt)
 @pytest.mark.parametrize(
     "M, N, K, expected",
     [
-        (48, 6144, 4096, "triton"), (64, 6144, 4096, "triton"), (64, 6160, 4096, "cublas"),
+        (48, 5120, 4096, "triton"), (64, 5120, 4096, "triton"), (48, 5136, 4096, "cublas"),
+        (64, 6144, 4096, "cublas"),
         (64, 7168, 2048, "cublas"), (64, 10240, 8192, "cublas"), (64, 14320, 4096, "cublas"),
         (64, 14336, 4096, "triton"), (64, 57344, 8192, "triton"),
         (65, 6144, 4096, "cublas"), (65, 14336, 4096, "cublas"), (65, 57344, 8192, "cublas"),
