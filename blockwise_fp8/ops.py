@@ -208,13 +208,13 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 #   M = 48-64: N <= 6144 0.62-1.01 (4096 x 4096 0.85-0.86, 2048 x 7168 0.62-0.88, 6144 x 4096 0.99-1.01);
 #              N >= 14336 0.94-1.02 (57344 x 8192 0.94-0.95); N = 7168-10240 1.03-1.28 (7168 x 2048 1.28)
 #   M = 80-128: N <= 2048 0.63-0.83; 4096 x 14336 0.92-0.93; 4096 x 4096 1.01-1.04, 6144 x 4096 1.09-1.11
+#   M = 160-256: N <= 2048 0.82-0.85; 4096 x 14336 1.15-1.18; every other shape 1.08-1.56
 # Since session 21 the skinny kernel serves M = 33-64 on weights of up to 8192 x 8192 (kernels/
 # gemm.py, plan()), so M = 40 and 64 were timed again, both sides over weights streamed from memory
 # (ab_auto.py --cold; results/ab-auto-mid-m-cold-h100-2026-11-27-s21.txt): 4096 x 4096 0.78-0.86,
 # 4096 x 8192 0.71-0.77, 2048 x 4096 0.69-0.80, 5120 x 3072 0.91-1.00, but 6144 x 4096 1.02-1.09
 # (and 1.12-1.22 with the weight in L2, which favours cuBLAS, ab-auto-mid-m-h100-2026-11-27-s21.txt),
 # so N = 6144 went to cuBLAS at M <= 64; 8192 x 8192 and 8192 x 4096 stay cuBLAS's (1.04-1.10).
-#   M = 160-256: N <= 2048 0.82-0.85; 4096 x 14336 1.15-1.18; every other shape 1.08-1.56
 # Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md),
 # except on grids just over one wave (below).
 #

@@ -677,7 +677,7 @@ RING_LIMITS = {"H100": RingLimits(max_waves=7, max_k_blocks=1 << 30),  # no K li
 
 
 def ring_limits(device_index: int) -> RingLimits:
-    """The ring's limits for a card (``card.card``, its family): the H100's, or the H200's on every other card."""
+    """The ring's limits for a card's family (``card.card``): the H100's, or the H200's elsewhere."""
     return RING_LIMITS[device_card(device_index)[0]]
 
 
@@ -742,7 +742,7 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
                     groups_k=groups_k)
     # Past M = 32 the skinny kernel's 64-row token tiles re-read the activation from L2 for every
     # N tile, and its programs run slower: on weights of up to 8192 x 8192 it still beat the
-    # 64 x 128 tma tiles by 6-30% at M = 40-64 (11 shapes; 8192 x 8192: 30.6 vs 33.5 us at M = 48,
+    # 64 x 128 tma tiles by 3-26% at M = 40-64 (11 shapes; 8192 x 8192: 30.6 vs 33.5 us at M = 48,
     # 32.1 vs 34.1 at M = 64; 6144 x 4096: 15.1 vs 17.1; 4096 x 4096: 11.5 vs 14.4), but lost on
     # wider or longer ones (N = 10240: 43.9 vs 38.3; N = 57344: 204.0 vs 182.0; at M = 64, K = 14336
     # and 28672: 34.0 vs 31.9, 99.6 vs 95.9) and at M = 96-128 everywhere (cold sweeps,
