@@ -84,9 +84,11 @@ def test_every_plan_matches_reference(M, N, K, dtype):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("M", [1, 67])
+@pytest.mark.parametrize("M", [1, 40, 67])
 def test_default_plan_out_dtypes_and_bias(M, out_dtype):
     x, aq, as_, wq, ws, b = _operands(M, 200, 300, torch.float8_e4m3fn, seed=M)
+    if M == 40:  # the skinny kernel's M = 33-64 range
+        assert G.plan(M, 200, 300, tma=G.tma_usable(aq, wq)).block_m == 64
     for bias in (None, b):
         out = bf.gemm(aq, as_, wq, ws, out_dtype=out_dtype, bias=bias, backend="triton")
         assert out.dtype == out_dtype
