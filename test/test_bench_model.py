@@ -186,3 +186,17 @@ def test_tune_skinny_cold_copies_stream_the_set_bytes(monkeypatch):
     assert all(torch.equal(q.view(torch.uint8), wq.view(torch.uint8)) for q, _ in wqs)
     (only,), (only16,) = tune.weight_copies(w, wq, ws, cold=False)
     assert only[0] is wq and only[1] is ws and only16 is w
+
+
+def test_ab_auto_mid_off_turns_the_skinny_mid_range_off_for_one_call():
+    """ab_auto --mid-off: the wrapped call plans M = 33-64 on the tma tiles; the tunable comes back
+    afterwards, also when the call raises."""
+    ab = _load("ab_auto")
+    from blockwise_fp8.kernels import gemm as G
+
+    before = G.SKINNY_MID_MAX_M
+    assert ab.mid_off(lambda: G.plan(48, 4096, 4096, tma=True).kind) == "tma"
+    assert G.SKINNY_MID_MAX_M == before and G.plan(48, 4096, 4096, tma=True).kind == "skinny"
+    with pytest.raises(ZeroDivisionError):
+        ab.mid_off(lambda: 1 / 0)
+    assert G.SKINNY_MID_MAX_M == before
