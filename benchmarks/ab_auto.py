@@ -19,6 +19,8 @@ a few percent; session 19 saw up to 20% in the GEMM grid's fixed order); the bes
 side is kept. Medians of triton.testing.do_bench_cudagraph, microseconds.
 """
 import argparse
+import os
+import sys
 
 import torch
 import triton
@@ -27,11 +29,11 @@ import triton.testing
 from blockwise_fp8 import ops
 from blockwise_fp8.kernels import gemm as G, quant as Q
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tune_skinny import fp8_copies  # noqa: E402
+
 SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336,10240x8192,8192x8192,57344x8192,8192x28672,1024x4096,14336x4096,7168x2048,2048x7168"
 MS = "48,64,80,96,128,160,192,256"
-
-
-COLD_BYTES = 150 * 2**20  # with --cold: FP8 weight bytes per timed call, three times the H100's L2
 
 
 def mid_off(fn):
@@ -51,7 +53,7 @@ def main() -> None:
     ap.add_argument("--cells", help="comma-separated M:NxK cells, instead of --ms x --shapes")
     ap.add_argument("--rounds", type=int, default=2, help="timings per side, the order alternating")
     ap.add_argument("--cold", action="store_true",
-                    help="time each side over weight copies streaming COLD_BYTES per call (per-GEMM time), "
+                    help="time each side over weight copies streaming tune_skinny.COLD_BYTES per call (per-GEMM time), "
                          "so that weights smaller than L2 come from memory, as in a model's forward")
     ap.add_argument("--mid-off", action="store_true",
                     help="a third side: ours with gemm.SKINNY_MID_MAX_M = 0 (M = 33-64 on the tma tiles)")
@@ -80,7 +82,7 @@ def main() -> None:
         if (N, K) not in weights:
             weights[N, K] = ops.quantize_weight(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5)
         wq, ws = weights[N, K]
-        copies = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(-(-COLD_BYTES // (N * K)) - 1 if args.cold else 0)]
+        copies = fp8_copies(wq, ws, args.cold)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         ring = G.prefers_m_major_scales(M, N, K, wq)
         aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=ring, rows_multiple_of=4 if ring else 1)

@@ -61,13 +61,17 @@ GEMV_GRID = dict(bn=(16, 32), groups=(4, 8, 16), warps=(4, 8), splits=(1, 2, 3, 
 COLD_BYTES = 150 * 2**20  # weight bytes one timed call streams with --cold: three times the H100's L2
 
 
-def weight_copies(w, wq, ws, cold: bool):
-    """The FP8 (data, scales) and bf16 weights one timed call loops over: the weight alone, or with
-    ``cold`` enough copies to stream COLD_BYTES (FP8) and 2 x COLD_BYTES (bf16) per call."""
+def fp8_copies(wq, ws, cold: bool) -> list:
+    """The FP8 (data, scales) pairs one timed call loops over: the weight alone, or with ``cold``
+    enough copies to stream COLD_BYTES per call (also used by ab_auto.py --cold)."""
     N, K = wq.shape
-    wqs = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(-(-COLD_BYTES // (N * K)) - 1 if cold else 0)]
-    w16s = [w] + [w.clone() for _ in range(-(-COLD_BYTES // (2 * N * K)) - 1 if cold else 0)]
-    return wqs, w16s
+    return [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(-(-COLD_BYTES // (N * K)) - 1 if cold else 0)]
+
+
+def weight_copies(w, wq, ws, cold: bool):
+    """``fp8_copies`` and the bf16 weights one timed call loops over (2 x COLD_BYTES with ``cold``)."""
+    N, K = wq.shape
+    return fp8_copies(wq, ws, cold), [w] + [w.clone() for _ in range(-(-COLD_BYTES // (2 * N * K)) - 1 if cold else 0)]
 
 
 def gemm_over(aq, as_, wqs):
