@@ -135,6 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="4,6,8")
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--groups", default="1", metavar="G[:STAGES],...",
+                    help="K blocks per loop step (1 or 2), each with its own stages list if given, e.g. "
+                         "1:4/6,2:2/3/4 (default 1, with --stages)")
     ap.add_argument("--shapes", default=None, help="N:K,N:K,... (default: Llama-3-8B and grid shapes)")
     ap.add_argument("--repeat-check", type=int, default=0, help="re-run the plan N times, compare bits")
     ap.add_argument("--gemv", action="store_true",
@@ -174,7 +177,10 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
         return 0
-    grid = list(itertools.product(ints(args.bn), ints(args.stages), ints(args.splits), ints(args.warps)))
+    group_stages = [(int(g), [int(t) for t in st.split("/")] if st else ints(args.stages))
+                    for g, _, st in (e.partition(":") for e in args.groups.split(","))]
+    grid = [(bn, st, sk, nw, g) for g, stages in group_stages
+            for bn, st, sk, nw in itertools.product(ints(args.bn), stages, ints(args.splits), ints(args.warps))]
     for M in ms:
         for N, K in shapes:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -193,31 +199,34 @@ def main(argv=None) -> int:
                     say(f"  M={M} N={N} K={K} current plan NOT DETERMINISTIC")
                     break
             results = []
-            for bn, st, sk, nw in grid:
-                if sk > 1 and triton.cdiv(triton.cdiv(K, 128), triton.cdiv(triton.cdiv(K, 128), sk)) != sk:
+            for bn, st, sk, nw, g in grid:
+                kb = triton.cdiv(K, 128)
+                if sk > 1 and triton.cdiv(kb, triton.cdiv(triton.cdiv(kb, sk), g) * g) != sk:
                     continue  # this split leaves empty splits: the launcher would run a smaller one
-                p = G.Plan("skinny", max(16, triton.next_power_of_2(M)), bn, num_warps=nw, num_stages=st, split_k=sk)
+                p = G.Plan("skinny", max(16, triton.next_power_of_2(M)), bn, num_warps=nw, num_stages=st, split_k=sk,
+                           groups_k=g)
                 try:
                     out = run(p, first_only=True)
                     if not torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2):
                         say(f"  M={M} N={N} K={K} {p} WRONG")
                         continue
                     t = per_gemm(lambda: run(p), len(wqs))
-                    results.append((t, bn, st, sk, nw))
+                    results.append((t, bn, st, sk, nw, g))
                 except Exception as e:  # noqa: BLE001 -- a config that does not compile is skipped, reported
-                    say(f"  M={M} N={N} K={K} bn={bn} st={st} sk={sk} nw={nw} failed: {type(e).__name__}")
+                    say(f"  M={M} N={N} K={K} bn={bn} st={st} sk={sk} nw={nw} g={g} failed: {type(e).__name__}")
             results.sort()
             best = results[0]
             tb = lambda t: N * K / t / 1e6  # noqa: E731 -- FP8 weight bytes per us -> TB/s
-            say(f"M={M:3d} N={N:6d} K={K:6d}{' cold x' + str(len(wqs)) if args.cold else ''} bf16 {t_bf16:7.1f}  current(bn{cur.block_n} st{cur.num_stages} sk{cur.split_k}) "
+            cfg = lambda b, s_, k, n, g: f"bn{b}/st{s_}/sk{k}/nw{n}" + (f"/g{g}" if g != 1 else "")  # noqa: E731
+            say(f"M={M:3d} N={N:6d} K={K:6d}{' cold x' + str(len(wqs)) if args.cold else ''} bf16 {t_bf16:7.1f}  "
+                f"current(bn{cur.block_n} st{cur.num_stages} sk{cur.split_k} g{cur.groups_k}) "
                 f"{t_cur:7.1f} us {tb(t_cur):.2f} TB/s  best {best[0]:7.1f} us {tb(best[0]):.2f} TB/s "
-                f"(bn{best[1]} st{best[2]} sk{best[3]} nw{best[4]})  top5 " +
-                " ".join(f"{t:.1f}:bn{b}/st{s}/sk{k}/nw{n}" for t, b, s, k, n in results[:5]))
+                f"({cfg(*best[1:])})  top5 " + " ".join(f"{r[0]:.1f}:{cfg(*r[1:])}" for r in results[:5]))
             by_split = {}
-            for t, b, s_, k, n in results:
-                by_split.setdefault(k, t)
+            for r in results:
+                by_split.setdefault(r[3], r[0])
             say("      best per split: " + " ".join(f"sk{k}={t:.1f}" for k, t in sorted(by_split.items())))
-            say("      all: " + " ".join(f"bn{b}/st{s_}/sk{k}/nw{n}={t:.1f}" for t, b, s_, k, n in sorted(results, key=lambda r: r[1:])))
+            say("      all: " + " ".join(f"{cfg(*r[1:])}={r[0]:.1f}" for r in sorted(results, key=lambda r: r[1:])))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

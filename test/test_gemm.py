@@ -65,6 +65,7 @@ def _plans(M, K, ws=False):
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         ps += [G.Plan("skinny", bm, 64, 4, 2, split_k=s) for s in (1, 2, 3)]
+        ps += [G.Plan("skinny", bm, 64, 4, 2, split_k=s, groups_k=2) for s in (1, 2)]  # K blocks in pairs
     if K % 16 == 0:
         ps += [G.Plan("tma", 64, 64, 4, 2, flatten=f) for f in (False, True)]
         ps += [G.Plan("tma", 64, 64, 4, 2, tail_split=3, num_programs=5)]
@@ -114,7 +115,7 @@ def test_fused_quant_is_bit_identical_to_two_step(M, dtype):
     x = (torch.randn(M, 300, generator=g) * 3).to(torch.bfloat16).to(KERNEL_DEVICE)
     x[0, 5] = 0.0
     _, _, _, wq, ws, b = _operands(M, 200, 300, dtype, seed=1)
-    plans = [G.Plan("skinny", 16, 64, 4, 2, split_k=split) for split in (1, 2)]
+    plans = [G.Plan("skinny", 16, 64, 4, 2, split_k=split, groups_k=g) for split in (1, 2) for g in (1, 2)]
     plans += [G.Plan("gemv", 1 << (M - 1).bit_length(), 16, 4, 1, split_k=split, groups_k=2) for split in (1, 2)]
     for p in plans:
         aq, as_ = quant.quantize(x, 1, 128, dtype)
@@ -249,6 +250,20 @@ def test_split_k_is_deterministic_and_leaves_counters_zero():
                     None, torch.float32, plan_override=one) for k0, k1 in ((0, 384), (384, 768), (768, 1000))]
     assert torch.equal(outs[0], (parts[0] + parts[1]) + parts[2])
     assert not G._arrival_counters(aq.device, 4).any()
+
+
+@pytest.mark.parametrize("K,split", [(1024, 2), (1000, 1), (640, 1), (2048, 2)])
+def test_skinny_pairs_keep_the_bits_of_single_steps(K, split):
+    """K blocks in pairs change how the skinny kernel loads, not what it adds: where every split's
+    K range is whole pairs (or there is no split; an odd last block is added alone), the output
+    is the one-block-per-step plan's, bit for bit. Three or more blocks per step are refused."""
+    x, aq, as_, wq, ws, b = _operands(5, 200, K, torch.float8_e5m2, seed=K)
+    one, pairs = (G.Plan("skinny", 16, 64, 4, 3, split_k=split, groups_k=g) for g in (1, 2))
+    expected = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=one)
+    assert torch.equal(G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=pairs).view(torch.int16),
+                       expected.view(torch.int16))
+    with pytest.raises(ValueError, match="1 or 2 K blocks per step"):
+        G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("skinny", 16, 64, 4, 3, groups_k=4))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA streams")
@@ -756,8 +771,10 @@ def gemm_counts(lines):
             "memory": count(lines, "ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count(lines, "ld.param")}
 
 
-skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64),
-                                 num_stages=6))
+skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64,
+                                                            GROUPS_K=1), num_stages=6))
+skinny_pairs = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64,
+                                                                  GROUPS_K=2), num_stages=4))
 gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16), num_stages=1))
 gemv_rows = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=4, BLOCK_N=16, GROUPS_K=4), num_stages=1))
 
@@ -768,7 +785,7 @@ pointers = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32", K="i32")
 lines = before_wait(Q.quantize_kernel, consts, num_stages=3)
 quantize = {"trigger": count(lines, "griddepcontrol.launch_dependents"),
             "memory": count(lines, "ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count(lines, "ld.param")}
-print(json.dumps({"skinny": skinny, "gemv": gemv, "gemv_rows": gemv_rows, "quantize": quantize}))
+print(json.dumps({"skinny": skinny, "skinny_pairs": skinny_pairs, "gemv": gemv, "gemv_rows": gemv_rows, "quantize": quantize}))
 """
 
 
@@ -795,6 +812,7 @@ def test_pdl_prologues_compile_for_sm90(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     before_wait = json.loads(run.stdout.strip().splitlines()[-1])  # PTX lines before griddepcontrol.wait
     assert before_wait["skinny"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
+    assert before_wait["skinny_pairs"] == before_wait["skinny"]  # two K blocks per step
     assert before_wait["gemv"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
     assert before_wait["gemv_rows"] == before_wait["gemv"]  # BLOCK_M = 4: not GPU-run yet, compiled here
     assert before_wait["quantize"] == {"trigger": 1, "memory": 0}

@@ -331,6 +331,33 @@ def _finish_streaming(acc, rm, rn, M, n_size, m_ok, n_ok, pid_n, pid_k, partial_
 
 
 @triton.jit
+def _activation_scales(a_s_ptrs, kb, stride_ask, mask, FUSE_QUANT: tl.constexpr):
+    """The activation scales of K block ``kb`` (float32, one per row), or with FUSE_QUANT a
+    placeholder: the block's scales then come from quantizing it in registers."""
+    if FUSE_QUANT:
+        return tl.where(mask, 0.0, 0.0)
+    return tl.load(a_s_ptrs + kb * stride_ask, mask=mask, other=0.0)
+
+
+@triton.jit
+def _skinny_block(acc, w_ptrs, a_ptrs, w_s, a_s, kb, K, rk, m_ok, n_ok, fp8_dtype: tl.constexpr,
+                  FUSE_QUANT: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                  MIN_NORMAL: tl.constexpr, SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr,
+                  CVT_FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) plus K block ``kb`` of w tile @ a.T, scaled by its block scales:
+    the weight block at w_ptrs, the activation's at a_ptrs (high precision with FUSE_QUANT,
+    quantized here, whose scales then replace a_s)."""
+    k_ok = rk < K - kb * BLOCK_K
+    w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if FUSE_QUANT:
+        x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        a, a_s = quantize_rows(x, fp8_dtype, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8)
+    else:
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    return acc + tl.dot(w, tl.trans(a)) * (w_s[:, None] * a_s[None, :])
+
+
+@triton.jit
 def gemm_skinny_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
@@ -346,7 +373,7 @@ def gemm_skinny_kernel(
     SUBNORMAL_SHIFTER: tl.constexpr, NAN_BITS: tl.constexpr, CVT_FP8: tl.constexpr,
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
     the high-precision activation and a_scale_ptr is unused. With SPLIT_K > 1 each program
@@ -386,35 +413,46 @@ def gemm_skinny_kernel(
     a_s_ptrs = a_scale_ptr + rm * stride_asm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # The compiler pipelines the tiles (cp.async, num_stages deep) but not the scales. With
-    # SCALES_AHEAD the scales of K block kb + 1 are loaded at the end of step kb, after their
-    # registers' last use, so the load is in flight during the next step's tile wait and MMA;
-    # loaded where they are used, every K step waits a whole memory round trip for them.
+    # SCALES_AHEAD the scales of the next step's K blocks are loaded at the end of this step, after
+    # their registers' last use, so the loads are in flight during the next step's tile wait and
+    # MMA; loaded where they are used, every K step waits a whole memory round trip for them.
+    # With GROUPS_K = 2 a step takes two K blocks (even and odd): each program then asks for 256
+    # contiguous bytes of every weight row at once, which streamed 1-4% faster from memory
+    # (benchmarks/NOTES.md, twenty-second session); the odd block of a K range's last step may lie
+    # past K (its masks then load nothing and its scales are zero).
     if SCALES_AHEAD:  # every program has at least one K block (the launcher makes no empty splits)
         w_s = tl.load(w_s_ptrs + kb_start * stride_wsk, mask=n_ok, other=0.0)
-        if not FUSE_QUANT:
-            a_s = tl.load(a_s_ptrs + kb_start * stride_ask, mask=m_ok, other=0.0)
-    for kb in range(kb_start, kb_end):
-        k_ok = rk < K - kb * BLOCK_K
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        a_s = _activation_scales(a_s_ptrs, kb_start, stride_ask, m_ok, FUSE_QUANT)
+        if GROUPS_K == 2:
+            w_s_odd = tl.load(w_s_ptrs + (kb_start + 1) * stride_wsk, mask=n_ok & (rn * 0 + kb_start + 1 < kb_end),
+                              other=0.0)
+            a_s_odd = _activation_scales(a_s_ptrs, kb_start + 1, stride_ask, m_ok & (rm * 0 + kb_start + 1 < kb_end),
+                                         FUSE_QUANT)
+    for kb in range(kb_start, kb_end, GROUPS_K):
         if not SCALES_AHEAD:
             w_s = tl.load(w_s_ptrs + kb * stride_wsk, mask=n_ok, other=0.0)
-        if FUSE_QUANT:
-            x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a, a_s = quantize_rows(
-                x, w_ptr.dtype.element_ty, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8
-            )
-        else:
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            a_s = _activation_scales(a_s_ptrs, kb, stride_ask, m_ok, FUSE_QUANT)
+        acc = _skinny_block(acc, w_ptrs, a_ptrs, w_s, a_s, kb, K, rk, m_ok, n_ok, w_ptr.dtype.element_ty,
+                            FUSE_QUANT, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8, BLOCK_K)
+        if GROUPS_K == 2:
             if not SCALES_AHEAD:
-                a_s = tl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-        acc += tl.dot(w, tl.trans(a)) * (w_s[:, None] * a_s[None, :])
-        if SCALES_AHEAD:  # after the last block, a harmless reload of its own scales
-            kb_next = tl.minimum(kb + 1, kb_end - 1)
+                w_s_odd = tl.load(w_s_ptrs + (kb + 1) * stride_wsk, mask=n_ok & (rn * 0 + kb + 1 < kb_end), other=0.0)
+                a_s_odd = _activation_scales(a_s_ptrs, kb + 1, stride_ask, m_ok & (rm * 0 + kb + 1 < kb_end),
+                                             FUSE_QUANT)
+            acc = _skinny_block(acc, w_ptrs + BLOCK_K * stride_wk, a_ptrs + BLOCK_K * stride_ak, w_s_odd, a_s_odd,
+                                kb + 1, K, rk, m_ok, n_ok, w_ptr.dtype.element_ty, FUSE_QUANT, FP8_MAX, MANTISSA_BITS,
+                                MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8, BLOCK_K)
+        if SCALES_AHEAD:  # after the last step, a harmless reload of its own scales
+            kb_next = tl.minimum(kb + GROUPS_K, kb_end - 1)
             w_s = tl.load(w_s_ptrs + kb_next * stride_wsk, mask=n_ok, other=0.0)
-            if not FUSE_QUANT:
-                a_s = tl.load(a_s_ptrs + kb_next * stride_ask, mask=m_ok, other=0.0)
-        w_ptrs += BLOCK_K * stride_wk
-        a_ptrs += BLOCK_K * stride_ak
+            a_s = _activation_scales(a_s_ptrs, kb_next, stride_ask, m_ok, FUSE_QUANT)
+            if GROUPS_K == 2:
+                w_s_odd = tl.load(w_s_ptrs + (kb_next + 1) * stride_wsk,
+                                  mask=n_ok & (rn * 0 + kb_next + 1 < kb_end), other=0.0)
+                a_s_odd = _activation_scales(a_s_ptrs, kb_next + 1, stride_ask,
+                                             m_ok & (rm * 0 + kb_next + 1 < kb_end), FUSE_QUANT)
+        w_ptrs += GROUPS_K * BLOCK_K * stride_wk
+        a_ptrs += GROUPS_K * BLOCK_K * stride_ak
 
     if PDL and TRIGGER_AFTER_LOOP:
         allow_next_grid()
@@ -532,7 +570,7 @@ class Plan:
     warp_specialize: bool = False
     tail_split: int = 1  # "tma", "ws": split the last, partial wave's tiles over K among this many programs
     num_programs: int = 0  # "tma", "ws": persistent programs (0: one per SM); tests use fewer
-    groups_k: int = 1  # "gemv": 128-wide K blocks per loop step
+    groups_k: int = 1  # "gemv", "skinny" (1 or 2): 128-wide K blocks per loop step
     scales_tma: bool = False  # "ws", 128-row tiles: the ring carries the activation scales where their layout allows
 
 
@@ -1027,6 +1065,8 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     M, K = a.shape
     if p.kind == "gemv" and (M > p.block_m or p.block_n > SCALE_BLOCK or SCALE_BLOCK % p.block_n or p.groups_k < 1):
         raise ValueError(f"the 'gemv' plan needs M <= its block_m and a BLOCK_N dividing 128, got M = {M} and {p}")
+    if p.kind == "skinny" and p.groups_k not in (1, 2):
+        raise ValueError(f"the 'skinny' plan takes 1 or 2 K blocks per step (groups_k), got {p.groups_k}")
     w, w_scale, bias, out = members[0]
     sizes = tuple(m[0].shape[0] for m in members)
     split, kb_per, n_tiles, partial_n = _streaming_grid(p, M, K, sizes)
@@ -1054,7 +1094,7 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
 def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, int, int]:
     """(split, K blocks per split, N tiles, columns of the partials) of a streaming launch."""
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
-    step = p.groups_k if p.kind == "gemv" else 1  # K blocks per loop step; a split is whole steps
+    step = p.groups_k  # K blocks per loop step; a split is whole steps
     split = max(1, min(p.split_k, k_blocks))
     kb_per = triton.cdiv(triton.cdiv(k_blocks, split), step) * step
     split = triton.cdiv(k_blocks, kb_per)  # no empty splits
@@ -1067,7 +1107,7 @@ def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, in
 def _streaming_meta(p: Plan, split: int, has_bias: bool, out_dtype: torch.dtype, fuse_quant: bool,
                     w_dtype: torch.dtype, cvt: bool, pdl: bool, members: int,
                     scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int) -> tuple:
-    kind_meta = dict(GROUPS_K=p.groups_k) if p.kind == "gemv" else dict(SCALES_AHEAD=scales_ahead)
+    kind_meta = dict(GROUPS_K=p.groups_k) if p.kind == "gemv" else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k)
     return tuple(dict(
         HAS_BIAS=has_bias, **output_format_constexprs(out_dtype),
         FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w_dtype).max), **format_constexprs(w_dtype),
