@@ -420,13 +420,14 @@ def test_plan_heuristic_ranges():
     assert G.plan(G.SKINNY_MAX_M, 8192, 8192, tma=True).kind == "skinny"
     assert G.plan(G.SKINNY_MAX_M + 1, 10240, 8192, tma=True).kind == "tma"
     # past SKINNY_MAX_M on weights of up to 8192 x 8192: 64-row token tiles, <= 2 programs per SM,
-    # <= 4 splits, 4 stages
-    mid = lambda M, N, K: (lambda p: (p.kind, p.block_m, p.split_k, p.num_stages))(  # noqa: E731
+    # <= 4 splits; paired K steps in 3 stages where each split is whole pairs of >= 16 blocks,
+    # else one block per step in 4 stages
+    mid = lambda M, N, K: (lambda p: (p.kind, p.block_m, p.split_k, p.num_stages, p.groups_k))(  # noqa: E731
         G.plan(M, N, K, tma=True, num_sms=132))
-    assert mid(33, 8192, 8192) == ("skinny", 64, 2, 4)
-    assert mid(64, 6144, 4096) == ("skinny", 64, 2, 4)  # 96 tiles: 3 splits would be 288 programs
-    assert mid(64, 1024, 4096) == ("skinny", 64, 4, 4)
-    assert mid(64, 8192, 2048) == ("skinny", 64, 1, 4)
+    assert mid(33, 8192, 8192) == ("skinny", 64, 2, 3, 2)
+    assert mid(64, 6144, 4096) == ("skinny", 64, 2, 3, 2)  # 96 tiles: 3 splits would be 288 programs
+    assert mid(64, 1024, 4096) == ("skinny", 64, 4, 4, 1)  # 8 K blocks per split
+    assert mid(64, 8192, 2048) == ("skinny", 64, 1, 3, 2)
     assert mid(65, 8192, 8192)[0] == "tma"
     assert mid(64, 8256, 8192)[0] == "tma" and mid(64, 8192, 8320)[0] == "tma"
     assert G.plan(4096, 8192, 8192, tma=False).kind == "tiled"
@@ -435,22 +436,39 @@ def test_plan_heuristic_ranges():
     assert G.plan(16, 57344, 8192, tma=True).split_k == 1
     assert G.plan(16, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
     # ... and where the 64-column tiles give >= 1.2 programs per SM (132 x 1.2 = 158.4) none
-    skinny = lambda M, N, K: (lambda p: (p.split_k, p.num_stages))(G.plan(M, N, K, tma=True, num_sms=132))  # noqa: E731
-    assert skinny(8, 10112, 8192) == (2, 4)  # 158 tiles, 32 K blocks per program
-    assert skinny(8, 10176, 8192) == (1, 6)  # 159 tiles
-    assert skinny(32, 12288, 4096) == (1, 6)  # 192 tiles: 6 stages at every M
+    skinny = lambda M, N, K: (lambda p: (p.split_k, p.num_stages, p.groups_k))(  # noqa: E731
+        G.plan(M, N, K, tma=True, num_sms=132))
+    assert skinny(8, 10112, 8192)[0] == 2  # 158 tiles
+    assert skinny(8, 10176, 8192)[0] == 1  # 159 tiles
     # ... or >= 0.7 per SM (92.4) with a short K loop (<= 24 K blocks)
-    assert skinny(8, 5952, 3072) == (1, 6)  # 93 tiles, 24 K blocks
-    assert skinny(8, 5888, 3072) == (3, 4)  # 92 tiles
-    assert skinny(8, 5952, 3200) == (3, 4)  # 25 K blocks
-    # 6 stages only for unsplit grids of <= 2 programs per SM or programs of > 64 K blocks
-    assert skinny(16, 16896, 4096) == (1, 6)  # 264 tiles
-    assert skinny(16, 16960, 4096) == (1, 4)  # 265 tiles
-    assert skinny(16, 57344, 8192) == (1, 4)  # 896 tiles of 64 K blocks
-    assert skinny(16, 8192, 28672) == (2, 6)  # 112 K blocks per program
-    assert skinny(16, 8192, 16384) == (2, 4)  # 64
-    assert skinny(16, 8192, 16512) == (2, 6)  # 65
-    assert skinny(16, 4096, 4096) == (4, 4)  # 8 K blocks per program
+    assert skinny(8, 5952, 3072)[0] == 1  # 93 tiles, 24 K blocks
+    assert skinny(8, 5888, 3072)[0] == 3  # 92 tiles
+    assert skinny(8, 5952, 3200)[0] == 3  # 25 K blocks
+    # K blocks in pairs where every split's K range is whole pairs of >= 8 blocks (unsplit: always),
+    # in 3 stages for 2-3 programs per SM or unsplit grids of 1.25-2 per SM (165-264 tiles), else 4
+    assert skinny(8, 10112, 8192) == (2, 3, 2)  # 316 programs of 32 K blocks
+    assert skinny(8, 10176, 8192) == (1, 4, 2)  # 159 tiles, unsplit
+    assert skinny(32, 12288, 4096) == (1, 3, 2)  # 192 tiles
+    assert skinny(16, 16896, 4096) == (1, 3, 2)  # 264 tiles
+    assert skinny(16, 16960, 4096) == (1, 3, 2)  # 265 programs: 3 per SM on some
+    assert skinny(16, 28672, 4096) == (1, 4, 2)  # 448 programs
+    assert skinny(16, 57344, 8192) == (1, 4, 2)  # 896
+    assert skinny(8, 5952, 3072) == (1, 4, 2)  # 93 tiles
+    assert skinny(8, 5888, 3072) == (3, 3, 2)  # 276 programs of 8 K blocks
+    assert skinny(16, 8192, 28672) == (2, 4, 2)  # 256 programs of 112 K blocks
+    assert skinny(16, 4096, 4096) == (4, 4, 2)  # 256 programs of 8 K blocks
+    # ... else one block per step: 6 stages only for unsplit grids of <= 2 programs per SM or
+    # programs of > 64 K blocks
+    assert skinny(8, 5952, 3200) == (3, 4, 1)  # 9 K blocks per split: not whole pairs
+    assert skinny(16, 6144, 4096) == (3, 4, 1)  # 11
+    assert skinny(16, 3072, 3072) == (5, 4, 1)  # 5
+    assert G._skinny_stages(n_tiles=264, k_blocks=32, split=1, num_sms=132) == 6
+    assert G._skinny_stages(n_tiles=265, k_blocks=32, split=1, num_sms=132) == 4
+    assert G._skinny_stages(n_tiles=896, k_blocks=64, split=1, num_sms=132) == 4
+    assert G._skinny_stages(n_tiles=128, k_blocks=224, split=2, num_sms=132) == 6  # 112 K blocks per program
+    assert G._skinny_stages(n_tiles=128, k_blocks=128, split=2, num_sms=132) == 4  # 64
+    assert G._skinny_stages(n_tiles=128, k_blocks=129, split=2, num_sms=132) == 6  # 65
+    assert G._skinny_stages(n_tiles=64, k_blocks=32, split=4, num_sms=132) == 4  # 8
     # gemv: 8-row tiles of 16 K blocks up to K = 16384, 16-row tiles of 8 above
     assert (G.plan(1, 4096, 14336, tma=True).block_n, G.plan(1, 4096, 14336, tma=True).groups_k) == (8, 16)
     assert (G.plan(1, 4096, 28672, tma=True).block_n, G.plan(1, 4096, 28672, tma=True).groups_k) == (16, 8)

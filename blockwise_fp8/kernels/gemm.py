@@ -673,6 +673,22 @@ def _skinny_stages(n_tiles: int, k_blocks: int, split: int, num_sms: int) -> int
     return 6 if (split == 1 and n_tiles <= 2 * num_sms) or k_per_program > 64 else 4
 
 
+def _paired_stages(n_tiles: int, split: int, num_sms: int) -> int:
+    """Stages (of two K blocks each) for the skinny kernel's paired steps, up to 32 token rows: 3
+    where the grid needs 3 programs on some SM (2 to 3 per SM; 4 stages fit 2 per SM) or is an
+    unsplit grid of 1.25 to 2 programs per SM; 4 elsewhere.
+
+    Cold sweep, M = 2 and 16, 15 shapes (results/tune-skinny-cold-h100-2026-11-27-s22.txt, run 1):
+    4 stages at 1.2 programs per SM and below (10240 x 8192: 31.5 vs 32.0 us with 3), at 2 per SM
+    in split grids (8192 x 8192 in 2: 25.8 vs 26.6) and from 3.4 per SM (28672 x 4096: 41.3 vs
+    45.3; 57344 x 8192: 157.9 vs 160.9); 3 stages at 1.3-1.7 per SM unsplit (14336 x 4096: 21.8 vs
+    22.5; 12288 x 4096: 19.5 vs 19.8) and 2.9 per SM (6144 x 4096 in 4 splits: 11.5 vs 13.5)."""
+    programs = n_tiles * split
+    if 2 * num_sms < programs <= 3 * num_sms or (split == 1 and 5 * num_sms <= 4 * n_tiles <= 8 * num_sms):
+        return 3
+    return 4
+
+
 def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
     """How many programs share each tile of the last, partial wave (1: none). Only a tail that
     fills less than half a wave is split, into at most 4 pieces of >= 8 K blocks, so that the
@@ -803,8 +819,23 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
         # (1024 x 4096: 7.3-8.4 us in 4, 8.3-9.4 in 6), and 4 splits of 64 tiles (256 programs)
         # were the best (4096 x 4096: 11.0-12.3 us). Stages 3 and 4 were swept: 4 best, or 3
         # by 1-6% on the smallest weights (3072 x 3072: 10.0 vs 10.6 us at M = 64).
-        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=4,
-                    split_k=max(1, min(split, 4, 2 * num_sms // n_tiles)))
+        # Paired K steps (3 stages of two blocks keep 2 programs per SM) where the split's K range
+        # is whole pairs, and at least 16 blocks: 2-8% faster on 12 of 18 cold cells at M = 48-64
+        # (8192 x 3072: 14.3 -> 13.2 us), 4-5% slower with 8 blocks (4096 x 4096 in 4 splits:
+        # 11.3 -> 11.9; results/tune-skinny-cold-h100-2026-11-27-s22.txt, run 3).
+        split = max(1, min(split, 4, 2 * num_sms // n_tiles))
+        k_per_split = triton.cdiv(k_blocks, split)
+        if split == 1 or (k_per_split % 2 == 0 and k_per_split >= 16):
+            return Plan("skinny", block_m, block_n, num_warps=4, num_stages=3, split_k=split, groups_k=2)
+        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=4, split_k=split)
+    # Paired K steps where the split's K range is whole pairs (so the split boundaries, and the
+    # result, stay those of one block per step), of at least 8 blocks: 0-6% less time on each of
+    # the 48 cold cells at M = 2-32 where they apply, none slower (results/tune-skinny-cold-h100-
+    # 2026-11-27-s22.txt, runs 1-2: 57344 x 8192, M = 2: 167.4 -> 157.9 us; 8192 x 8192: 26.7 -> 25.8).
+    k_per_split = triton.cdiv(k_blocks, split)
+    if split == 1 or (k_per_split % 2 == 0 and k_per_split >= 8):
+        return Plan("skinny", block_m, block_n, num_warps=4, num_stages=_paired_stages(n_tiles, split, num_sms),
+                    split_k=split, groups_k=2)
     stages = _skinny_stages(n_tiles, k_blocks, split, num_sms)
     return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
 
