@@ -200,3 +200,15 @@ def test_ab_auto_mid_off_turns_the_skinny_mid_range_off_for_one_call():
     with pytest.raises(ZeroDivisionError):
         ab.mid_off(lambda: 1 / 0)
     assert G.SKINNY_MID_MAX_M == before
+
+
+@pytest.mark.parametrize("n,programs,block", [(10_000, 3, 1024), (4096, 4, 1024), (100, 2, 1024), (9000, 1, 2048)])
+def test_read_ceiling_kernel_reads_every_word_once(kernel_device, n, programs, block):
+    """read_ceiling.py's read kernel: its per-program sums add up to the sum of all the words, so
+    every timed byte was read (and none twice); ragged ends and idle programs included."""
+    read = _load("read_ceiling")
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-1000, 1000, (n,), dtype=torch.int32, generator=g).to(kernel_device)
+    out = torch.zeros(programs, dtype=torch.int32, device=kernel_device)
+    read.read_kernel[(programs,)](x, out, n, programs, BLOCK=block)
+    assert int(out.sum()) == int(x.sum())
