@@ -97,9 +97,8 @@ def main() -> None:
             for side in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
                 t = triton.testing.do_bench_cudagraph(calls[side], rep=60, return_mode="median") * 1e3 / len(copies)
                 best[side] = min(t, best.get(side, float("inf")))
-        card, sms = ops.gemm_card(wq.device)
         pick = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16, cublas_available=True,
-                                       card=card, num_sms=sms)
+                                       num_sms=ops.gemm_card(wq.device)[1])
         say(f"{N},{K},{M},{best['triton']:.1f},{best['cublas']:.1f},{pick},{best['triton'] / best['cublas']:.3f}"
             + (f",{best['mid_off']:.1f}" if args.mid_off else ""))
     out.close()

@@ -71,9 +71,9 @@ def main(argv=None) -> int:
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         wq, ws = ops.quantize_weight(w)
         aq, as_ = ops.quantize_activation(x)
-        card, sms = ops.gemm_card(x.device)
         path = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16,
-                                       cublas_available=ops.cublas_blockwise_available(x.device), card=card, num_sms=sms)
+                                       cublas_available=ops.cublas_blockwise_available(x.device),
+                                       num_sms=ops.gemm_card(x.device)[1])
         aq_m, as_m = quant.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True)  # cuBLAS's layout
         kind = gemm_kernels.plan(M, N, K, tma=gemm_kernels.tma_usable(aq, wq), ws=gemm_kernels.ws_usable(aq, wq)).kind
         fns = {

@@ -197,7 +197,7 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "quantize")
 # the weight-streaming Triton kernels (gemv at M = 1, skinny) win the decode range, the persistent TMA kernel and
 # cuBLAS trade places above it. The thresholds below are read off the H100 benchmark
 # (benchmarks/results/, benchmarks/NOTES.md); they are the only tuned numbers in the choice.
-CUBLAS_MIN_M = 33  # below, the weight-streaming kernels (M <= 32) win, except in the band below;
+CUBLAS_MIN_M = 33  # below, the weight-streaming kernels (M <= 32) win (on an H100 since session 22, below);
 # from here cuBLAS is considered, and our tma/ws kernels keep the shapes where their output grid
 # leaves SMs idle and they split K over it (kernels/gemm.py, _persistent_grid) while cuBLAS does not:
 OURS_UP_TO_M64 = (5120, 14336)  # M <= 64: ours for N <= 5120 or N >= 14336
@@ -218,18 +218,13 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 # Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md),
 # except on grids just over one wave (below).
 #
-# On an H100, cuBLAS from M = 24 where 6144 < N < 14336 and K < 3 N: once cuBLAS gets its
-# activation scales M-major from `linear` (no transpose in its time, session 18), it streams those
-# weights about as fast as the skinny kernel from M = 20-28 on. H100, rotated A/B, ours / cuBLAS at
-# M = 16, 20, 24, 28, 32 (results/ab-auto-decode-h100-2026-11-27-s20.txt): 10240 x 8192 1.02,
-# 1.04, 1.02, 1.06, 1.08; 8192 x 8192 1.00, 1.00, 1.01, 1.01, 1.02; 11008 x 4096 0.84, 1.01,
-# 1.03, 1.05, 1.07; 7168 x 2048 0.89, 0.98, 0.99, 1.01, 1.10; 12288 x 4096 0.98, 0.95, 1.07, 0.97,
-# 0.99. From M = 16 would lose up to 11% at 7168 x 2048; from M = 24 loses at most 3% (12288 x 4096,
-# M = 28). N = 57344 (0.90-0.92), K = 28672 (0.89-0.97) and N <= 6144 or K >= 3 N at K = 4096-14336
-# (0.53-0.95) stay ours at M = 8-32. Not on an H200, where the skinny kernel was 8-15% faster than
-# cuBLAS at M = 16-32, N = 8192 (benchmarks/NOTES.md, session 19).
-CUBLAS_MIN_M_H100_MID_N = 24
-MID_N = (6144, 14336)  # exclusive bounds of that band
+# Sessions 20-21 gave cuBLAS M = 24-32 on an H100 where 6144 < N < 14336 and K < 3 N (it was 1-8%
+# faster there with the weight in L2, results/ab-auto-decode-h100-2026-11-27-s20.txt). Since the
+# skinny kernel loads K blocks in pairs (session 22) it is faster at M = 24 and 32 on all five such
+# shapes timed from memory, as in a model's decode step (rotated A/B, ours / cuBLAS,
+# results/ab-auto-decode-cold-h100-2026-11-27-s22.txt): 8192 x 8192 0.97, 0.99; 10240 x 8192
+# 0.98, 0.99; 11008 x 4096 0.94, 0.94; 12288 x 4096 0.84, 0.93; 7168 x 2048 0.84, 0.84. So every
+# card now starts cuBLAS at CUBLAS_MIN_M.
 # Grids just over one wave: where our 128 x 128 output tiles number more than the card's SMs but at
 # most 4/3 of them (M > 128, K >= 7168), cuBLAS runs a second, mostly empty wave, and our ws
 # kernel's tail split (`_tail_split`) spreads the tiles left over K on every SM instead. H100, e4m3,
@@ -297,16 +292,11 @@ def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch
 
 def choose_gemm_backend(
     M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, *,
-    cublas_available: bool, card: str = "H100", num_sms: int = 132,
+    cublas_available: bool, num_sms: int = 132,
 ) -> str:
     """The "auto" table: "cublas" where cuBLAS runs the call and was measured faster, else "triton".
-    ``card`` is "H100" or "other" (``gemm_card``), ``num_sms`` the card's SM count; the defaults
-    are the H100's."""
-    if card not in ("H100", "other"):
-        raise ValueError(f'card must be "H100" or "other", got {card!r}')
-    mid_n = MID_N[0] < N < MID_N[1] and K < 3 * N
-    min_m = CUBLAS_MIN_M_H100_MID_N if card == "H100" and mid_n else CUBLAS_MIN_M
-    if not (cublas_available and M >= min_m and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype)):
+    ``num_sms``: the card's SM count (``gemm_card``; the default is the H100's)."""
+    if not (cublas_available and M >= CUBLAS_MIN_M and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype)):
         return "triton"
     if M <= 64:
         ours = N <= OURS_UP_TO_M64[0] or N >= OURS_UP_TO_M64[1]
@@ -410,8 +400,9 @@ _GEMM_CARD: dict = {}
 
 
 def gemm_card(device: torch.device) -> tuple[str, int]:
-    """("H100" where the device's name says H100, else "other"; its SM count), for the choice table
-    (("other", 1) off CUDA, where the table is not consulted: cuBLAS is unavailable there)."""
+    """("H100" where the device's name says H100, else "other"; its SM count): the choice table reads
+    the SM count (("other", 1) off CUDA, where the table is not consulted: cuBLAS is unavailable
+    there)."""
     if device.type != "cuda":
         return ("other", 1)
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -424,10 +415,9 @@ def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w
     """Resolve "auto" for one gemm/linear call on CUDA (explicit backends pass through)."""
     if backend != "auto":
         return backend
-    card, num_sms = gemm_card(w_q.device)
     return choose_gemm_backend(
         M, w_q.shape[0], K, a_dtype, w_q.dtype, out_dtype, cublas_available=cublas_blockwise_available(w_q.device),
-        card=card, num_sms=num_sms,
+        num_sms=gemm_card(w_q.device)[1],
     )
 
 
