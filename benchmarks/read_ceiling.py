@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         w = torch.randint(-2**31, 2**31 - 1, (n * k // 4,), dtype=torch.int32, device="cuda")
         out = torch.empty(sms * 16, dtype=torch.int32, device="cuda")
         res = {}
-        for block, warps, per_sm in itertools.product((1024, 2048, 4096, 8192), (4, 8), (1, 2, 4, 8, 16)):
+        for block, warps, per_sm in itertools.product((1024, 2048, 4096, 8192), (4, 8), (4, 8, 16)):
             progs = sms * per_sm
             res[(block, warps, per_sm)] = timed(
                 lambda: read_kernel[(progs,)](w, out, w.numel(), progs, BLOCK=block, num_warps=warps))
