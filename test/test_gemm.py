@@ -432,21 +432,23 @@ def test_plan_heuristic_ranges():
     assert mid(64, 8256, 8192)[0] == "tma" and mid(64, 8192, 8320)[0] == "tma"
     assert G.plan(4096, 8192, 8192, tma=False).kind == "tiled"
     # split-K only where N alone leaves the card under-filled
-    assert G.plan(16, 8192, 8192, tma=True).split_k > 1
+    assert G.plan(16, 4096, 4096, tma=True).split_k > 1 and G.plan(16, 8192, 28672, tma=True).split_k > 1
+    assert G.plan(16, 8192, 8192, tma=True).split_k == 1  # 128 tiles of 64 K blocks
     assert G.plan(16, 57344, 8192, tma=True).split_k == 1
     assert G.plan(16, 1024, 4096, tma=True, num_sms=132).split_k == 8  # at most 32 / 4 K blocks
     # ... and where the 64-column tiles give >= 1.2 programs per SM (132 x 1.2 = 158.4) none
     skinny = lambda M, N, K: (lambda p: (p.split_k, p.num_stages, p.groups_k))(  # noqa: E731
         G.plan(M, N, K, tma=True, num_sms=132))
-    assert skinny(8, 10112, 8192)[0] == 2  # 158 tiles
-    assert skinny(8, 10176, 8192)[0] == 1  # 159 tiles
-    # ... or >= 0.7 per SM (92.4) with a short K loop (<= 24 K blocks)
-    assert skinny(8, 5952, 3072)[0] == 1  # 93 tiles, 24 K blocks
+    assert skinny(8, 10112, 8320)[0] == 2  # 158 tiles, 65 K blocks
+    assert skinny(8, 10176, 8320)[0] == 1  # 159 tiles
+    # ... or >= 0.7 per SM (92.4) with <= 64 K blocks (24 with one block per step: M = 33-64)
+    assert skinny(8, 5952, 8192)[0] == 1  # 93 tiles, 64 K blocks
     assert skinny(8, 5888, 3072)[0] == 3  # 92 tiles
-    assert skinny(8, 5952, 3200)[0] == 3  # 25 K blocks
+    assert skinny(8, 5952, 8320)[0] == 3  # 65 K blocks
+    assert G._skinny_split_k(93, 24, 132) == 1 and G._skinny_split_k(93, 25, 132) == 3
     # K blocks in pairs where every split's K range is whole pairs of >= 8 blocks (unsplit: always),
     # in 3 stages for 2-3 programs per SM or unsplit grids of 1.25-2 per SM (165-264 tiles), else 4
-    assert skinny(8, 10112, 8192) == (2, 3, 2)  # 316 programs of 32 K blocks
+    assert skinny(8, 10112, 8704) == (2, 3, 2)  # 316 programs of 34 K blocks
     assert skinny(8, 10176, 8192) == (1, 4, 2)  # 159 tiles, unsplit
     assert skinny(32, 12288, 4096) == (1, 3, 2)  # 192 tiles
     assert skinny(16, 16896, 4096) == (1, 3, 2)  # 264 tiles
@@ -459,8 +461,9 @@ def test_plan_heuristic_ranges():
     assert skinny(16, 4096, 4096) == (4, 4, 2)  # 256 programs of 8 K blocks
     # ... else one block per step: 6 stages only for unsplit grids of <= 2 programs per SM or
     # programs of > 64 K blocks
-    assert skinny(8, 5952, 3200) == (3, 4, 1)  # 9 K blocks per split: not whole pairs
-    assert skinny(16, 6144, 4096) == (3, 4, 1)  # 11
+    assert skinny(8, 4096, 4608) == (4, 4, 1)  # 9 K blocks per split: not whole pairs
+    assert skinny(16, 5888, 4096) == (3, 4, 1)  # 11
+    assert skinny(16, 6144, 4096) == (1, 4, 2)  # 96 tiles, 32 K blocks: unsplit
     assert skinny(16, 3072, 3072) == (5, 4, 1)  # 5
     assert G._skinny_stages(n_tiles=264, k_blocks=32, split=1, num_sms=132) == 6
     assert G._skinny_stages(n_tiles=265, k_blocks=32, split=1, num_sms=132) == 4

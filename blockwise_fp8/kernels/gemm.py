@@ -635,9 +635,11 @@ def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> i
     return max(1, min(-(-num_sms // (2 * n_tiles)), k_blocks // groups_k))
 
 
-def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
-    """No split where the N tiles alone give >= 1.2 programs per SM, or >= 0.7 with <= 24 K blocks;
-    elsewhere the smallest split giving >= 1.5 programs per SM, each keeping >= 4 K blocks.
+def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int, short_k: int = 24) -> int:
+    """No split where the N tiles alone give >= 1.2 programs per SM, or >= 0.7 with <= ``short_k``
+    K blocks; elsewhere the smallest split giving >= 1.5 programs per SM, each keeping >= 4 K blocks.
+    ``short_k`` is 24 for one K block per step (the sweeps below); the skinny plan passes 64 for
+    its paired steps (see ``_skinny_plan``).
 
     H100 sweeps (benchmarks/tune_skinny.py, CUDA graphs, M = 1 and 16, eight N x K, splits 1-12):
     about 1.5 programs per SM was best or within 3% of best on every shape; splitting N = 14336
@@ -650,7 +652,7 @@ def _skinny_split_k(n_tiles: int, k_blocks: int, num_sms: int) -> int:
     2048 and 8192 x 3072 8-18%, 10-18% and 3-9% faster than the 2-3 splits of the 1.5 rule (7168 x
     2048, M = 16: 7.7 vs 9.0 us), while at 80 tiles (5120 x 3072) 3 splits stayed 3-7% faster, and
     at 112-128 tiles with 40-64 K blocks 2 splits 3-5% (7168 x 5120, 8192 x 8192)."""
-    if 5 * n_tiles >= 6 * num_sms or (10 * n_tiles >= 7 * num_sms and k_blocks <= 24):
+    if 5 * n_tiles >= 6 * num_sms or (10 * n_tiles >= 7 * num_sms and k_blocks <= short_k):
         return 1
     return max(1, min(-(-3 * num_sms // (2 * n_tiles)), k_blocks // 4))
 
@@ -811,7 +813,6 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
     block_m = max(16, triton.next_power_of_2(M))
     block_n = 64
     n_tiles = triton.cdiv(N, block_n)
-    split = _skinny_split_k(n_tiles, k_blocks, num_sms)
     if block_m > 32:
         # 64-row token tiles: at most 2 programs per SM and 4 splits, 4 stages. Past 2 per SM
         # the grid ran a second round (8192 x 8192 in 3 splits, 384 programs: 38-39 us against
@@ -823,7 +824,7 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
         # is whole pairs, and at least 16 blocks: 2-8% faster on 12 of 18 cold cells at M = 48-64
         # (8192 x 3072: 14.3 -> 13.2 us), 4-5% slower with 8 blocks (4096 x 4096 in 4 splits:
         # 11.3 -> 11.9; results/tune-skinny-cold-h100-2026-11-27-s22.txt, run 3).
-        split = max(1, min(split, 4, 2 * num_sms // n_tiles))
+        split = max(1, min(_skinny_split_k(n_tiles, k_blocks, num_sms), 4, 2 * num_sms // n_tiles))
         k_per_split = triton.cdiv(k_blocks, split)
         if split == 1 or (k_per_split % 2 == 0 and k_per_split >= 16):
             return Plan("skinny", block_m, block_n, num_warps=4, num_stages=3, split_k=split, groups_k=2)
@@ -832,6 +833,11 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
     # result, stay those of one block per step), of at least 8 blocks: 0-6% less time on each of
     # the 48 cold cells at M = 2-32 where they apply, none slower (results/tune-skinny-cold-h100-
     # 2026-11-27-s22.txt, runs 1-2: 57344 x 8192, M = 2: 167.4 -> 157.9 us; 8192 x 8192: 26.7 -> 25.8).
+    # With the K blocks in pairs, unsplit grids of 0.7-1.2 programs per SM also won with 25-64 K
+    # blocks: 0.964x the time of the split plans over 32 cold cells at M = 2-32 (8192 x 8192 at
+    # M = 32: 28.5 -> 27.0 us; 6144 x 4096: 14.7 -> 12.8; 9216 x 7168 at M = 16: 27.9 -> 26.0), at
+    # worst 3% slower (6144 x 8192 at M = 2; results/tune-skinny-cold-h100-2026-11-27-s22.txt, runs 4-5).
+    split = _skinny_split_k(n_tiles, k_blocks, num_sms, short_k=64)
     k_per_split = triton.cdiv(k_blocks, split)
     if split == 1 or (k_per_split % 2 == 0 and k_per_split >= 8):
         return Plan("skinny", block_m, block_n, num_warps=4, num_stages=_paired_stages(n_tiles, split, num_sms),
