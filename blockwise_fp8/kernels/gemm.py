@@ -417,7 +417,7 @@ def gemm_skinny_kernel(
     # their registers' last use, so the loads are in flight during the next step's tile wait and
     # MMA; loaded where they are used, every K step waits a whole memory round trip for them.
     # With GROUPS_K = 2 a step takes two K blocks (even and odd): each program then asks for 256
-    # contiguous bytes of every weight row at once, which streamed 1-4% faster from memory
+    # contiguous bytes of every weight row at once, which streamed 0-6% faster from memory
     # (benchmarks/NOTES.md, twenty-second session); the odd block of a K range's last step may lie
     # past K (its masks then load nothing and its scales are zero).
     if SCALES_AHEAD:  # every program has at least one K block (the launcher makes no empty splits)
