@@ -320,14 +320,13 @@ def run(args) -> tuple[list, list, str]:
                 "tokens_per_s": tokens / ms * 1e3, "sqnr_db": sqnr_db(ref, out) if ref is not None else float("nan"),
             })
             log(f"{name:8s} {phase:8s} b{batch:<3d} {ms:9.3f} ms  {tokens / ms * 1e3:12.0f} tok/s  "
-                f"(compile+bench {time.monotonic() - t0:.1f} s)")
+                f"host {host:.3f} ms  (compile+bench {time.monotonic() - t0:.1f} s)")
+            # written after every row: a process cut short by a time limit keeps what it measured
+            write_outputs(args.out, rows, notes, "\n".join(header))
         if name != "bf16":
             models[name] = None  # free its weights before the next contender
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    for r in rows:
-        b = next((s for s in rows if s["contender"] == "bf16" and (s["phase"], s["batch"]) == (r["phase"], r["batch"])), None)
-        r["x_bf16"] = b["ms"] / r["ms"] if b else float("nan")
     if profiles:
         path = os.path.splitext(args.out)[0] + ".profile.txt"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -335,6 +334,25 @@ def run(args) -> tuple[list, list, str]:
             f.write("\n".join(header) + "\n\n" + "\n\n".join(profiles) + "\n")
         log(f"profiles written to {path}")
     return rows, notes, "\n".join(header)
+
+
+def write_outputs(path: str, rows: list, notes: list, header: str) -> str:
+    """Write the CSV and the Markdown table beside it (same name, .md); return the table."""
+    for r in rows:
+        b = next((s for s in rows if s["contender"] == "bf16" and (s["phase"], s["batch"]) == (r["phase"], r["batch"])), None)
+        r["x_bf16"] = b["ms"] / r["ms"] if b else float("nan")
+    text = table(rows, notes)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        f.write(header + "\n")
+        fields = ["phase", "batch", "tokens", "contender", "ms", "host_ms", "tokens_per_s", "x_bf16", "sqnr_db"]
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in fields})
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write("\n".join(h.lstrip("# ") for h in header.splitlines()) + "\n\n" + text)
+    return text
 
 
 def table(rows: list, notes: list) -> str:
@@ -400,18 +418,7 @@ def main(argv=None) -> int:
 
     with inductor_config.patch(inductor_settings(args.inductor, args.inductor_pdl, args.freezing)[0]):
         rows, notes, header = run(args)
-    text = table(rows, notes)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        f.write(header + "\n")
-        fields = ["phase", "batch", "tokens", "contender", "ms", "host_ms", "tokens_per_s", "x_bf16", "sqnr_db"]
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in fields})
-    md = os.path.splitext(args.out)[0] + ".md"
-    with open(md, "w") as f:
-        f.write("\n".join(h.lstrip("# ") for h in header.splitlines()) + "\n\n" + text)
+    text = write_outputs(args.out, rows, notes, header)
     log("")
     log(header)
     log(text)
