@@ -853,17 +853,39 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
         # short of full, so count them: a 64 x 128 tile (4 warps, flattened) costs about 2/3 of
         # a 128 x 128 one there (results/tune-mid-m-h100-2026-11-26.txt: 20 shapes x 2 dtypes,
-        # M = 80..256, this rule picks the faster of the two or one within 3%).
+        # M = 80..256, this rule picks the faster of the two or one within 3%). Where the ws
+        # kernel runs with the scales in its ring, at M = 65-128 past 24 K blocks, its 128 x 128
+        # tiles on about half the SMs beat those 64 x 128 tiles (``_half_card_plan``).
         if M <= 256:
             n_tiles = triton.cdiv(N, 128)
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
             if 2 * rounds(64) < 3 * rounds(128):
+                if ws and scales_in_ring and 64 < M <= 128 and k_blocks > 24:  # then n_tiles <= num_sms / 2
+                    return _half_card_plan(n_tiles, k_blocks, num_sms)
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
         return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
                           scales_in_ring=scales_in_ring, ring=ring)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
+
+
+def _half_card_plan(n_tiles: int, k_blocks: int, num_sms: int) -> Plan:
+    """The ws kernel's 128 x 128 tiles, scales in the ring, 6 stages, for a grid of one row of at
+    most half as many tiles as SMs (M = 65-128): each tile split over K into as many programs as keep
+    them within half the SMs (at most 4, of >= 8 K blocks each).
+
+    H100, e5m2, CUDA graphs, one process (results/probe-mid-m-ws-h100-2026-11-27-s23.txt): against
+    the 64 x 128 tma tiles on twice as many programs, at M = 96 and 128, 7-13% faster on 4096 x 4096
+    (2 splits: 12.5 vs 13.5 us), 8192 x 8192 (unsplit: 31.6 vs 35.5), 4096 x 14336 (2: 32.2 vs 37.1),
+    8192 x 28672 (unsplit: 96.4 vs 109.7) and 2048 x 8192 (4: 13.9 vs 14.9), but 3-5% slower on
+    6144 x 4096 (14.9-15.4 vs 14.5-14.6). The K splits' partial sums cost more than the SMs they add:
+    8192 x 8192 ran 35.9 us in 2 splits (128 programs) and 43-46 in 3-4. With 24 K blocks (8192 x 3072)
+    the tma tiles stayed 1-8% faster, and at M = 160 (two rows of tiles) the 64-row tiles won on
+    4096 x 4096 (14.5 vs 15.5), so neither changed. Not measured at M <= 64 (the skinny kernel's
+    range up to 8192 x 8192), which keeps the tma tiles."""
+    split = max(1, min(4, k_blocks // 8, num_sms // (2 * n_tiles)))
+    return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
 
 
 # --------------------------------------------------------------------------- launchers
