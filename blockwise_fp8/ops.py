@@ -201,7 +201,7 @@ CUBLAS_MIN_M = 33  # below, the weight-streaming kernels (M <= 32) win (on an H1
 # from here cuBLAS is considered, and our tma/ws kernels keep the shapes where their output grid
 # leaves SMs idle and they split K over it (kernels/gemm.py, _persistent_grid) while cuBLAS does not:
 OURS_UP_TO_M64 = (5120, 14336)  # M <= 64: ours for N <= 5120 or N >= 14336
-OURS_UP_TO_M128 = 4096  # M <= 128: ours for N <= 2048, and for N <= 4096 where K >= 3 N
+OURS_UP_TO_M128 = 4096  # M <= 128: ours for N <= 2048, and for N <= 4096 where K >= 2 N (session 23)
 OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 # Read off an H100 A/B of both on twelve Llama-3 / DeepSeek-V3 / grid shapes at M = 48-256 (e4m3,
 # CUDA graphs; benchmarks/results/ab-auto-mid-m-h100-2026-11-27-s12.txt), ours / cuBLAS:
@@ -215,6 +215,12 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 # 4096 x 8192 0.71-0.77, 2048 x 4096 0.69-0.80, 5120 x 3072 0.91-1.00, but 6144 x 4096 1.02-1.09
 # (and 1.12-1.22 with the weight in L2, which favours cuBLAS, ab-auto-mid-m-h100-2026-11-27-s21.txt),
 # so N = 6144 went to cuBLAS at M <= 64; 8192 x 8192 and 8192 x 4096 stay cuBLAS's (1.04-1.10).
+# Since session 23 the ws kernel's 128 x 128 tiles on about half the SMs serve M = 65-128 where the
+# scales ride its ring (kernels/gemm.py, _half_card_plan); timed again from memory at M = 80-128
+# (results/ab-auto-mid-m-cold-h100-2026-11-27-s23.txt), ours / cuBLAS: 4096 x 8192 0.87-0.88 (21.5
+# vs 24.5-24.7 us), so N = 4096 is ours from K = 2 N (was 3 N); 4096 x 14336 0.80, 2048 x 7168 0.68,
+# 1024 x 4096 0.83; cuBLAS kept 4096 x 4096 (1.02-1.03), 3072 x 3072 (1.10), 6144 x 4096 (1.11-1.13)
+# and 8192 x 4096 (1.08-1.12).
 # Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md),
 # except on grids just over one wave (below).
 #
@@ -301,7 +307,7 @@ def choose_gemm_backend(
     if M <= 64:
         ours = N <= OURS_UP_TO_M64[0] or N >= OURS_UP_TO_M64[1]
     elif M <= 128:
-        ours = N <= OURS_UP_TO_M256 or (N <= OURS_UP_TO_M128 and K >= 3 * N)
+        ours = N <= OURS_UP_TO_M256 or (N <= OURS_UP_TO_M128 and K >= 2 * N)
     else:
         tiles = _cdiv(M, 128) * _cdiv(N, 128)
         just_over_one_wave = K >= ONE_WAVE_MIN_K and num_sms < tiles <= num_sms * ONE_WAVE_MARGIN

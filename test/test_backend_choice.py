@@ -51,7 +51,7 @@ def test_choice_table():
 
 # (M, N, K, auto's choice): each band's edges, on the shapes of the A/B the table was read from
 # (benchmarks/results/ab-auto-mid-m-h100-2026-11-27-s12.txt; N <= 5120 at M <= 64 from
-# ab-auto-mid-m-cold-h100-2026-11-27-s21.txt)
+# ab-auto-mid-m-cold-h100-2026-11-27-s21.txt; N = 4096 from K = 2 N at M = 65-128 from ...-s23.txt)
 @pytest.mark.parametrize(
     "M, N, K, expected",
     [
@@ -60,7 +60,8 @@ def test_choice_table():
         (64, 7168, 2048, "cublas"), (64, 10240, 8192, "cublas"), (64, 14320, 4096, "cublas"),
         (64, 14336, 4096, "triton"), (64, 57344, 8192, "triton"),
         (65, 6144, 4096, "cublas"), (65, 14336, 4096, "cublas"), (65, 57344, 8192, "cublas"),
-        (128, 4096, 4096, "cublas"), (128, 4096, 12288, "triton"), (128, 4096, 14336, "triton"),
+        (128, 4096, 4096, "cublas"), (128, 4096, 8064, "cublas"), (128, 4096, 8192, "triton"),
+        (80, 4096, 8192, "triton"), (128, 4096, 12288, "triton"), (128, 4096, 14336, "triton"),
         (128, 4112, 14336, "cublas"), (128, 2048, 4096, "triton"),
         (129, 4096, 14336, "cublas"), (256, 2048, 7168, "triton"), (256, 2064, 7168, "cublas"),
         (257, 1024, 4096, "cublas"),
