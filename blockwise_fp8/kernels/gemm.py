@@ -882,8 +882,9 @@ def _half_card_plan(n_tiles: int, k_blocks: int, num_sms: int) -> Plan:
     6144 x 4096 (14.9-15.4 vs 14.5-14.6). The K splits' partial sums cost more than the SMs they add:
     8192 x 8192 ran 35.9 us in 2 splits (128 programs) and 43-46 in 3-4. With 24 K blocks (8192 x 3072)
     the tma tiles stayed 1-8% faster, and at M = 160 (two rows of tiles) the 64-row tiles won on
-    4096 x 4096 (14.5 vs 15.5), so neither changed. Not measured at M <= 64 (the skinny kernel's
-    range up to 8192 x 8192), which keeps the tma tiles."""
+    4096 x 4096 (14.5 vs 15.5), so neither changed. At M = 48-64 on weights past the skinny
+    kernel's range the tma tiles stayed faster on 5 of 6 (57344 x 8192: 179.9 vs 196.1 us; only
+    8192 x 28672 gained, in 2 splits, 92.0 vs 96.7), so M <= 64 keeps them too."""
     split = max(1, min(4, k_blocks // 8, num_sms // (2 * n_tiles)))
     return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
 
