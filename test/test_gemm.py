@@ -530,6 +530,10 @@ def test_plan_heuristic_ranges():
     assert half(64, 10240, 8192)[:2] == ("tma", 64)  # M <= 64: not measured, unchanged
     assert half(160, 4096, 4096)[:2] == ("tma", 64)  # two rows of tiles
     assert half(128, 10240, 8192)[:2] == ("ws", 128) and half(128, 10240, 8192)[3] == 1  # 80 tiles: _wide_plan
+    # other cards: within their ring limits (up to 64 K blocks)
+    other = lambda M, N, K: G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=True,  # noqa: E731
+                                   ring=G.RING_LIMITS["other"])
+    assert other(128, 8192, 8192).kind == "ws" and other(96, 8192, 28672).kind == "tma"
     assert G.plan(16, 8192, 8192, tma=True, ws=True).kind == "skinny"
     assert G.plan(1, 8192, 8192, tma=True, ws=True).kind == "gemv"
     assert G.plan(4096, 8192, 8192, tma=False, ws=False).kind == "tiled"

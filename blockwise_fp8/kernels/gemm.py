@@ -860,7 +860,9 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
             n_tiles = triton.cdiv(N, 128)
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
             if 2 * rounds(64) < 3 * rounds(128):
-                if ws and scales_in_ring and 64 < M <= 128 and k_blocks > 24:  # then n_tiles <= num_sms / 2
+                # (64 < M <= 128 here means n_tiles <= num_sms / 2; the card's ring limits apply as
+                # in _wide_plan: one wave, K blocks up to ring.max_k_blocks)
+                if ws and scales_in_ring and 64 < M <= 128 and 24 < k_blocks <= ring.max_k_blocks:
                     return _half_card_plan(n_tiles, k_blocks, num_sms)
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
@@ -884,7 +886,8 @@ def _half_card_plan(n_tiles: int, k_blocks: int, num_sms: int) -> Plan:
     the tma tiles stayed 1-8% faster, and at M = 160 (two rows of tiles) the 64-row tiles won on
     4096 x 4096 (14.5 vs 15.5), so neither changed. At M = 48-64 on weights past the skinny
     kernel's range the tma tiles stayed faster on 5 of 6 (57344 x 8192: 179.9 vs 196.1 us; only
-    8192 x 28672 gained, in 2 splits, 92.0 vs 96.7), so M <= 64 keeps them too."""
+    8192 x 28672 gained, in 2 splits, 92.0 vs 96.7), so M <= 64 keeps them too. Measured on an H100
+    only; other cards take it within their ring limits (``RING_LIMITS``: up to 64 K blocks)."""
     split = max(1, min(4, k_blocks // 8, num_sms // (2 * n_tiles)))
     return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
 
