@@ -34,9 +34,7 @@ def sides(M: int, N: int, K: int, dname: str, x16, w16, wq, ws) -> tuple[dict, s
     dt = DTYPES[dname]
     sms = G._num_sms(0)
     aq, as_ = Q.quantize(x16, 1, 128, dt)
-    padded = as_.new_zeros((as_.shape[1], -(-M // 4) * 4)).t()  # M-major, rows padded to 4: the ring's layout
-    padded[:M] = as_
-    ring_s = padded[:M]
+    ring_s = Q.quantize(x16, 1, 128, dt, scale_m_major=True, rows_multiple_of=4)[1][:M]  # as linear writes them for the ring
     cur = G.plan(M, N, K, tma=True, ws=True, num_sms=sms, scales_in_ring=G.prefers_m_major_scales(M, N, K, wq),
                  ring=G.ring_limits(0))
     cur_s = ring_s if cur.scales_tma else as_
