@@ -1,6 +1,8 @@
 """Development probe (GPU): at M = 48-256, the current plan against the ws kernel's 128 x 128 tiles
 with the activation scales in its ring (6 stages) and 1-4 K splits of each tile of a partial wave,
-and the tma kernel's 64 x 128 tiles; cuBLAS beside for e4m3. The data behind
+and the tma kernel's 64 x 128 tiles; cuBLAS beside for e4m3. ``--memory``: also the half-card plan's
+tiles and split with the scales in the ring (``half``) and read row-major from memory (``mem4``,
+``mem5``: 4 and 5 stages), whatever the plan picks (results/probe-half-card-memory-h100-2026-11-27-s24.txt). The data behind
 ``kernels/gemm.py::_half_card_plan`` (results/probe-mid-m-ws-h100-2026-11-27-s23.txt).
 
     PYTHONPATH=. python benchmarks/probe_mid_m_ws.py --ms 96,128 --shapes 8192x8192,4096x14336 [--dtypes e5m2]
@@ -29,7 +31,8 @@ def us(fn) -> float:
     return do_bench_cudagraph(fn, rep=30) * 1e3
 
 
-def sides(M: int, N: int, K: int, dname: str, x16, w16, wq, ws) -> tuple[dict, str]:
+def sides(M: int, N: int, K: int, dname: str, x16, w16, wq, ws, *, splits: bool = True,
+          memory: bool = False) -> tuple[dict, str]:
     """The timed calls of one cell, and the current plan's label."""
     dt = DTYPES[dname]
     sms = G._num_sms(0)
@@ -45,9 +48,18 @@ def sides(M: int, N: int, K: int, dname: str, x16, w16, wq, ws) -> tuple[dict, s
         "plan": lambda: G.gemm(aq, cur_s, wq, ws, None, torch.bfloat16),
         "tma64": lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=tma64),
     }
-    for t in (1, 2, 3, 4):
+    for t in (1, 2, 3, 4) if splits else ():
         p = G.Plan("ws", 128, 128, 4, 6, tail_split=t, scales_tma=True)
         fns[f"r6t{t}"] = (lambda p: lambda: G.gemm(aq, ring_s, wq, ws, None, torch.bfloat16, plan_override=p))(p)
+    if memory:
+        # the half-card plan's tiles and split with the scales row-major, read from memory (no ring)
+        n_tiles, kb = triton.cdiv(N, 128), triton.cdiv(K, 128)
+        split = G._half_card_plan(n_tiles, kb, sms, True).tail_split
+        half = G.Plan("ws", 128, 128, 4, 6, tail_split=split, scales_tma=True)
+        fns["half"] = lambda: G.gemm(aq, ring_s, wq, ws, None, torch.bfloat16, plan_override=half)
+        for st in (4, 5):
+            p = G.Plan("ws", 128, 128, 4, st, tail_split=split)
+            fns[f"mem{st}"] = (lambda p: lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p))(p)
     if dname == "e4m3":
         mm = ops._m_major(as_)
         fns["cublas"] = lambda: bf.gemm(aq, mm, wq, ws, backend="cublas")
@@ -60,6 +72,9 @@ def main() -> None:
     ap.add_argument("--ms", default="96,128,160")
     ap.add_argument("--shapes", default="8192x8192,4096x4096,8192x28672,6144x4096,4096x14336,8192x3072,2048x8192")
     ap.add_argument("--dtypes", default="e5m2")
+    ap.add_argument("--no-splits", dest="splits", action="store_false", help="leave out the ring's 1-4 split sides")
+    ap.add_argument("--memory", action="store_true",
+                    help="add the half-card plan, and its tiles and split with row-major scales from memory, 4 and 5 stages")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -69,7 +84,7 @@ def main() -> None:
             wq, ws = bf.quantize_weight(w16, DTYPES[dname])
             for M in (int(m) for m in args.ms.split(",")):
                 x16 = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-                fns, label = sides(M, N, K, dname, x16, w16, wq, ws)
+                fns, label = sides(M, N, K, dname, x16, w16, wq, ws, splits=args.splits, memory=args.memory)
                 ref = fns["plan"]().float()
                 bad = [k for k, f in fns.items() if k != "bf16" and not torch.allclose(f().float(), ref, rtol=1e-2, atol=1e-2)]
                 names, best = list(fns), {}

@@ -220,7 +220,9 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 # (results/ab-auto-mid-m-cold-h100-2026-11-27-s23.txt), ours / cuBLAS: 4096 x 8192 0.87-0.88 (21.5
 # vs 24.5-24.7 us), so N = 4096 is ours from K = 2 N (was 3 N); 4096 x 14336 0.80, 2048 x 7168 0.68,
 # 1024 x 4096 0.83; cuBLAS kept 4096 x 4096 (1.02-1.03), 3072 x 3072 (1.10), 6144 x 4096 (1.11-1.13)
-# and 8192 x 4096 (1.08-1.12).
+# and 8192 x 4096 (1.08-1.12). (Since session 24 those tiles read the scales from memory where each
+# program runs <= 32 K blocks, 1024 x 4096, 2048 x 7168 and 4096 x 8192 among them: as fast or 3-7%
+# faster there, results/probe-half-card-memory-h100-2026-11-27-s24.txt, so the table stands.)
 # Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md),
 # except on grids just over one wave (below).
 #

@@ -238,26 +238,28 @@ def test_linear_quantizes_for_the_ws_ring_where_its_plan_is_ws(monkeypatch, M):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
-@pytest.mark.parametrize("M,N,K,split", [(96, 1024, 4096, 4), (100, 4096, 4096, 2), (128, 8448, 3200, 1)])
-def test_linear_at_m_65_128_runs_the_half_card_ws_plan(monkeypatch, M, N, K, split):
-    """At M = 65-128, where the 128 x 128 tiles fill at most half the SMs, ``linear`` quantizes for
-    the ws kernel's ring and runs ``_half_card_plan`` (tiles split over K within half the SMs):
-    correct against the float64 reference, the scales taken through the ring."""
+@pytest.mark.parametrize("M,N,K,split,ring", [(96, 1024, 4096, 4, False), (100, 4096, 4096, 2, False),
+                                              (128, 8448, 3200, 1, False), (96, 8192, 4480, 1, True)])
+def test_linear_at_m_65_128_runs_the_half_card_ws_plan(monkeypatch, M, N, K, split, ring):
+    """At M = 65-128, where the 128 x 128 tiles fill at most half the SMs, ``linear`` runs
+    ``_half_card_plan`` (tiles split over K within half the SMs), quantizing for the ws kernel's
+    ring where each program runs more than 32 K blocks: correct against the float64 reference, the
+    scales taken through the ring or from memory as planned."""
     x, _, _, wq, ws, b = _operands(M, N, K, torch.float8_e5m2, seed=M)
     if not G.ws_usable(wq, wq):
         pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
     sms = G._num_sms(0)
     p = G.plan(M, N, K, tma=True, ws=True, num_sms=sms, scales_in_ring=True, ring=G.ring_limits(0))
-    assert (p.kind, p.block_m, p.scales_tma) == ("ws", 128, True)
+    assert (p.kind, p.block_m) == ("ws", 128)
     if sms == 132:
-        assert p.tail_split == split
-    assert G.prefers_m_major_scales(M, N, K, wq)
+        assert (p.tail_split, p.scales_tma) == (split, ring)
+        assert G.prefers_m_major_scales(M, N, K, wq) == ring
     seen = []
     meta = gemm_hopper._ws_meta
     monkeypatch.setattr(gemm_hopper, "_ws_meta", lambda *args: seen.append(args[-1]) or meta(*args))
     x = x.to(torch.bfloat16)
     got = bf.linear(x, wq, ws, b, activation_dtype=torch.float8_e5m2, backend="triton")
-    assert seen == [True]
+    assert seen == [p.scales_tma]
     from blockwise_fp8.kernels import quant
 
     aq, as_ = quant.quantize(x, 1, 128, torch.float8_e5m2)
@@ -517,14 +519,17 @@ def test_plan_heuristic_ranges():
     # the warp-specialised kernel replaces every 128 x 128 TMA tile where it can run
     assert G.plan(4096, 8192, 8192, tma=True, ws=True).kind == "ws"
     assert G.plan(128, 10240, 8192, tma=True, ws=True, num_sms=132).kind == "ws"
-    assert G.plan(128, 8192, 8192, tma=True, ws=True, num_sms=132).kind == "tma"  # 64-row tiles stay
-    # ... unless the scales ride the ws kernel's ring: then, at M = 65-128 past 24 K blocks, 128 x 128
-    # tiles split over K within half the SMs (at most 4 ways, >= 8 K blocks each)
-    half = lambda M, N, K: (lambda p: (p.kind, p.block_m, p.num_stages, p.tail_split, p.scales_tma))(  # noqa: E731
-        G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=True))
+    # ... and at M = 65-128 past 24 K blocks, 128 x 128 tiles split over K within half the SMs (at
+    # most 4 ways, >= 8 K blocks each), the scales in the ring where each program runs > 32 K blocks
+    # and the scales can ride it, else read from memory in 5 stages
+    half = lambda M, N, K, ring=True: (lambda p: (p.kind, p.block_m, p.num_stages, p.tail_split, p.scales_tma))(  # noqa: E731
+        G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=ring))
     assert half(128, 8192, 8192) == half(96, 8192, 28672) == ("ws", 128, 6, 1, True)  # 64 tiles
-    assert half(128, 4096, 4096) == half(65, 4096, 14336) == ("ws", 128, 6, 2, True)  # 32 tiles
-    assert half(96, 2048, 8192) == ("ws", 128, 6, 4, True) and half(96, 512, 8192)[3] == 4  # at most 4
+    assert half(128, 8192, 8192, False) == half(96, 8192, 28672, False) == ("ws", 128, 5, 1, False)
+    assert half(65, 4096, 14336) == ("ws", 128, 6, 2, True)  # 32 tiles: 56 K blocks a program
+    assert half(128, 4096, 4096) == ("ws", 128, 5, 2, False)  # 16 K blocks a program
+    assert half(128, 8192, 4224) == ("ws", 128, 6, 1, True) and half(128, 6144, 4096)[2:] == (5, 1, False)  # 33, 32
+    assert half(96, 2048, 8192) == ("ws", 128, 5, 4, False) and half(96, 512, 8192)[3] == 4  # at most 4
     assert half(128, 2048, 3200)[3] == 3  # 25 K blocks: pieces of >= 8
     assert half(128, 8192, 3072)[:2] == ("tma", 64)  # 24 K blocks: the 64-row tiles stay
     assert half(64, 10240, 8192)[:2] == ("tma", 64)  # M <= 64: not measured, unchanged
@@ -616,6 +621,8 @@ def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["H100"])
     assert G.prefers_m_major_scales(1024, 8192, 8192, w) and G.prefers_m_major_scales(512, 8192, 28672, w)
     assert not G.prefers_m_major_scales(2048, 8192, 8192, w)  # 7.8 waves
+    assert G.prefers_m_major_scales(128, 8192, 8192, w)  # the half-card plan: 64 K blocks a program
+    assert not G.prefers_m_major_scales(128, 1024, 4096, Weight((4096, 1)))  # 8 K blocks a program
     monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["other"])
     assert not G.prefers_m_major_scales(16, 8192, 8192, w)  # skinny kernel
     assert not G.prefers_m_major_scales(8192, 8192, 8192, w)  # 192-row tiles

@@ -854,16 +854,17 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
         # short of full, so count them: a 64 x 128 tile (4 warps, flattened) costs about 2/3 of
         # a 128 x 128 one there (results/tune-mid-m-h100-2026-11-26.txt: 20 shapes x 2 dtypes,
         # M = 80..256, this rule picks the faster of the two or one within 3%). Where the ws
-        # kernel runs with the scales in its ring, at M = 65-128 past 24 K blocks, its 128 x 128
-        # tiles on about half the SMs beat those 64 x 128 tiles (``_half_card_plan``).
+        # kernel runs, at M = 65-128 past 24 K blocks, its 128 x 128 tiles on about half the SMs
+        # beat those 64 x 128 tiles (``_half_card_plan``).
         if M <= 256:
             n_tiles = triton.cdiv(N, 128)
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
             if 2 * rounds(64) < 3 * rounds(128):
-                # (64 < M <= 128 here means n_tiles <= num_sms / 2; the card's ring limits apply as
-                # in _wide_plan: one wave, K blocks up to ring.max_k_blocks)
-                if ws and scales_in_ring and 64 < M <= 128 and 24 < k_blocks <= ring.max_k_blocks:
-                    return _half_card_plan(n_tiles, k_blocks, num_sms)
+                # (64 < M <= 128 here means n_tiles <= num_sms / 2; on cards other than the H100
+                # only within the card's ring limits, as measured there: K blocks up to
+                # ring.max_k_blocks)
+                if ws and 64 < M <= 128 and 24 < k_blocks <= ring.max_k_blocks:
+                    return _half_card_plan(n_tiles, k_blocks, num_sms, scales_in_ring)
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
         return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
@@ -872,24 +873,38 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
 
-def _half_card_plan(n_tiles: int, k_blocks: int, num_sms: int) -> Plan:
-    """The ws kernel's 128 x 128 tiles, scales in the ring, 6 stages, for a grid of one row of at
-    most half as many tiles as SMs (M = 65-128): each tile split over K into as many programs as keep
-    them within half the SMs (at most 4, of >= 8 K blocks each).
+def _half_card_plan(n_tiles: int, k_blocks: int, num_sms: int, scales_in_ring: bool) -> Plan:
+    """The ws kernel's 128 x 128 tiles for a grid of one row of at most half as many tiles as SMs
+    (M = 65-128): each tile split over K into as many programs as keep them within half the SMs (at
+    most 4, of >= 8 K blocks each). The activation scales ride the ring (6 stages) where each
+    program runs more than 32 K blocks and their layout allows it; else they are read from memory
+    (5 stages, as ``_wide_plan`` has on short grids), which is also what a compiled graph's
+    row-major scales get.
 
-    H100, e5m2, CUDA graphs, one process (results/probe-mid-m-ws-h100-2026-11-27-s23.txt): against
-    the 64 x 128 tma tiles on twice as many programs, at M = 96 and 128, 7-13% faster on 4096 x 4096
-    (2 splits: 12.5 vs 13.5 us), 8192 x 8192 (unsplit: 31.6 vs 35.5), 4096 x 14336 (2: 32.2 vs 37.1),
-    8192 x 28672 (unsplit: 96.4 vs 109.7) and 2048 x 8192 (4: 13.9 vs 14.9), but 3-5% slower on
-    6144 x 4096 (14.9-15.4 vs 14.5-14.6). The K splits' partial sums cost more than the SMs they add:
-    8192 x 8192 ran 35.9 us in 2 splits (128 programs) and 43-46 in 3-4. With 24 K blocks (8192 x 3072)
-    the tma tiles stayed 1-8% faster, and at M = 160 (two rows of tiles) the 64-row tiles won on
-    4096 x 4096 (14.5 vs 15.5), so neither changed. At M = 48-64 on weights past the skinny
-    kernel's range the tma tiles stayed faster on 5 of 6 (57344 x 8192: 179.9 vs 196.1 us; only
-    8192 x 28672 gained, in 2 splits, 92.0 vs 96.7), so M <= 64 keeps them too. Measured on an H100
-    only; other cards take it within their ring limits (``RING_LIMITS``: up to 64 K blocks)."""
+    H100, e5m2, CUDA graphs, one process (results/probe-mid-m-ws-h100-2026-11-27-s23.txt): with the
+    scales in the ring, against the 64 x 128 tma tiles on twice as many programs, at M = 96 and 128,
+    7-13% faster on 4096 x 4096 (2 splits: 12.5 vs 13.5 us), 8192 x 8192 (unsplit: 31.6 vs 35.5),
+    4096 x 14336 (2: 32.2 vs 37.1), 8192 x 28672 (unsplit: 96.4 vs 109.7) and 2048 x 8192 (4: 13.9 vs
+    14.9), but 3-5% slower on 6144 x 4096 (14.9-15.4 vs 14.5-14.6). The K splits' partial sums cost
+    more than the SMs they add: 8192 x 8192 ran 35.9 us in 2 splits (128 programs) and 43-46 in 3-4.
+    With 24 K blocks (8192 x 3072) the tma tiles stayed 1-8% faster, and at M = 160 (two rows of
+    tiles) the 64-row tiles won on 4096 x 4096 (14.5 vs 15.5), so neither changed. At M = 48-64 on
+    weights past the skinny kernel's range the tma tiles stayed faster on 5 of 6 (57344 x 8192: 179.9
+    vs 196.1 us; only 8192 x 28672 gained, in 2 splits, 92.0 vs 96.7), so M <= 64 keeps them too.
+    Ring or memory (session 24, results/probe-half-card-memory-h100-2026-11-27-s24.txt, 16 weights at
+    M = 80-128): the ring won where each program runs 56-224 K blocks, by 6-10% (8192 x 8192 30.5-31.8
+    us against 33.3-35.0 from memory in 5 stages; 4096 x 14336 31.7-32.3 vs 34.4-35.2; 8192 x 28672
+    92.7-96.9 vs 102.8-106.4), memory where they run 8-16, by 3-7% (1024 x 4096 10.2-10.3 vs
+    10.8-11.0; 2048 x 8192 13.4-14.0 vs 13.8-14.5; 2048 x 7168 12.6-13.2 vs 13.1-14.0; 4096 x 4096 a
+    tie), and at 28-32 neither by more than a few percent (4096 x 8192, 3072 x 8192, 2048 x 14336,
+    6144 x 4096). From memory these tiles beat the tma tiles on 13 of the 16 weights at every M
+    timed (not 6144 x 4096 and 7168 x 4096 at M = 128, 4096 x 8192 at M = 80: 3-5% slower). Measured
+    on an H100 only; other cards take the plan within their ring limits (``RING_LIMITS``: up to 64
+    K blocks)."""
     split = max(1, min(4, k_blocks // 8, num_sms // (2 * n_tiles)))
-    return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
+    if scales_in_ring and k_blocks > 32 * split:
+        return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
+    return Plan("ws", 128, 128, num_warps=4, num_stages=5, tail_split=split)
 
 
 # --------------------------------------------------------------------------- launchers
