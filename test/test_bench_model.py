@@ -212,3 +212,17 @@ def test_read_ceiling_kernel_reads_every_word_once(kernel_device, n, programs, b
     out = torch.zeros(programs, dtype=torch.int32, device=kernel_device)
     read.read_kernel[(programs,)](x, out, n, programs, BLOCK=block)
     assert int(out.sum()) == int(x.sum())
+
+
+def test_ab_prefill_smoke_alternates_both_contenders(capsys):
+    """benchmarks/ab_prefill.py on the tiny stack (CPU): each round times bf16 and ours, and the
+    summary's ratio is the per-round step times' ratio."""
+    ab = _load("ab_prefill")
+    ab.main(["--smoke", "--rounds", "2"])
+    out = capsys.readouterr().out.splitlines()
+    per_round = [line.split() for line in out if line[:5].strip().isdigit()]
+    assert [(r[0], r[1]) for r in per_round] == [("0", "bf16"), ("0", "ours"), ("1", "bf16"), ("1", "ours")]
+    ratios = [float(b[2]) / float(o[2]) for b, o in zip(per_round[::2], per_round[1::2])]
+    summary = next(line for line in out if line.startswith("ours x bf16 per round:"))
+    printed = [float(q) for q in summary.split(": ")[1].split(";")[0].split(", ")]
+    assert len(printed) == 2 and all(abs(p - q) <= 0.006 for p, q in zip(printed, ratios))  # from rounded times
