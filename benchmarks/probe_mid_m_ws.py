@@ -1,9 +1,10 @@
 """Development probe (GPU): at M = 48-256, the current plan against the ws kernel's 128 x 128 tiles
 with the activation scales in its ring (6 stages) and 1-4 K splits of each tile of a partial wave,
-and the tma kernel's 64 x 128 tiles; cuBLAS beside for e4m3. ``--memory``: also the half-card plan's
-tiles and split with the scales in the ring (``half``) and read row-major from memory (``mem4``,
-``mem5``: 4 and 5 stages), whatever the plan picks (results/probe-half-card-memory-h100-2026-11-27-s24.txt). The data behind
-``kernels/gemm.py::_half_card_plan`` (results/probe-mid-m-ws-h100-2026-11-27-s23.txt).
+and the tma kernel's 64 x 128 tiles; cuBLAS beside for e4m3. ``--memory``: also the half-card
+plan's tiles and split with the scales in the ring (``half``) and read row-major from memory
+(``mem4``, ``mem5``: 4 and 5 stages), whatever the plan picks. The data behind
+``kernels/gemm.py::_half_card_plan`` (results/probe-mid-m-ws-h100-2026-11-27-s23.txt; ``--memory``:
+results/probe-half-card-memory-h100-2026-11-27-s24.txt).
 
     PYTHONPATH=. python benchmarks/probe_mid_m_ws.py --ms 96,128 --shapes 8192x8192,4096x14336 [--dtypes e5m2]
 
