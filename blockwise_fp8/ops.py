@@ -397,7 +397,9 @@ def _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype) -> torch.Tensor:
     out = F.scaled_mm(
         a_q, w_q.t(), a_s, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
         output_dtype=out_dtype,
-    )[:M]
+    )
+    if M % 4:  # (a slice is one more op of host time, a few us: only where rows were appended)
+        out = out[:M]
     if bias is not None:
         out += bias.to(out_dtype)
     return out
@@ -630,7 +632,8 @@ def _linear_op(
             a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=True,
                                           rows_multiple_of=4)
             if backend == "cublas":
-                return _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)[:M]
+                out = _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+                return out[:M] if M % 4 else out
             return gemm_kernels.gemm(a_q[:M], a_scale[:M], w_q, w_scale, bias, out_dtype)
         a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
