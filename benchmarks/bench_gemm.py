@@ -90,18 +90,28 @@ def timed(fn, rep):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
-def time_contenders(fns: dict, rep: int, rounds: int, timer=timed) -> dict:
+def time_contenders(fns: dict, rep: int, rounds: int, timer=timed, idle_s: float = 0.0) -> dict:
     """Each contender's best median over ``rounds`` rounds, the order rotated by one each round.
 
     Timed once each in a fixed order, a contender's time also depends on its place: under
     sustained FP8 load the H100's clocks drift, and in the ninth session's grid ``ours_auto``
     (which then *was* the cuBLAS call, same kernel, same inputs) came out 2-12% slower than the
     ``cublas`` contender timed three places earlier. With a rotated order every contender is timed
-    early and late; comparing contenders that run the same kernel is then fair."""
+    early and late; comparing contenders that run the same kernel is then fair.
+
+    Rotated by one, two rounds still time ``ours_auto`` right after ``ours_triton``; with a heavy
+    kernel just before it, a contender starts on a hotter, power-capped card. Session 25
+    (devrun position probe, H100, e5m2, back to back): two identical contenders of our kernel
+    read 255.9-289.8 us by place at M = 2048, N = K = 8192, and 3612-3772 at M = 8192, K = 28672;
+    with 1 s idle before each timing they agreed to 1% (251-258 us; 3512-3538), bf16 371-380 /
+    5270-5310. ``idle_s`` sleeps that long before every timing, so each contender starts from the
+    same idle card (short bursts from idle: a sustained load runs hotter, FP8 more so)."""
     names = list(fns)
     best: dict = {}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            if idle_s:
+                time.sleep(idle_s)
             t = timer(fns[name], rep)
             best[name] = min(t, best.get(name, math.inf))
     return best
@@ -166,6 +176,8 @@ def main():
                          "keep its best median (see time_contenders; 2: about 540 s on an H100; 1: one fixed "
                          "order, about 270 s, where two timings of one cuBLAS call in one cell differed by up "
                          "to 20%% at large M in the nineteenth session)")
+    ap.add_argument("--idle", type=float, default=0.0, metavar="S",
+                    help="seconds of idle card before every timing (see time_contenders); 0: back to back")
     ap.add_argument("--merge", default=None,
                     help="comma-separated output folders of runs over parts of the grid (e.g. --nk halves, each "
                          "within a time limit): write their rows as one grid to --out, no GPU needed")
@@ -182,6 +194,8 @@ def main():
     versions = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
                 f"torchao {torchao_version or 'absent'}, python {platform.python_version()}")
     order = "fixed contender order" if args.rounds == 1 else f"best of {args.rounds} rounds, order rotated"
+    if args.idle:
+        order += f", {args.idle:g} s idle before each"
     header = f"# {dev}; {versions}; times: median us of do_bench_cudagraph ({order}); {time.strftime('%Y-%m-%d')}"
     print(header, flush=True)
     rows = []
@@ -202,7 +216,7 @@ def main():
                 rep = 20 if M * N * K < 2**38 else 60
                 r = {"M": M, "N": N, "K": K, "dtype": dname}
                 fns, outs = contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, f"{M},{N},{K},{dname}")
-                r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds).items()})
+                r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds, idle_s=args.idle).items()})
                 p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq),
                            scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), ring=G.ring_limits(wq.device.index or 0))
                 # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18);

@@ -247,6 +247,24 @@ def test_bench_gemm_rotates_the_contender_order_between_rounds():
     assert calls == ["a", "b"]
 
 
+def test_bench_gemm_idles_before_every_timing(monkeypatch):
+    """time_contenders(idle_s=...): one sleep of idle_s before each timing, none without it."""
+    bench = _bench_gemm()
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
+
+    def timer(fn, rep):
+        events.append(("time", fn()))
+        return 1.0
+
+    bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=2, timer=timer, idle_s=0.5)
+    assert events == [("sleep", 0.5), ("time", "a"), ("sleep", 0.5), ("time", "b"),
+                      ("sleep", 0.5), ("time", "b"), ("sleep", 0.5), ("time", "a")]
+    events.clear()
+    bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=1, timer=timer)
+    assert events == [("time", "a"), ("time", "b")]
+
+
 @pytest.mark.parametrize("ring,auto", [(False, "triton"), (True, "triton"), (False, "cublas"), (True, "cublas")])
 def test_bench_gemm_hands_each_contender_its_scale_layout(monkeypatch, ring, auto):
     """benchmarks/bench_gemm.operand_scales: the same scale values for every contender, laid out

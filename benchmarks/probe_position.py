@@ -1,0 +1,71 @@
+"""Does a contender's place in the timing order move its time? (GEMM grid methodology probe)
+
+    python benchmarks/probe_position.py [--idle 0,1] [--shapes 2048x8192x8192,8192x8192x28672]
+
+Two identical contenders, A and B (our GEMM on the same e5m2 operands), beside bf16 ``F.linear``,
+timed as bench_gemm times a grid cell (``bench_gemm.timed``: median of do_bench_cudagraph, the
+grid's rep) in every order of the three, back to back or with ``--idle`` seconds of idle card
+before each timing. Prints each contender's median by its place in the order, and A's over B's:
+where the card's state does not depend on what ran before, A and B agree at every place.
+
+Session 25, H100 (results/position-probe-h100-2026-11-27-s25.txt): back to back, A and B read
+256-290 us by place at M = 2048, N = K = 8192 and 3612-3772 at M = 8192, K = 28672; with 1 s idle
+before each timing, 251-258 and 3512-3538.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_gemm as bg  # noqa: E402
+from blockwise_fp8 import ops  # noqa: E402
+from blockwise_fp8.kernels import gemm as G  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--idle", default="0,1", help="comma-separated seconds of idle before each timing")
+    ap.add_argument("--shapes", default="2048x8192x8192,8192x8192x28672", help="MxNxK,...")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_position.py times CUDA kernels: no CUDA device here")
+    print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}", flush=True)
+    for shape in args.shapes.split(","):
+        M, N, K = (int(v) for v in shape.split("x"))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K**0.5
+        aq, a_s = ops.quantize_activation(x, dtype=torch.float8_e5m2)
+        wq, w_s = ops.quantize_weight(w, dtype=torch.float8_e5m2)
+        fns = {
+            "bf16": lambda: F.linear(x, w),
+            "A": lambda: G.gemm(aq, a_s, wq, w_s, None, torch.bfloat16),
+            "B": lambda: G.gemm(aq, a_s, wq, w_s, None, torch.bfloat16),
+        }
+        rep = 20 if M * N * K < 2**38 else 60  # bench_gemm's
+        for idle in (float(v) for v in args.idle.split(",")):
+            by_place: dict = {name: {} for name in fns}
+            for order in itertools.permutations(fns):
+                for place, name in enumerate(order):
+                    if idle:
+                        time.sleep(idle)
+                    by_place[name].setdefault(place, []).append(bg.timed(fns[name], rep))
+            print(f"M={M} N={N} K={K} e5m2 idle={idle}s: median us by place in the order (0, 1, 2)")
+            for name, d in by_place.items():
+                print(f"  {name:5s} " + "  ".join(f"{statistics.median(d[p]):8.1f}" for p in sorted(d)))
+            a = statistics.median(sum(by_place["A"].values(), []))
+            b = statistics.median(sum(by_place["B"].values(), []))
+            print(f"  A/B ratio of all medians: {a / b:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
