@@ -96,15 +96,13 @@ def time_contenders(fns: dict, rep: int, rounds: int, timer=timed, idle_s: float
     Timed once each in a fixed order, a contender's time also depends on its place: under
     sustained FP8 load the H100's clocks drift, and in the ninth session's grid ``ours_auto``
     (which then *was* the cuBLAS call, same kernel, same inputs) came out 2-12% slower than the
-    ``cublas`` contender timed three places earlier. With a rotated order every contender is timed
-    early and late; comparing contenders that run the same kernel is then fair.
-
-    Rotated by one, two rounds still time ``ours_auto`` right after ``ours_triton``; with a heavy
-    kernel just before it, a contender starts on a hotter, power-capped card. Session 25
-    (devrun position probe, H100, e5m2, back to back): two identical contenders of our kernel
-    read 255.9-289.8 us by place at M = 2048, N = K = 8192, and 3612-3772 at M = 8192, K = 28672;
-    with 1 s idle before each timing they agreed to 1% (251-258 us; 3512-3538), bf16 371-380 /
-    5270-5310. ``idle_s`` sleeps that long before every timing, so each contender starts from the
+    ``cublas`` contender timed three places earlier. Rotation moves each contender's place, but
+    only by one a round: with two rounds (the default) each keeps its neighbours, and ``ours_auto``
+    is timed right after ``ours_triton`` both times; after a heavy kernel a contender starts on a
+    hotter, power-capped card. Session 25 (``probe_position.py``, H100, e5m2, back to back): two
+    identical contenders of our kernel read 255.9-289.8 us by place at M = 2048, N = K = 8192, and
+    3612-3772 at M = 8192, K = 28672; with 1 s idle before each timing they agreed to 1% (251-258
+    us; 3512-3538), bf16 371-380 / 5270-5310. ``idle_s`` sleeps that long before every timing, so each contender starts from the
     same idle card (short bursts from idle: a sustained load runs hotter, FP8 more so)."""
     names = list(fns)
     best: dict = {}
