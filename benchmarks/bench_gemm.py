@@ -363,6 +363,20 @@ def targets(rows) -> list[str]:
     return out
 
 
+def same_kernel_spread(rows) -> str:
+    """How far two timings of one kernel on the same operands in one run disagree: where "auto"
+    ran our kernel, ``ours_auto`` and ``ours_triton`` time the same launch (a rough noise band
+    for every other comparison of the run; the ``cublas`` line of the targets gives cuBLAS's)."""
+    same = [r["ours_auto_us"] / r["ours_triton_us"] - 1 for r in rows
+            if r.get("ours_auto_backend") == "triton" and r.get("ours_triton_us") and r.get("ours_auto_us")]
+    if not same:
+        return "Same kernel timed twice (ours_auto where it ran our kernel, against ours_triton): no such cells."
+    big = [d for d in same if abs(d) > 0.02]
+    return (f"Same kernel timed twice (ours_auto where it ran our kernel, against ours_triton, same operands): "
+            f"{len(same)} cells, ours_auto {100 * min(same):+.1f}% to {100 * max(same):+.1f}%, "
+            f"{len(big)} beyond 2%.")
+
+
 def summarize(rows, dev, versions) -> str:
     out = [f"Card: {dev}; {versions}. Median us (CUDA-graph replay); speedup = bf16 time / contender time.\n"]
     out.append("| contender | shapes | geomean x bf16 | min | max | at M=N=K=8192 (e4m3) |")
@@ -376,6 +390,8 @@ def summarize(rows, dev, versions) -> str:
     out.append("")
     out.append("Targets (issue 3), on these rows:\n")
     out += targets(rows)
+    out.append("")
+    out.append(same_kernel_spread(rows))
     out.append("")
     out.append("| M | N | K | dtype | bf16 us | torchao us | cublas us | ours_triton us | ours_auto us (x bf16) | ours_linear us (x bf16) | SQNR ours/torchao dB |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -361,3 +361,9 @@ def test_bench_gemm_summary_reports_the_targets_from_its_rows():
     rows[1]["ours_auto_us"] = 29.0
     line = next(t for t in bench.targets(rows) if t.startswith("| ours (auto) >= cuBLAS"))
     assert "our kernels on 1 of 2 cells, slower on 0; 1 cells where" in line and line.endswith("| yes |")
+    # ours_auto against ours_triton where auto ran our kernel (M = 1, 64, 1024; not the cuBLAS cell):
+    # 25/25, 29/31, 80/80 -> -6.5% to +0.0%, one beyond 2%
+    assert bench.same_kernel_spread(rows) == (
+        "Same kernel timed twice (ours_auto where it ran our kernel, against ours_triton, same operands): "
+        "3 cells, ours_auto -6.5% to +0.0%, 1 beyond 2%.")
+    assert bench.same_kernel_spread(rows[3:]).endswith("no such cells.")
