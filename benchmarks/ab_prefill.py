@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=10, help="calls per timed repeat")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the second half of the rounds")
     ap.add_argument("--after-profiler", type=int, default=0, metavar="R",
-                    help="time R more rounds after the kernels were profiled (torch.profiler leaves CUPTI attached)")
+                    help="time R more rounds after the kernels were profiled (torch.profiler can leave CUPTI attached)")
     ap.add_argument("--mode", choices=("default", "reduce-overhead"), default="default",
                     help="torch.compile mode of both contenders (reduce-overhead: CUDA graphs)")
     ap.add_argument("--smoke", action="store_true")
