@@ -16,7 +16,9 @@ and no lm_head, which the FP8 checkpoints keep in bf16 anyway. Contenders, on th
 Phases, each contender ``torch.compile``d:
     decode    batch 1 and 16, one token per sequence against a static KV cache of ``--ctx``
               positions, mode="reduce-overhead" (CUDA graphs); tokens/s = batch / step time
-    prefill   1 x ``--prefill`` tokens, causal attention, default mode; tokens/s = tokens / time
+    prefill   1 x ``--prefill`` tokens, causal attention, default mode (``--prefill-mode
+              reduce-overhead``: CUDA graphs, as docs/usage.md recommends for fixed lengths);
+              tokens/s = tokens / time
 
 Inductor's settings are the same for every contender (``--inductor``): "tuned" (the default) turns
 on the coordinate-descent tuning that torchao's quantize_ turns on for the whole process unless
@@ -243,7 +245,8 @@ def run(args) -> tuple[list, list, str]:
         f"# SMOKE stack: {layers} layers, hidden {cfg.hidden}, MLP {cfg.ffn} (not a measurement)",
         f"# decode: batch {batches}, KV cache {ctx}, torch.compile mode=reduce-overhead (CUDA graphs)" if compile_ else
         f"# decode: batch {batches}, KV cache {ctx}, eager (no torch.compile)",
-        f"# prefill: 1 x {prefill} tokens, " + ("torch.compile default mode" if compile_ else "eager"),
+        f"# prefill: 1 x {prefill} tokens, " + (f"torch.compile mode={args.prefill_mode}" + (
+            " (CUDA graphs)" if args.prefill_mode == "reduce-overhead" else "") if compile_ else "eager"),
         f"# ours: {'blockwise_fp8.unwrap_for_compile before torch.compile' if compile_ and args.unwrap else 'tensor subclasses as quantize_ left them'}; torchao: as quantize_ left it",
         f"# time: median of 5 repeats of the mean of {iters} calls; SQNR: output vs the bf16 stack's output",
         f"# inductor: {inductor_settings(args.inductor, args.inductor_pdl, args.freezing)[1]}",
@@ -297,7 +300,7 @@ def run(args) -> tuple[list, list, str]:
                         fn = torch.compile(model.decode, mode="reduce-overhead") if compile_ else model.decode
                         call = lambda: fn(x, pos)  # noqa: E731
                     else:
-                        fn = torch.compile(model) if compile_ else model
+                        fn = torch.compile(model, mode=args.prefill_mode) if compile_ else model
                         call = lambda: fn(x)  # noqa: E731
                     out = call().clone()
                     ms = time_ms(call, device, iters if phase == "decode" else max(1, iters // 5))
@@ -391,6 +394,9 @@ def main(argv=None) -> int:
                     help="which phases to time, comma-separated: decode, prefill (a device call of at most "
                          "10 minutes fits one phase with all three contenders; torchao compiles for 2-3 min)")
     ap.add_argument("--iters", type=int, default=None, help="calls per timed repeat (default 50 decode, 10 prefill)")
+    ap.add_argument("--prefill-mode", choices=["default", "reduce-overhead"], default="default",
+                    help="torch.compile mode of the prefill phase (reduce-overhead: CUDA graphs, one per length; "
+                         "without them ours' prefill can be host-bound, results/prefill-host-h100-2026-11-27-s25.md)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-torchao", action="store_true")

@@ -53,6 +53,26 @@ def test_smoke_run_writes_csv_and_table(tmp_path, capsys, bench_model):
     assert (tmp_path / "model.md").read_text().count("| ours |") == 3
 
 
+def test_prefill_mode_reaches_torch_compile_and_the_header(tmp_path, bench_model, monkeypatch):
+    """--prefill-mode: the prefill phase compiles with that mode (decode keeps reduce-overhead), and
+    the CSV header says so (CPU: torch.compile replaced by a recorder that returns the model)."""
+    modes = []
+
+    def record(fn, **kw):
+        modes.append((getattr(fn, "__name__", type(fn).__name__), kw.get("mode")))
+        return fn
+
+    monkeypatch.setattr(bench_model.torch, "compile", record)
+    out = tmp_path / "model.csv"
+    assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu", "--compile", "on", "--no-torchao",
+                             "--prefill-mode", "reduce-overhead"]) == 0
+    header, rows = _rows(out)
+    assert {(c, p) for c, p in ((r["contender"], r["phase"]) for r in rows)} >= {("ours", "prefill"), ("bf16", "prefill")}
+    assert [m for name, m in modes if name != "decode"] == ["reduce-overhead", "reduce-overhead"]  # bf16, ours
+    assert [m for name, m in modes if name == "decode"] == ["reduce-overhead"] * 4  # 2 contenders x 2 batches
+    assert any(h.startswith("# prefill: 1 x ") and "mode=reduce-overhead (CUDA graphs)" in h for h in header)
+
+
 def test_torchao_missing_is_a_note_not_a_failure(tmp_path, capsys, bench_model, monkeypatch):
     monkeypatch.setattr(bench_model, "torchao_config", lambda: (None, "torchao not importable (ImportError: test)"))
     out = tmp_path / "m.csv"
