@@ -102,8 +102,9 @@ def time_contenders(fns: dict, rep: int, rounds: int, timer=timed, idle_s: float
     hotter, power-capped card. Session 25 (``probe_position.py``, H100, e5m2, back to back): two
     identical contenders of our kernel read 255.9-289.8 us by place at M = 2048, N = K = 8192, and
     3612-3772 at M = 8192, K = 28672; with 1 s idle before each timing they agreed to 1% (251-258
-    us; 3512-3538), bf16 371-380 / 5270-5310. ``idle_s`` sleeps that long before every timing, so each contender starts from the
-    same idle card (short bursts from idle: a sustained load runs hotter, FP8 more so)."""
+    us; 3512-3538), bf16 371-380 / 5270-5310. ``idle_s`` sleeps that long before every timing, so
+    each contender starts from the same idle card (short bursts from idle: a sustained load runs
+    hotter, FP8 more so)."""
     names = list(fns)
     best: dict = {}
     for r in range(rounds):
