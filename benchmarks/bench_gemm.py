@@ -90,7 +90,7 @@ def timed(fn, rep):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
-def time_contenders(fns: dict, rep: int, rounds: int, timer=timed, idle_s: float = 0.0) -> dict:
+def time_contenders(fns: dict, rep: int, rounds: int, timer=timed, idle_s: float = 0.0, settle=None) -> dict:
     """Each contender's best median over ``rounds`` rounds, the order rotated by one each round.
 
     Timed once each in a fixed order, a contender's time also depends on its place: under
@@ -104,16 +104,37 @@ def time_contenders(fns: dict, rep: int, rounds: int, timer=timed, idle_s: float
     3612-3772 at M = 8192, K = 28672; with 1 s idle before each timing they agreed to 1% (251-258
     us; 3512-3538), bf16 371-380 / 5270-5310. ``idle_s`` sleeps that long before every timing, so
     each contender starts from the same idle card (short bursts from idle: a sustained load runs
-    hotter, FP8 more so)."""
+    hotter, FP8 more so). ``settle``, where given, runs before every timing instead (``heat``: the
+    same load before each contender, so each starts from the same hot card)."""
+    if settle is None and idle_s:
+        settle = lambda: time.sleep(idle_s)  # noqa: E731
     names = list(fns)
     best: dict = {}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            if idle_s:
-                time.sleep(idle_s)
+            if settle is not None:
+                settle()
             t = timer(fns[name], rep)
             best[name] = min(t, best.get(name, math.inf))
     return best
+
+
+def heat(seconds: float, size: int = 8192):
+    """A callable that keeps the card busy for ``seconds`` with one fixed load, a bf16 ``size``^3
+    matmul issued back to back (about 1.6 ms each on an H100), waiting for it to finish: run before
+    every timing, each contender starts from the state that load leaves, whatever ran before it."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def run():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            for _ in range(4):
+                torch.mm(a, b)
+            torch.cuda.synchronize()
+
+    return run
 
 
 def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -177,6 +198,9 @@ def main():
                          "to 20%% at large M in the nineteenth session)")
     ap.add_argument("--idle", type=float, default=0.0, metavar="S",
                     help="seconds of idle card before every timing (see time_contenders); 0: back to back")
+    ap.add_argument("--preheat", type=float, default=0.0, metavar="S",
+                    help="seconds of one fixed bf16 8192^3 matmul load before every timing (see heat): every "
+                         "contender starts from the same hot card; 0: none")
     ap.add_argument("--merge", default=None,
                     help="comma-separated output folders of runs over parts of the grid (e.g. --nk halves, each "
                          "within a time limit): write their rows as one grid to --out, no GPU needed")
@@ -185,6 +209,8 @@ def main():
         return merge(args.merge.split(","), args)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.idle and args.preheat:
+        ap.error(f"--idle and --preheat each set the card's state before a timing: give one, got {args.idle} and {args.preheat}")
     os.makedirs(args.out, exist_ok=True)
     ms = [int(m) for m in args.ms.split(",")]
     nks = NK if args.nk is None else [tuple(int(v) for v in s.split("x")) for s in args.nk.split(",")]
@@ -195,12 +221,15 @@ def main():
     order = "fixed contender order" if args.rounds == 1 else f"best of {args.rounds} rounds, order rotated"
     if args.idle:
         order += f", {args.idle:g} s idle before each"
+    if args.preheat:
+        order += f", {args.preheat:g} s of bf16 8192^3 matmuls before each"
     header = f"# {dev}; {versions}; times: median us of do_bench_cudagraph ({order}); {time.strftime('%Y-%m-%d')}"
     print(header, flush=True)
     rows = []
     total = len(ms) * len(nks) * len(args.dtypes.split(","))
     done = 0
     t0 = time.time()
+    settle = heat(args.preheat) if args.preheat else None
     g = torch.Generator(device="cuda").manual_seed(0)
     for N, K in nks:
         w_hp = torch.randn(N, K, device="cuda", generator=g, dtype=torch.float32) * 0.02
@@ -215,7 +244,7 @@ def main():
                 rep = 20 if M * N * K < 2**38 else 60
                 r = {"M": M, "N": N, "K": K, "dtype": dname}
                 fns, outs = contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, f"{M},{N},{K},{dname}")
-                r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds, idle_s=args.idle).items()})
+                r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds, idle_s=args.idle, settle=settle).items()})
                 p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq),
                            scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), ring=G.ring_limits(wq.device.index or 0))
                 # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18);

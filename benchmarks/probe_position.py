@@ -1,11 +1,11 @@
 """Does a contender's place in the timing order move its time? (GEMM grid methodology probe)
 
-    python benchmarks/probe_position.py [--idle 0,1] [--shapes 2048x8192x8192,8192x8192x28672]
+    python benchmarks/probe_position.py [--idle 0,1] [--preheat 0.25] [--shapes 2048x8192x8192,8192x8192x28672]
 
 Two identical contenders, A and B (our GEMM on the same e5m2 operands), beside bf16 ``F.linear``,
 timed as bench_gemm times a grid cell (``bench_gemm.timed``: median of do_bench_cudagraph, the
 grid's rep) in every order of the three, back to back or with ``--idle`` seconds of idle card
-before each timing. Prints each contender's median by its place in the order, and A's over B's:
+before each timing, or ``--preheat`` seconds of one fixed load (``bench_gemm.heat``) before each. Prints each contender's median by its place in the order, and A's over B's:
 where the card's state does not depend on what ran before, A and B agree at every place.
 
 Session 25, H100 (results/position-probe-h100-2026-11-27-s25.txt): back to back, A and B read
@@ -34,6 +34,7 @@ from blockwise_fp8.kernels import gemm as G  # noqa: E402
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--idle", default="0,1", help="comma-separated seconds of idle before each timing")
+    ap.add_argument("--preheat", default="", help="comma-separated seconds of bf16 matmul load before each timing")
     ap.add_argument("--shapes", default="2048x8192x8192,8192x8192x28672", help="MxNxK,...")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -52,14 +53,18 @@ def main(argv=None) -> None:
             "B": lambda: G.gemm(aq, a_s, wq, w_s, None, torch.bfloat16),
         }
         rep = 20 if M * N * K < 2**38 else 60  # bench_gemm's
-        for idle in (float(v) for v in args.idle.split(",")):
+        states = [(f"idle={v}s", float(v), None) for v in args.idle.split(",") if v]
+        states += [(f"preheat={v}s", 0.0, bg.heat(float(v))) for v in args.preheat.split(",") if v]
+        for label, idle, settle in states:
             by_place: dict = {name: {} for name in fns}
             for order in itertools.permutations(fns):
                 for place, name in enumerate(order):
                     if idle:
                         time.sleep(idle)
+                    if settle is not None:
+                        settle()
                     by_place[name].setdefault(place, []).append(bg.timed(fns[name], rep))
-            print(f"M={M} N={N} K={K} e5m2 idle={idle}s: median us by place in the order (0, 1, 2)")
+            print(f"M={M} N={N} K={K} e5m2 {label}: median us by place in the order (0, 1, 2)")
             for name, d in by_place.items():
                 print(f"  {name:5s} " + "  ".join(f"{statistics.median(d[p]):8.1f}" for p in sorted(d)))
             a = statistics.median(sum(by_place["A"].values(), []))

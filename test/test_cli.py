@@ -248,7 +248,8 @@ def test_bench_gemm_rotates_the_contender_order_between_rounds():
 
 
 def test_bench_gemm_idles_before_every_timing(monkeypatch):
-    """time_contenders(idle_s=...): one sleep of idle_s before each timing, none without it."""
+    """time_contenders(idle_s=... or settle=...): one sleep of idle_s, or one call of settle, before
+    each timing; nothing without either."""
     bench = _bench_gemm()
     events = []
     monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
@@ -263,6 +264,11 @@ def test_bench_gemm_idles_before_every_timing(monkeypatch):
     events.clear()
     bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=1, timer=timer)
     assert events == [("time", "a"), ("time", "b")]
+    events.clear()  # settle (bench_gemm --preheat): the same load before every timing, no sleep
+    bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=2, timer=timer,
+                          settle=lambda: events.append(("heat", None)))
+    assert events == [("heat", None), ("time", "a"), ("heat", None), ("time", "b"),
+                      ("heat", None), ("time", "b"), ("heat", None), ("time", "a")]
 
 
 @pytest.mark.parametrize("ring,auto", [(False, "triton"), (True, "triton"), (False, "cublas"), (True, "cublas")])
