@@ -248,9 +248,14 @@ def run(args) -> tuple[list, list, str]:
         f"# prefill: 1 x {prefill} tokens, " + (f"torch.compile mode={args.prefill_mode}" + (
             " (CUDA graphs)" if args.prefill_mode == "reduce-overhead" else "") if compile_ else "eager"),
         f"# ours: {'blockwise_fp8.unwrap_for_compile before torch.compile' if compile_ and args.unwrap else 'tensor subclasses as quantize_ left them'}; torchao: as quantize_ left it",
-        f"# time: median of 5 repeats of the mean of {iters} calls; SQNR: output vs the bf16 stack's output",
+        "# time: median of 5 repeats of the mean of " + ", ".join(
+            f"{n} calls ({p})" for p, n in (("decode", iters), ("prefill", max(1, iters // 5)))
+            if p in args.phases.split(",")) + "; SQNR: output vs the bf16 stack's output",
         f"# inductor: {inductor_settings(args.inductor, args.inductor_pdl, args.freezing)[1]}",
     ]
+    # only the phases that run are described (the files carry this header too)
+    header = [h for h in header if not any(h.startswith(f"# {p}:") and p not in args.phases.split(",")
+                                           for p in ("decode", "prefill"))]
     for h in header:
         log(h)
     t_start = time.monotonic()

@@ -71,6 +71,20 @@ def test_prefill_mode_reaches_torch_compile_and_the_header(tmp_path, bench_model
     assert [m for name, m in modes if name != "decode"] == ["reduce-overhead", "reduce-overhead"]  # bf16, ours
     assert [m for name, m in modes if name == "decode"] == ["reduce-overhead"] * 4  # 2 contenders x 2 batches
     assert any(h.startswith("# prefill: 1 x ") and "mode=reduce-overhead (CUDA graphs)" in h for h in header)
+    assert any(h.startswith("# decode: ") for h in header)
+
+
+def test_header_describes_only_the_phases_run(tmp_path, bench_model):
+    """A --phases prefill run's files carry no decode line (session 26's prefill-only run said
+    "decode: batch [1, 16]" though it timed no decode)."""
+    out = tmp_path / "model.csv"
+    assert bench_model.main(["--smoke", "--out", str(out), "--device", "cpu", "--no-torchao", "--phases", "prefill",
+                             "--iters", "5"]) == 0
+    header, rows = _rows(out)
+    assert {r["phase"] for r in rows} == {"prefill"}
+    assert not any(h.startswith("# decode:") for h in header)
+    assert any(h.startswith("# prefill: 1 x ") for h in header)
+    assert any("of the mean of 1 calls (prefill)" in h for h in header)
 
 
 def test_torchao_missing_is_a_note_not_a_failure(tmp_path, capsys, bench_model, monkeypatch):
