@@ -32,6 +32,8 @@ import csv
 import math
 import os
 import platform
+import random
+import statistics
 import sys
 import time
 
@@ -137,6 +139,73 @@ def heat(seconds: float, size: int = 8192):
     return run
 
 
+def interleaved_orders(names: list, samples: int, seed: int = 0) -> list:
+    """The contender order of each sample of ``time_interleaved``: a fresh random permutation per
+    sample (seeded: the same run repeats its orders), so each contender follows every other about
+    equally often."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(samples):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def time_interleaved(fns: dict, rep: int, sample_ms: float = 2.0, budget_reps: int = 5, seed: int = 0) -> dict:
+    """Each contender's median time per call (us) over samples taken in turn with all the others.
+
+    Every contender is captured in a CUDA graph of n calls (n: about ``sample_ms`` of work, from a
+    first estimate as in ``do_bench_cudagraph``); then ``budget_reps * rep`` ms of samples per
+    contender are issued without a host sync in between, the contenders in a fresh random order
+    each sample, each sample between two CUDA events. The card's state (clocks, heat) drifts
+    over seconds under load, and back to back each contender's 10 x rep ms of replays met its own
+    part of that drift and its predecessor's heat (session 25, ``probe_position.py``): sampled in
+    turn, every contender sees the same mix of states. Twenty-sixth session; bench_gemm
+    ``--interleave``."""
+    stream = torch.cuda.Stream()
+    graphs, per_call, longest_ms = {}, {}, sample_ms
+    with torch.cuda.stream(stream):
+        for name, fn in fns.items():
+            fn()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            g.replay()
+            start.record()
+            for _ in range(5):
+                g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            est_ms = max(start.elapsed_time(end) / 5, 1e-3)
+            n = max(1, round(sample_ms / est_ms))
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(n):
+                    fn()
+            graphs[name], per_call[name] = g, n
+            longest_ms = max(longest_ms, n * est_ms)
+        samples = max(10, math.ceil(budget_reps * rep / longest_ms))
+        for g in graphs.values():
+            g.replay()
+        events = []
+        for order in interleaved_orders(list(fns), samples, seed):
+            for name in order:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graphs[name].replay()
+                end.record()
+                events.append((name, start, end))
+        torch.cuda.synchronize()
+    times: dict = {name: [] for name in fns}
+    for name, start, end in events:
+        times[name].append(start.elapsed_time(end) * 1e3 / per_call[name])
+    del graphs
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     noise = (ref - x.double()).norm()
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
@@ -201,6 +270,9 @@ def main():
     ap.add_argument("--preheat", type=float, default=0.0, metavar="S",
                     help="seconds of one fixed bf16 8192^3 matmul load before every timing (see heat): every "
                          "contender starts from the same hot card; 0: none")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time a cell's contenders in turn, about 2 ms of each in a fresh random order per sample, "
+                         "5 x rep ms of samples each (see time_interleaved); replaces --rounds, --idle and --preheat")
     ap.add_argument("--merge", default=None,
                     help="comma-separated output folders of runs over parts of the grid (e.g. --nk halves, each "
                          "within a time limit): write their rows as one grid to --out, no GPU needed")
@@ -209,6 +281,9 @@ def main():
         return merge(args.merge.split(","), args)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.interleave and (args.rounds != 2 or args.idle or args.preheat):
+        ap.error("--interleave times every contender in turn with the others: it takes no --rounds, --idle or "
+                 f"--preheat, got --rounds {args.rounds} --idle {args.idle} --preheat {args.preheat}")
     if args.idle and args.preheat:
         ap.error(f"--idle and --preheat each set the card's state before a timing: give one, got {args.idle} and {args.preheat}")
     os.makedirs(args.out, exist_ok=True)
@@ -219,11 +294,14 @@ def main():
     versions = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
                 f"torchao {torchao_version or 'absent'}, python {platform.python_version()}")
     order = "fixed contender order" if args.rounds == 1 else f"best of {args.rounds} rounds, order rotated"
+    timer = "median us of do_bench_cudagraph"
+    if args.interleave:
+        timer, order = "median us per call of CUDA-graph samples", "interleaved: ~2 ms samples, contenders in a random order each sample"
     if args.idle:
         order += f", {args.idle:g} s idle before each"
     if args.preheat:
         order += f", {args.preheat:g} s of bf16 8192^3 matmuls before each"
-    header = f"# {dev}; {versions}; times: median us of do_bench_cudagraph ({order}); {time.strftime('%Y-%m-%d')}"
+    header = f"# {dev}; {versions}; times: {timer} ({order}); {time.strftime('%Y-%m-%d')}"
     print(header, flush=True)
     rows = []
     total = len(ms) * len(nks) * len(args.dtypes.split(","))
@@ -244,7 +322,9 @@ def main():
                 rep = 20 if M * N * K < 2**38 else 60
                 r = {"M": M, "N": N, "K": K, "dtype": dname}
                 fns, outs = contenders(x16, xh, w16, wh, aq, as_, wq, ws, dt, torchao_gemm, f"{M},{N},{K},{dname}")
-                r.update({f"{c}_us": t for c, t in time_contenders(fns, rep, args.rounds, idle_s=args.idle, settle=settle).items()})
+                times = (time_interleaved(fns, rep) if args.interleave else
+                         time_contenders(fns, rep, args.rounds, idle_s=args.idle, settle=settle))
+                r.update({f"{c}_us": t for c, t in times.items()})
                 p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq),
                            scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), ring=G.ring_limits(wq.device.index or 0))
                 # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18);

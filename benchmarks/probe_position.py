@@ -1,12 +1,14 @@
 """Does a contender's place in the timing order move its time? (GEMM grid methodology probe)
 
-    python benchmarks/probe_position.py [--idle 0,1] [--preheat 0.25] [--shapes 2048x8192x8192,8192x8192x28672]
+    python benchmarks/probe_position.py [--idle 0,1] [--preheat 0.25] [--interleave 3] [--shapes 2048x8192x8192,8192x8192x28672]
 
 Two identical contenders, A and B (our GEMM on the same e5m2 operands), beside bf16 ``F.linear``,
 timed as bench_gemm times a grid cell (``bench_gemm.timed``: median of do_bench_cudagraph, the
 grid's rep) in every order of the three, back to back or with ``--idle`` seconds of idle card
-before each timing, or ``--preheat`` seconds of one fixed load (``bench_gemm.heat``) before each. Prints each contender's median by its place in the order, and A's over B's:
-where the card's state does not depend on what ran before, A and B agree at every place.
+before each timing, or ``--preheat`` seconds of one fixed load (``bench_gemm.heat``) before each;
+``--interleave R``: also R runs of ``bench_gemm.time_interleaved`` (the three sampled in turn).
+Prints each contender's median by its place in the order, and A's over B's: where the card's
+state does not depend on what ran before, A and B agree at every place.
 
 Session 25, H100 (results/position-probe-h100-2026-11-27-s25.txt): back to back, A and B read
 256-290 us by place at M = 2048, N = K = 8192 and 3612-3772 at M = 8192, K = 28672; with 1 s idle
@@ -35,6 +37,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--idle", default="0,1", help="comma-separated seconds of idle before each timing")
     ap.add_argument("--preheat", default="", help="comma-separated seconds of bf16 matmul load before each timing")
+    ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="also time the three R times with bench_gemm.time_interleaved (seeds 0..R-1)")
     ap.add_argument("--shapes", default="2048x8192x8192,8192x8192x28672", help="MxNxK,...")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -70,6 +74,11 @@ def main(argv=None) -> None:
             a = statistics.median(sum(by_place["A"].values(), []))
             b = statistics.median(sum(by_place["B"].values(), []))
             print(f"  A/B ratio of all medians: {a / b:.3f}", flush=True)
+        if args.interleave:
+            print(f"M={M} N={N} K={K} e5m2 interleaved (bench_gemm.time_interleaved): us per call, one line per seed")
+            for seed in range(args.interleave):
+                t = bg.time_interleaved(fns, rep, seed=seed)
+                print("  " + "  ".join(f"{n} {t[n]:8.1f}" for n in fns) + f"  A/B {t['A'] / t['B']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

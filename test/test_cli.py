@@ -271,6 +271,29 @@ def test_bench_gemm_idles_before_every_timing(monkeypatch):
                       ("heat", None), ("time", "b"), ("heat", None), ("time", "a")]
 
 
+def test_bench_gemm_interleaved_orders_are_seeded_permutations():
+    """bench_gemm.interleaved_orders: each sample a permutation of all contenders, the same orders
+    for the same seed, and (over many samples) every contender first about equally often."""
+    bench = _bench_gemm()
+    names = ["bf16", "fp16", "ours_triton", "ours_auto"]
+    orders = bench.interleaved_orders(names, 400, seed=3)
+    assert len(orders) == 400 and all(sorted(o) == sorted(names) for o in orders)
+    assert orders == bench.interleaved_orders(names, 400, seed=3)
+    assert orders != bench.interleaved_orders(names, 400, seed=4)
+    firsts = [o[0] for o in orders]
+    assert all(60 <= firsts.count(n) <= 140 for n in names)  # 100 expected each
+
+
+@pytest.mark.parametrize("extra", [["--rounds", "3"], ["--idle", "1"], ["--preheat", "1"]])
+def test_bench_gemm_interleave_refuses_the_other_methods(monkeypatch, capsys, extra):
+    bench = _bench_gemm()
+    monkeypatch.setattr(sys, "argv", ["bench_gemm.py", "--interleave", *extra])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2
+    assert "--interleave times every contender in turn" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("ring,auto", [(False, "triton"), (True, "triton"), (False, "cublas"), (True, "cublas")])
 def test_bench_gemm_hands_each_contender_its_scale_layout(monkeypatch, ring, auto):
     """benchmarks/bench_gemm.operand_scales: the same scale values for every contender, laid out
