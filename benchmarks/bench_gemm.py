@@ -16,7 +16,12 @@ x {e4m3, e5m2}. Contenders, all on the same inputs:
     ours_linear       blockwise_fp8.linear(backend="auto"): quantize + GEMM from bf16 x
 Times: median microseconds of triton.testing.do_bench_cudagraph (each call captured in a CUDA
 graph and replayed, so the numbers are device time without Python launch overhead -- what a
-torch.compile(mode="reduce-overhead") model sees). Also written: TFLOPS, weight GB/s, speedup over
+torch.compile(mode="reduce-overhead") model sees). How the card's state is set before each timing
+moves the times by several percent (sessions 25-26, benchmarks/NOTES.md): back to back in rotated
+rounds (the default), ``--idle S`` (bursts from a cool card), ``--preheat S`` (after a fixed bf16
+load), ``--self-heat S`` (after the contender itself: its own sustained state), or
+``--interleave`` (all contenders sampled in turn: the tightest, but each runs at the clocks of the
+mix, which flatters power-capped kernels at large M). Also written: TFLOPS, weight GB/s, speedup over
 bf16, SQNR (dB) of ours and torchao against the float64 product of the original operands.
 
 torchao's kernel autotunes 48 configs per (N, K, log2 M) -- about 20 s per shape, 40 minutes for
@@ -106,16 +111,18 @@ def time_contenders(fns: dict, rep: int, rounds: int, timer=timed, idle_s: float
     3612-3772 at M = 8192, K = 28672; with 1 s idle before each timing they agreed to 1% (251-258
     us; 3512-3538), bf16 371-380 / 5270-5310. ``idle_s`` sleeps that long before every timing, so
     each contender starts from the same idle card (short bursts from idle: a sustained load runs
-    hotter, FP8 more so). ``settle``, where given, runs before every timing instead (``heat``: the
-    same load before each contender, so each starts from the same hot card)."""
+    hotter, FP8 more so). ``settle(fn)``, where given, runs before every timing instead, handed the
+    contender about to be timed (``heat``: the same load before each contender, so each starts
+    from the same hot card; ``self_heat``: the contender itself, so each is timed in the steady
+    state its own sustained load reaches)."""
     if settle is None and idle_s:
-        settle = lambda: time.sleep(idle_s)  # noqa: E731
+        settle = lambda fn: time.sleep(idle_s)  # noqa: E731
     names = list(fns)
     best: dict = {}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if settle is not None:
-                settle()
+                settle(fns[name])
             t = timer(fns[name], rep)
             best[name] = min(t, best.get(name, math.inf))
     return best
@@ -129,12 +136,54 @@ def heat(seconds: float, size: int = 8192):
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, generator=g)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, generator=g)
 
-    def run():
+    def run(fn=None):
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             for _ in range(4):
                 torch.mm(a, b)
             torch.cuda.synchronize()
+
+    return run
+
+
+def graph_of(fn, target_ms: float):
+    """``fn`` captured in a CUDA graph of about ``target_ms`` of work (at least one call), as
+    ``do_bench_cudagraph`` sizes its graph: (graph, calls in it, estimated ms per call)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(5):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    est_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    n = max(1, round(target_ms / est_ms))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    return g, n, est_ms
+
+
+def self_heat(seconds: float):
+    """A ``settle`` that runs the contender itself for ``seconds`` (CUDA-graph replays, so the card
+    is busy with it even where one eager call's host time exceeds its kernel's): it is then timed
+    in the state its own sustained load brings the card to, whatever ran before it. Each kernel
+    keeps its own clocks, as in a model that runs that kind of GEMM throughout; under
+    ``time_interleaved`` every contender runs at the clocks of the mix instead."""
+    def run(fn):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            g, _, _ = graph_of(fn, 5.0)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                for _ in range(4):
+                    g.replay()
+                torch.cuda.synchronize()
 
     return run
 
@@ -167,24 +216,7 @@ def time_interleaved(fns: dict, rep: int, sample_ms: float = 2.0, budget_reps: i
     graphs, per_call, longest_ms = {}, {}, sample_ms
     with torch.cuda.stream(stream):
         for name, fn in fns.items():
-            fn()
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            g.replay()
-            start.record()
-            for _ in range(5):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            est_ms = max(start.elapsed_time(end) / 5, 1e-3)
-            n = max(1, round(sample_ms / est_ms))
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(n):
-                    fn()
+            g, n, est_ms = graph_of(fn, sample_ms)
             graphs[name], per_call[name] = g, n
             longest_ms = max(longest_ms, n * est_ms)
         samples = max(10, math.ceil(budget_reps * rep / longest_ms))
@@ -270,6 +302,9 @@ def main():
     ap.add_argument("--preheat", type=float, default=0.0, metavar="S",
                     help="seconds of one fixed bf16 8192^3 matmul load before every timing (see heat): every "
                          "contender starts from the same hot card; 0: none")
+    ap.add_argument("--self-heat", type=float, default=0.0, metavar="S",
+                    help="seconds of the contender itself before its timing (see self_heat): each timed in the "
+                         "steady state of its own sustained load; 0: none")
     ap.add_argument("--interleave", action="store_true",
                     help="time a cell's contenders in turn, about 2 ms of each in a fresh random order per sample, "
                          "5 x rep ms of samples each (see time_interleaved); replaces --rounds, --idle and --preheat")
@@ -281,11 +316,13 @@ def main():
         return merge(args.merge.split(","), args)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
-    if args.interleave and (args.rounds != 2 or args.idle or args.preheat):
-        ap.error("--interleave times every contender in turn with the others: it takes no --rounds, --idle or "
-                 f"--preheat, got --rounds {args.rounds} --idle {args.idle} --preheat {args.preheat}")
-    if args.idle and args.preheat:
-        ap.error(f"--idle and --preheat each set the card's state before a timing: give one, got {args.idle} and {args.preheat}")
+    if args.interleave and (args.rounds != 2 or args.idle or args.preheat or args.self_heat):
+        ap.error("--interleave times every contender in turn with the others: it takes no --rounds, --idle, "
+                 f"--preheat or --self-heat, got --rounds {args.rounds} --idle {args.idle} --preheat {args.preheat} "
+                 f"--self-heat {args.self_heat}")
+    if sum(bool(v) for v in (args.idle, args.preheat, args.self_heat)) > 1:
+        ap.error("--idle, --preheat and --self-heat each set the card's state before a timing: give one, got "
+                 f"{args.idle}, {args.preheat} and {args.self_heat}")
     os.makedirs(args.out, exist_ok=True)
     ms = [int(m) for m in args.ms.split(",")]
     nks = NK if args.nk is None else [tuple(int(v) for v in s.split("x")) for s in args.nk.split(",")]
@@ -301,13 +338,15 @@ def main():
         order += f", {args.idle:g} s idle before each"
     if args.preheat:
         order += f", {args.preheat:g} s of bf16 8192^3 matmuls before each"
+    if args.self_heat:
+        order += f", {args.self_heat:g} s of the contender itself before each"
     header = f"# {dev}; {versions}; times: {timer} ({order}); {time.strftime('%Y-%m-%d')}"
     print(header, flush=True)
     rows = []
     total = len(ms) * len(nks) * len(args.dtypes.split(","))
     done = 0
     t0 = time.time()
-    settle = heat(args.preheat) if args.preheat else None
+    settle = heat(args.preheat) if args.preheat else self_heat(args.self_heat) if args.self_heat else None
     g = torch.Generator(device="cuda").manual_seed(0)
     for N, K in nks:
         w_hp = torch.randn(N, K, device="cuda", generator=g, dtype=torch.float32) * 0.02

@@ -1,11 +1,12 @@
 """Does a contender's place in the timing order move its time? (GEMM grid methodology probe)
 
-    python benchmarks/probe_position.py [--idle 0,1] [--preheat 0.25] [--interleave 3] [--shapes 2048x8192x8192,8192x8192x28672]
+    python benchmarks/probe_position.py [--idle 0,1] [--preheat 0.25] [--self-heat 1] [--interleave 3] [--shapes 2048x8192x8192,8192x8192x28672]
 
 Two identical contenders, A and B (our GEMM on the same e5m2 operands), beside bf16 ``F.linear``,
 timed as bench_gemm times a grid cell (``bench_gemm.timed``: median of do_bench_cudagraph, the
 grid's rep) in every order of the three, back to back or with ``--idle`` seconds of idle card
-before each timing, or ``--preheat`` seconds of one fixed load (``bench_gemm.heat``) before each;
+before each timing, ``--preheat`` seconds of one fixed load (``bench_gemm.heat``) before each, or
+``--self-heat`` seconds of the contender itself (``bench_gemm.self_heat``);
 ``--interleave R``: also R runs of ``bench_gemm.time_interleaved`` (the three sampled in turn).
 Prints each contender's median by its place in the order, and A's over B's: where the card's
 state does not depend on what ran before, A and B agree at every place.
@@ -37,6 +38,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--idle", default="0,1", help="comma-separated seconds of idle before each timing")
     ap.add_argument("--preheat", default="", help="comma-separated seconds of bf16 matmul load before each timing")
+    ap.add_argument("--self-heat", default="", help="comma-separated seconds of the contender itself before its timing")
     ap.add_argument("--interleave", type=int, default=0, metavar="R",
                     help="also time the three R times with bench_gemm.time_interleaved (seeds 0..R-1)")
     ap.add_argument("--shapes", default="2048x8192x8192,8192x8192x28672", help="MxNxK,...")
@@ -59,6 +61,7 @@ def main(argv=None) -> None:
         rep = 20 if M * N * K < 2**38 else 60  # bench_gemm's
         states = [(f"idle={v}s", float(v), None) for v in args.idle.split(",") if v]
         states += [(f"preheat={v}s", 0.0, bg.heat(float(v))) for v in args.preheat.split(",") if v]
+        states += [(f"self-heat={v}s", 0.0, bg.self_heat(float(v))) for v in args.self_heat.split(",") if v]
         for label, idle, settle in states:
             by_place: dict = {name: {} for name in fns}
             for order in itertools.permutations(fns):
@@ -66,7 +69,7 @@ def main(argv=None) -> None:
                     if idle:
                         time.sleep(idle)
                     if settle is not None:
-                        settle()
+                        settle(fns[name])
                     by_place[name].setdefault(place, []).append(bg.timed(fns[name], rep))
             print(f"M={M} N={N} K={K} e5m2 {label}: median us by place in the order (0, 1, 2)")
             for name, d in by_place.items():

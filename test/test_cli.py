@@ -264,11 +264,11 @@ def test_bench_gemm_idles_before_every_timing(monkeypatch):
     events.clear()
     bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=1, timer=timer)
     assert events == [("time", "a"), ("time", "b")]
-    events.clear()  # settle (bench_gemm --preheat): the same load before every timing, no sleep
+    events.clear()  # settle (--preheat, --self-heat): handed the contender about to be timed, no sleep
     bench.time_contenders({n: (lambda n=n: n) for n in "ab"}, rep=10, rounds=2, timer=timer,
-                          settle=lambda: events.append(("heat", None)))
-    assert events == [("heat", None), ("time", "a"), ("heat", None), ("time", "b"),
-                      ("heat", None), ("time", "b"), ("heat", None), ("time", "a")]
+                          settle=lambda fn: events.append(("heat", fn())))
+    assert events == [("heat", "a"), ("time", "a"), ("heat", "b"), ("time", "b"),
+                      ("heat", "b"), ("time", "b"), ("heat", "a"), ("time", "a")]
 
 
 def test_bench_gemm_interleaved_orders_are_seeded_permutations():
@@ -284,14 +284,23 @@ def test_bench_gemm_interleaved_orders_are_seeded_permutations():
     assert all(60 <= firsts.count(n) <= 140 for n in names)  # 100 expected each
 
 
-@pytest.mark.parametrize("extra", [["--rounds", "3"], ["--idle", "1"], ["--preheat", "1"]])
-def test_bench_gemm_interleave_refuses_the_other_methods(monkeypatch, capsys, extra):
+@pytest.mark.parametrize("args,message", [
+    (["--interleave", "--rounds", "3"], "--interleave times every contender in turn"),
+    (["--interleave", "--idle", "1"], "--interleave times every contender in turn"),
+    (["--interleave", "--preheat", "1"], "--interleave times every contender in turn"),
+    (["--interleave", "--self-heat", "1"], "--interleave times every contender in turn"),
+    (["--idle", "1", "--self-heat", "1"], "give one, got 1.0, 0.0 and 1.0"),
+    (["--preheat", "1", "--idle", "2"], "give one, got 2.0, 1.0 and 0.0"),
+])
+def test_bench_gemm_refuses_two_timing_methods_at_once(monkeypatch, capsys, args, message):
+    """bench_gemm's timing methods exclude each other; the error names what came (CPU: refused
+    before any GPU work)."""
     bench = _bench_gemm()
-    monkeypatch.setattr(sys, "argv", ["bench_gemm.py", "--interleave", *extra])
+    monkeypatch.setattr(sys, "argv", ["bench_gemm.py", *args])
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert e.value.code == 2
-    assert "--interleave times every contender in turn" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ring,auto", [(False, "triton"), (True, "triton"), (False, "cublas"), (True, "cublas")])
