@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -406,7 +407,7 @@ def write_outputs(rows, args, header, dev, versions, final):
         wr = csv.DictWriter(f, fieldnames=keys)
         wr.writeheader()
         wr.writerows(rows)
-    summary = summarize(rows, dev, versions)
+    summary = summarize(rows, dev, versions, timing_method(header))
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)
     if final:
@@ -526,8 +527,16 @@ def same_kernel_spread(rows) -> str:
             f"{len(big)} beyond 2%.")
 
 
-def summarize(rows, dev, versions) -> str:
-    out = [f"Card: {dev}; {versions}. Median us (CUDA-graph replay); speedup = bf16 time / contender time.\n"]
+def timing_method(header: str) -> str:
+    """The "times: ..." part of a grid's first header line (how every cell was timed), or "" for a
+    header without one."""
+    m = re.search(r"; times: (.*?); \d{4}-\d{2}-\d{2}", header.splitlines()[0] if header else "")
+    return m.group(1) if m else ""
+
+
+def summarize(rows, dev, versions, method: str = "") -> str:
+    times = f"Times: {method}" if method else "Median us (CUDA-graph replay)"
+    out = [f"Card: {dev}; {versions}. {times}; speedup = bf16 time / contender time.\n"]
     out.append("| contender | shapes | geomean x bf16 | min | max | at M=N=K=8192 (e4m3) |")
     out.append("|---|---|---|---|---|---|")
     for c in CONTENDERS[1:]:

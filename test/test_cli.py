@@ -356,6 +356,24 @@ def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
     assert "| ours_auto | 3 | 2.00x |" in (merged / "summary.md").read_text()
 
 
+def test_bench_gemm_summary_names_the_timing_method():
+    """summary.md's first line says how the cells were timed, read from the CSV header that
+    main() writes (session 26 ran grids four ways); headers without it keep the old wording."""
+    bench = _bench_gemm()
+    header = ("# NVIDIA H100 80GB HBM3; torch 2.11.0 (CUDA 13.0), triton 3.6.0; times: median us per call of "
+              "CUDA-graph samples (interleaved: ~2 ms samples, contenders in a random order each sample); 2026-11-27")
+    method = bench.timing_method(header)
+    assert method == ("median us per call of CUDA-graph samples (interleaved: ~2 ms samples, contenders in a "
+                      "random order each sample)")
+    rows = [{"M": 1, "N": 8192, "K": 8192, "dtype": "e4m3", "bf16_us": 50.0, "ours_auto_us": 25.0, "ours_linear_us": 26.0,
+             "ours_triton_us": 25.0, "ours_auto_backend": "triton", "ours_triton_sqnr_db": 28.5,
+             "ours_auto_x_bf16": 2.0, "ours_linear_x_bf16": 50 / 26, "ours_triton_x_bf16": 2.0, "bf16_x_bf16": 1.0}]
+    first = bench.summarize(rows, "H100", "torch x", method).splitlines()[0]
+    assert first == f"Card: H100; torch x. Times: {method}; speedup = bf16 time / contender time."
+    assert bench.timing_method("# H100; torch x; run a") == ""
+    assert "Median us (CUDA-graph replay)" in bench.summarize(rows, "H100", "torch x").splitlines()[0]
+
+
 def test_bench_gemm_summary_reports_the_targets_from_its_rows():
     """benchmarks/bench_gemm.targets: each of issue 3's targets measured on the rows it is given; a
     cell where "auto" ran the cuBLAS call itself is not counted as auto losing to cuBLAS (CPU,
