@@ -284,6 +284,81 @@ def test_bench_gemm_interleaved_orders_are_seeded_permutations():
     assert all(60 <= firsts.count(n) <= 140 for n in names)  # 100 expected each
 
 
+class _FakeCuda:
+    """Just enough of torch.cuda for bench_gemm's graph timing on CPU: one clock in ms that eager
+    calls and graph replays advance by their contenders' durations, and events that read it."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        self.clock, self.capturing, self.replays = 0.0, None, []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = fake.clock
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        class CUDAGraph:
+            def __init__(self):
+                self.calls = []
+
+            def replay(self):
+                fake.replays.append(tuple(name for name, _ in self.calls))
+                fake.clock += sum(ms for _, ms in self.calls)
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.capturing = g
+            yield
+            fake.capturing = None
+
+        for name, value in (("Event", Event), ("CUDAGraph", CUDAGraph), ("graph", graph),
+                            ("Stream", lambda: None), ("stream", lambda s: contextlib.nullcontext()),
+                            ("synchronize", lambda: None)):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def kernel(self, name, ms):
+        def call():
+            if self.capturing is not None:
+                self.capturing.calls.append((name, ms))
+            else:
+                self.clock += ms
+        return call
+
+
+def test_bench_gemm_time_interleaved_samples_every_contender_in_turn(monkeypatch):
+    """time_interleaved on a fake clock (CPU): each contender's graph holds about sample_ms of calls,
+    samples follow interleaved_orders, every contender gets the same number, and the result is the
+    time per call in us (exact here: the fake kernels take fixed times)."""
+    bench = _bench_gemm()
+    cuda = _FakeCuda(monkeypatch)
+    fns = {"a": cuda.kernel("a", 0.01), "b": cuda.kernel("b", 1.5), "c": cuda.kernel("c", 5.0)}
+    got = bench.time_interleaved(fns, rep=20, sample_ms=2.0, budget_reps=5, seed=1)
+    assert got == pytest.approx({"a": 10.0, "b": 1500.0, "c": 5000.0})
+    # graphs: a = 200 calls (2 ms), b and c one call each; the longest sample is c's 5 ms, so
+    # max(10, ceil(5 * 20 / 5)) = 20 samples each. Replays: 6 of each one-call estimate graph, one
+    # warm-up of each timed graph, then the 60 samples
+    assert len(cuda.replays) == 3 * 6 + 3 + 60
+    timed = cuda.replays[-60:]
+    assert [r[0] for r in timed] == [n for order in bench.interleaved_orders(list(fns), 20, seed=1) for n in order]
+    assert {len(r) for r in timed if r[0] == "a"} == {200}
+
+
+def test_bench_gemm_self_heat_runs_the_contender_itself(monkeypatch):
+    """self_heat(S)(fn): graph replays of fn itself until S seconds have passed (fake clock, CPU)."""
+    bench = _bench_gemm()
+    cuda = _FakeCuda(monkeypatch)
+    bench.self_heat(0.02)(cuda.kernel("x", 0.5))
+    heat = [r for r in cuda.replays if len(r) == 10]  # 5 ms of 0.5 ms calls per replay
+    assert heat and all(set(r) == {"x"} for r in heat) and len(heat) % 4 == 0
+
+
 @pytest.mark.parametrize("args,message", [
     (["--interleave", "--rounds", "3"], "--interleave times every contender in turn"),
     (["--interleave", "--idle", "1"], "--interleave times every contender in turn"),
