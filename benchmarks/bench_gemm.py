@@ -211,8 +211,11 @@ def time_interleaved(fns: dict, rep: int, sample_ms: float = 2.0, budget_reps: i
     each sample, each sample between two CUDA events. The card's state (clocks, heat) drifts
     over seconds under load, and back to back each contender's 10 x rep ms of replays met its own
     part of that drift and its predecessor's heat (session 25, ``probe_position.py``): sampled in
-    turn, every contender sees the same mix of states. Twenty-sixth session; bench_gemm
-    ``--interleave``."""
+    turn, every contender sees the same mix of states. Twenty-sixth session's grid (H100): the same
+    kernel timed twice agreed to -1.4%..+0.6% over 82 cells, but each contender ran at the clocks
+    the mix's average power sets rather than its own: power-capped FP8 GEMMs at large M came out
+    about 5% faster than timed alone, bf16 at 8192^3 5% slower, torchao's kernel 13-18% slower
+    (benchmarks/NOTES.md). A fair A/B of kernels of like power; not the grid's method."""
     stream = torch.cuda.Stream()
     graphs, per_call, longest_ms = {}, {}, sample_ms
     with torch.cuda.stream(stream):
@@ -308,7 +311,8 @@ def main():
                          "steady state of its own sustained load; 0: none")
     ap.add_argument("--interleave", action="store_true",
                     help="time a cell's contenders in turn, about 2 ms of each in a fresh random order per sample, "
-                         "5 x rep ms of samples each (see time_interleaved); replaces --rounds, --idle and --preheat")
+                         "5 x rep ms of samples each (see time_interleaved); replaces --rounds, --idle, --preheat and "
+                         "--self-heat")
     ap.add_argument("--merge", default=None,
                     help="comma-separated output folders of runs over parts of the grid (e.g. --nk halves, each "
                          "within a time limit): write their rows as one grid to --out, no GPU needed")
