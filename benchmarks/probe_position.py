@@ -59,15 +59,15 @@ def main(argv=None) -> None:
             "B": lambda: G.gemm(aq, a_s, wq, w_s, None, torch.bfloat16),
         }
         rep = 20 if M * N * K < 2**38 else 60  # bench_gemm's
-        states = [(f"idle={v}s", float(v), None) for v in args.idle.split(",") if v]
-        states += [(f"preheat={v}s", 0.0, bg.heat(float(v))) for v in args.preheat.split(",") if v]
-        states += [(f"self-heat={v}s", 0.0, bg.self_heat(float(v))) for v in args.self_heat.split(",") if v]
-        for label, idle, settle in states:
+        # (label, what runs before each timing, handed the contender; None: back to back)
+        states = [(f"idle={v}s", (lambda fn, s=float(v): time.sleep(s)) if float(v) else None)
+                  for v in args.idle.split(",") if v]
+        states += [(f"preheat={v}s", bg.heat(float(v))) for v in args.preheat.split(",") if v]
+        states += [(f"self-heat={v}s", bg.self_heat(float(v))) for v in args.self_heat.split(",") if v]
+        for label, settle in states:
             by_place: dict = {name: {} for name in fns}
             for order in itertools.permutations(fns):
                 for place, name in enumerate(order):
-                    if idle:
-                        time.sleep(idle)
                     if settle is not None:
                         settle(fns[name])
                     by_place[name].setdefault(place, []).append(bg.timed(fns[name], rep))
