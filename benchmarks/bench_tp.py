@@ -14,8 +14,11 @@ KV heads and ffn/2 MLP channels.
 
 Phases: prefill (1 x ``--prefill`` tokens; tokens/s = tokens / time) and decode (batch 1 and 16,
 one token per sequence against a static KV cache of ``--ctx`` positions; tokens/s = batch / step
-time). With CUDA each phase is ``torch.compile``d (decode with mode="reduce-overhead", CUDA
-graphs); if compiling fails the phase runs eagerly and its ``mode`` column says so, with the error.
+time). With CUDA each phase is ``torch.compile``d: decode with mode="reduce-overhead" (CUDA
+graphs), prefill in each mode of ``--prefill-modes`` (default: the default mode; add
+reduce-overhead for a row with CUDA graphs, "prefill (CUDA graphs)", which takes the host's
+per-call launch work off the step); if compiling fails the phase runs eagerly and its ``mode``
+column says so, with the error.
 Times: the slowest rank's median over 5 repeats of the mean of ``--iters`` calls. ``sqnr_db``: the
 prefill output of ours against the sharded bf16 stack's, on the same input.
 
@@ -42,6 +45,8 @@ from blockwise_fp8 import distributed as bdist  # noqa: E402
 from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig, DecoderStack, init_weights  # noqa: E402
 
 SMOKE = DecoderConfig(hidden=512, ffn=768, heads=4, kv_heads=2, layers=1)
+# --prefill-modes -> (torch.compile mode, the phase's name in the table)
+PREFILL_MODES = {"default": (None, "prefill"), "reduce-overhead": ("reduce-overhead", "prefill (CUDA graphs)")}
 COLUMNS = ["date", "card", "torch", "triton", "torchao", "world", "layers", "phase", "batch", "tokens",
            "contender", "mode", "ms", "tokens_per_s", "speedup_vs_bf16", "sqnr_db"]
 
@@ -134,9 +139,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on with CUDA")
+    ap.add_argument("--prefill-modes", default="default",
+                    help="comma-separated torch.compile modes for prefill: default, reduce-overhead")
     ap.add_argument("--no-unwrap", dest="unwrap", action="store_false",
                     help="keep ours' weights as DTensor(BlockwiseFP8Tensor) (no blockwise_fp8.distributed.unwrap_for_compile)")
     args = ap.parse_args(argv)
+    prefill_modes = args.prefill_modes.split(",")
+    unknown = [m for m in prefill_modes if m not in PREFILL_MODES]
+    if unknown or not prefill_modes:
+        ap.error(f"--prefill-modes takes a comma-separated list of {', '.join(PREFILL_MODES)}, got {args.prefill_modes!r}")
 
     cuda = torch.cuda.is_available() and not args.smoke  # --smoke is the CPU (gloo) check
     rank, world = int(os.environ.get("RANK", -1)), int(os.environ.get("WORLD_SIZE", -1))
@@ -175,11 +186,12 @@ def main(argv=None) -> int:
         model = build(cfg, device, mesh, name == "ours", max_len, args.unwrap)
         with torch.inference_mode():
             outputs[name] = model(x_prefill).float().cpu()
-            ms, mode = run_phase(lambda: model(x_prefill), want_compile, None, device, iters)
-            rows.append(dict(phase="prefill", batch=1, tokens=prefill, contender=name, mode=mode, ms=ms,
-                             tokens_per_s=prefill / ms * 1e3))
-            log(f"{name} prefill {prefill}: {ms:.3f} ms ({mode})")
-            torch._dynamo.reset()
+            for compile_mode, phase in (PREFILL_MODES[m] for m in prefill_modes):
+                ms, mode = run_phase(lambda: model(x_prefill), want_compile, compile_mode, device, iters)
+                rows.append(dict(phase=phase, batch=1, tokens=prefill, contender=name, mode=mode, ms=ms,
+                                 tokens_per_s=prefill / ms * 1e3))
+                log(f"{name} {phase} {prefill}: {ms:.3f} ms ({mode})")
+                torch._dynamo.reset()
             for b in batches:
                 model.setup_cache(b, ctx, dtype=torch.bfloat16, device=device)
                 x = torch.randn(b, 1, cfg.hidden, generator=g).to(device, torch.bfloat16)

@@ -398,10 +398,24 @@ def test_tp_benchmark_smoke(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         str(REPO / "benchmarks" / "bench_tp.py"), "--smoke", "--csv", str(csv)],
+         str(REPO / "benchmarks" / "bench_tp.py"), "--smoke", "--csv", str(csv),
+         "--prefill-modes", "default,reduce-overhead"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = csv.read_text().strip().splitlines()
-    assert rows[0].startswith("date,") and len(rows) == 1 + 4  # {bf16, ours} x {prefill, decode}
+    # {bf16, ours} x {prefill, prefill (CUDA graphs), decode}; the smoke run is eager throughout
+    assert rows[0].startswith("date,") and len(rows) == 1 + 6
+    assert sum(",prefill (CUDA graphs),1," in r and ",eager," in r for r in rows) == 2
     assert "tokens/s" in proc.stdout
+
+
+def test_tp_benchmark_refuses_an_unknown_prefill_mode(capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_tp
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    with pytest.raises(SystemExit):
+        bench_tp.main(["--csv", "unused.csv", "--prefill-modes", "default,max-autotune"])
+    assert "got 'default,max-autotune'" in capsys.readouterr().err
