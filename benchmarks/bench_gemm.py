@@ -526,9 +526,31 @@ def same_kernel_spread(rows) -> str:
     if not same:
         return "Same kernel timed twice (ours_auto where it ran our kernel, against ours_triton): no such cells."
     big = [d for d in same if abs(d) > 0.02]
-    return (f"Same kernel timed twice (ours_auto where it ran our kernel, against ours_triton, same operands): "
+    text = (f"Same kernel timed twice (ours_auto where it ran our kernel, against ours_triton, same operands): "
             f"{len(same)} cells, ours_auto {100 * min(same):+.1f}% to {100 * max(same):+.1f}%, "
             f"{len(big)} beyond 2%.")
+    band = geomean_band(rows)
+    if band is None:
+        return text
+    return (text + f" Taking in every cell the slower, or the faster, of the two timings of auto's kernel "
+            f"(ours_triton or cublas beside ours_auto), auto's geomean x bf16 reads {band[0]:.3f}x to {band[1]:.3f}x.")
+
+
+def geomean_band(rows):
+    """(low, high): auto's geomean speedup over bf16 with, in every cell, the slower (low) or the
+    faster (high) of the two timings the run has of the kernel auto ran: ``ours_triton`` where it ran
+    ours, ``cublas`` where it ran cuBLAS. None if some cell lacks that second timing. How far the
+    run's own noise moves the headline number (the twenty-seventh session's grid: 1.742x-1.759x
+    around 1.755x)."""
+    twin = {"triton": "ours_triton_us", "cublas": "cublas_us"}
+    low, high = [], []
+    for r in rows:
+        other = r.get(twin.get(r.get("ours_auto_backend"), ""))
+        if not other:
+            return None
+        low.append(r["bf16_us"] / max(r["ours_auto_us"], other))
+        high.append(r["bf16_us"] / min(r["ours_auto_us"], other))
+    return (gmean(low), gmean(high)) if rows else None
 
 
 def timing_method(header: str) -> str:

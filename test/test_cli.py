@@ -494,7 +494,15 @@ def test_bench_gemm_summary_reports_the_targets_from_its_rows():
     assert "our kernels on 1 of 2 cells, slower on 0; 1 cells where" in line and line.endswith("| yes |")
     # ours_auto against ours_triton where auto ran our kernel (M = 1, 64, 1024; not the cuBLAS cell):
     # 25/25, 29/31, 80/80 -> -6.5% to +0.0%, one beyond 2%
+    # and auto's geomean with the slower / faster of each cell's two timings of its kernel:
+    # M = 1: 25/25; M = 64: 29 (auto) / 31 (triton); M = 1024: 80/80; M = 8192: 990 (auto) / 1000 (cublas)
+    low = math.exp((math.log(50 / 25) + math.log(48 / 31) + math.log(100 / 80) + math.log(1500 / 1000)) / 4)
+    high = math.exp((math.log(50 / 25) + math.log(48 / 29) + math.log(100 / 80) + math.log(1500 / 990)) / 4)
     assert bench.same_kernel_spread(rows) == (
         "Same kernel timed twice (ours_auto where it ran our kernel, against ours_triton, same operands): "
-        "3 cells, ours_auto -6.5% to +0.0%, 1 beyond 2%.")
+        "3 cells, ours_auto -6.5% to +0.0%, 1 beyond 2%. Taking in every cell the slower, or the faster, of "
+        "the two timings of auto's kernel (ours_triton or cublas beside ours_auto), auto's geomean x bf16 "
+        f"reads {low:.3f}x to {high:.3f}x.")
     assert bench.same_kernel_spread(rows[3:]).endswith("no such cells.")
+    del rows[3]["cublas_us"]  # a cuBLAS cell without the cublas column: no band
+    assert bench.same_kernel_spread(rows).endswith("1 beyond 2%.")
