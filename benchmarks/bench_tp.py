@@ -144,9 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-unwrap", dest="unwrap", action="store_false",
                     help="keep ours' weights as DTensor(BlockwiseFP8Tensor) (no blockwise_fp8.distributed.unwrap_for_compile)")
     args = ap.parse_args(argv)
-    prefill_modes = args.prefill_modes.split(",")
+    prefill_modes = list(dict.fromkeys(args.prefill_modes.split(",")))  # each mode once, in the order given
     unknown = [m for m in prefill_modes if m not in PREFILL_MODES]
-    if unknown or not prefill_modes:
+    if unknown:
         ap.error(f"--prefill-modes takes a comma-separated list of {', '.join(PREFILL_MODES)}, got {args.prefill_modes!r}")
 
     cuda = torch.cuda.is_available() and not args.smoke  # --smoke is the CPU (gloo) check
