@@ -369,12 +369,16 @@ def main():
                 times = (time_interleaved(fns, rep) if args.interleave else
                          time_contenders(fns, rep, args.rounds, idle_s=args.idle, settle=settle))
                 r.update({f"{c}_us": t for c, t in times.items()})
-                p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=G.ws_usable(aq, wq),
-                           scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), ring=G.ring_limits(wq.device.index or 0))
-                # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18);
-                # session 15's 128 x 256 tiles (since dropped) were "ws128x256"
+                ws_ok = G.ws_usable(aq, wq)
+                p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=ws_ok,
+                           scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), ring=G.ring_limits(wq.device.index or 0),
+                           multicast=ws_ok and G.gemm_hopper.MULTICAST)
+                # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18),
+                # "ws192pair" on 2-CTA clusters (session 28); session 15's 128 x 256 tiles (since
+                # dropped) were "ws128x256"
                 r["ours_triton_plan"] = p.kind if p.kind != "ws" else f"ws{p.block_m}" + (
-                    f"x{p.block_n}" if p.block_n != 128 else "") + ("ring" if p.scales_tma else "")
+                    f"x{p.block_n}" if p.block_n != 128 else "") + ("ring" if p.scales_tma else "") + (
+                    "pair" if p.cluster == 2 else "")
                 r["ours_auto_backend"] = ops.choose_gemm_backend(
                     M, N, K, dt, dt, torch.bfloat16, cublas_available=ops.cublas_blockwise_available(x16.device),
                     num_sms=ops.gemm_card(x16.device)[1])

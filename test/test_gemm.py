@@ -72,6 +72,8 @@ def _plans(M, K, ws=False):
     if ws:
         ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 4)]
         ps += [G.Plan("ws", 192, 128, 4, 4), G.Plan("ws", 128, 128, 4, 2, tail_split=3, num_programs=2)]
+        if gemm_hopper.MULTICAST:  # 2-CTA clusters: one pair per SM pair, and two pairs walking many tiles
+            ps += [G.Plan("ws", 192, 128, 4, 4, cluster=2), G.Plan("ws", 192, 128, 4, 3, cluster=2, num_programs=2)]
     return ps
 
 
@@ -230,7 +232,7 @@ def test_linear_quantizes_for_the_ws_ring_where_its_plan_is_ws(monkeypatch, M):
     expected = G.gemm(aq, as_, wq, ws, b, torch.bfloat16)
     seen = []
     meta = gemm_hopper._ws_meta
-    monkeypatch.setattr(gemm_hopper, "_ws_meta", lambda *args: seen.append(args[-1]) or meta(*args))
+    monkeypatch.setattr(gemm_hopper, "_ws_meta", lambda *args: seen.append(args[6]) or meta(*args))  # scales_tma
     got = bf.linear(x, wq, ws, b, backend="triton")
     assert seen == [True]
     assert torch.equal(got, expected)
@@ -256,7 +258,7 @@ def test_linear_at_m_65_128_runs_the_half_card_ws_plan(monkeypatch, M, N, K, spl
         assert G.prefers_m_major_scales(M, N, K, wq) == ring
     seen = []
     meta = gemm_hopper._ws_meta
-    monkeypatch.setattr(gemm_hopper, "_ws_meta", lambda *args: seen.append(args[-1]) or meta(*args))
+    monkeypatch.setattr(gemm_hopper, "_ws_meta", lambda *args: seen.append(args[6]) or meta(*args))  # scales_tma
     x = x.to(torch.bfloat16)
     got = bf.linear(x, wq, ws, b, activation_dtype=torch.float8_e5m2, backend="triton")
     assert seen == [p.scales_tma]
@@ -670,6 +672,55 @@ def test_scales_ride_the_ring_only_where_tma_can_load_them():
     assert not rides(padded[1:], 2)  # base 4 bytes off
 
 
+def test_ws_plan_takes_2_cta_clusters_for_its_192_row_tiles_where_triton_multicasts(monkeypatch):
+    """With multicast TMA (Triton >= 3.9) the 192-row tiles run on pairs of CTAs sharing each A
+    box (MULTICAST_CLUSTER); nothing else changes, and without it (or with the knob at 1) the
+    plan is the one-CTA one."""
+    big = dict(tma=True, ws=True, num_sms=132)
+    for M, N, K in ((8192, 8192, 8192), (8192, 8192, 28672)):
+        one = G.plan(M, N, K, **big)
+        pair = G.plan(M, N, K, **big, multicast=True)
+        assert (one.block_m, one.cluster) == (192, 1)
+        assert pair == G.Plan("ws", 192, 128, 4, 4, cluster=2)
+    for M, N in ((4096, 8192), (2048, 57344), (1024, 8192)):  # 128-row plans: no clusters
+        assert G.plan(M, N, 8192, **big, multicast=True).cluster == 1
+    assert G.plan(8192, 8192, 8192, tma=True, ws=False, num_sms=132, multicast=True).kind == "tma"
+    monkeypatch.setattr(G, "MULTICAST_CLUSTER", 1)
+    assert G.plan(8192, 8192, 8192, **big, multicast=True).cluster == 1
+
+
+def test_cluster_grid_counts_pairs_of_256_column_tiles():
+    """A cluster plan's persistent grid: num_sms / 2 pairs (or num_programs pairs), each walking
+    tiles of 192 x 256 (128 columns per CTA); an odd count of column blocks leaves the last
+    pair's second CTA a masked half."""
+    p = G.Plan("ws", 192, 128, 4, 4, cluster=2)
+    assert G._grid_layout(p, 8192, 8192, 8192, 132) == (66, 43 * 32, 1, 0)
+    assert G._grid_layout(p, 8192, 8320, 8192, 132) == (66, 43 * 33, 1, 0)  # 65 column blocks
+    assert G._grid_layout(p, 200, 300, 512, 132) == (4, 4, 1, 0)  # fewer tiles than pairs
+    assert G._grid_layout(G.Plan("ws", 192, 128, 4, 4, cluster=2, num_programs=2), 8192, 8192, 8192, 132)[0] == 2
+
+
+@pytest.mark.skipif(not gemm_hopper.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("cluster,block_m,tail_split,scales_tma", [(3, 192, 1, False), (2, 128, 1, False),
+                                                                   (2, 192, 2, False), (2, 192, 1, True)])
+def test_ws_launcher_refuses_clusters_it_cannot_run(cluster, block_m, tail_split, scales_tma):
+    """Pairs only (of 192-row tiles, without a split tail or staged scales); and only where
+    Triton multicasts. Checked before anything is launched, so on any device."""
+    a = torch.zeros(256, 256, dtype=torch.float8_e4m3fn)
+    s = torch.ones(256, 2)
+    with pytest.raises(ValueError, match="cluster must be 1 or 2|2-CTA clusters need Triton >= 3.9"):
+        gemm_hopper.gemm_ws(a, s, a, torch.ones(2, 2), None, torch.empty(256, 256), programs=1, block_m=block_m,
+                            tail_split=tail_split, scales_tma=scales_tma, cluster=cluster)
+
+
+@pytest.mark.skipif(not gemm_hopper.AVAILABLE or gemm_hopper.MULTICAST, reason="needs Gluon without multicast")
+def test_ws_launcher_refuses_clusters_without_multicast():
+    a = torch.zeros(256, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"Triton >= 3.9 \(multicast TMA\).*multicast=False"):
+        gemm_hopper.gemm_ws(a, torch.ones(256, 2), a, torch.ones(2, 2), None, torch.empty(256, 256), programs=1,
+                            block_m=192, cluster=2)
+
+
 def test_ws_plan_refuses_other_tiles():
     x, aq, as_, wq, ws, b = _operands(300, 600, 1024, torch.float8_e4m3fn, seed=0)
     if not G.ws_usable(aq, wq):
@@ -694,6 +745,9 @@ def test_ws_smem_layouts_built_once_and_equal_to_gluons_default():
             got = gemm_hopper.smem_layout(rows, 128, dt)
             assert got == gemm_hopper.gl.NVMMASharedLayout.get_default_for([rows, 128], gl_dt)
             assert gemm_hopper.smem_layout(rows, 128, dt) is got
+            if gemm_hopper.MULTICAST:  # a cluster's boxes: the same swizzle, with the pair's split
+                pair = gemm_hopper.smem_layout(rows, 128, dt, ((1, 0),))
+                assert pair == gemm_hopper.gl.NVMMASharedLayout.get_default_for([rows, 128], gl_dt, cga_layout=[[1, 0]])
 
 
 _SASS_PROBE = """
@@ -703,26 +757,31 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from blockwise_fp8.kernels import gemm_hopper as H
 
+import torch
 gl = H.gl
 consumers = int(sys.argv[2])
-def desc(rows):  # the A box: 128 rows with two consumers, 64 with three; W: 128
-    layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
+cluster = int(sys.argv[5])
+def desc(rows, cga):  # the A box: 128 rows with two consumers, 64 with three; W: 128 per CTA
+    layout = H.smem_layout(rows, 128, torch.float8_e4m3fn, cga)
     return f"tensordesc<fp8e4nv[{rows}, 128],{layout!r}>"
 tail_split = int(sys.argv[3])
 scales_tma = sys.argv[4] == "1"
 names = list(inspect.signature(H.gemm_ws_kernel.fn).parameters)
-consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132,
+mma, barriers, pair_barriers = H.cluster_layouts(cluster)
+consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132 // cluster,
               STAGES=6 if scales_tma else 4, TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=H.CONSUMER_REGS[consumers],
-              PRODUCER_REGS=H.PRODUCER_REGS[consumers])
+              PRODUCER_REGS=H.PRODUCER_REGS[consumers], CLUSTER=cluster, MMA=mma, BARRIERS=barriers,
+              PAIR_BARRIERS=pair_barriers)
 s_desc = f"tensordesc<fp32[1, 128],{H.SCALE_SMEM!r}>" if scales_tma else "*fp32"
-pointers = dict(a_desc=desc(128 if consumers == 2 else 64), w_desc=desc(128), s_desc=s_desc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
+pointers = dict(a_desc=desc(128 if consumers == 2 else 64, H.A_BOX_CGA[cluster]),
+                w_desc=desc(128 * cluster, H.W_BOX_CGA[cluster]), s_desc=s_desc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                 bias_ptr="*bf16", out_ptr="*bf16", partial_ptr="*fp32", arrivals_ptr="*i32")
 types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]
 # 16-byte aligned pointers, as our launches have them (Triton specializes on it): what lets the
 # split tail's sum load 16 bytes per thread
 aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers if n.endswith("_ptr")}
 src = GluonASTSource(H.gemm_ws_kernel, dict(zip(names, types)), {(names.index(k),): v for k, v in consts.items()}, aligned)
-kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_ctas": cluster})
 nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 if "cubin" not in kernel.asm or not os.path.exists(nvdisasm):
     print(json.dumps({"skip": "this Triton build does not ship nvdisasm"}))
@@ -745,12 +804,13 @@ print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DE
                   "depbar1": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1"), "k_loops": len(inner),
                   "spills": sass.count("STL") + sass.count("LDL"), "loop_spills": loop_spills,
                   "loop_fences": loop_fences,
-                  "ldg128": sass.count("LDG.E.128")}))
+                  "ldg128": sass.count("LDG.E.128"), "multicast": sass.count("UTMALDG.2D.MULTICAST")}))
 """
 
 
-@pytest.mark.parametrize("consumers,tail_split,scales_tma", [(2, 1, 0), (2, 4, 0), (3, 1, 0), (2, 1, 1), (2, 4, 1)])
-def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split, scales_tma):
+@pytest.mark.parametrize("consumers,tail_split,scales_tma,cluster",
+                         [(2, 1, 0, 1), (2, 4, 0, 1), (3, 1, 0, 1), (2, 1, 1, 1), (2, 4, 1, 1), (3, 1, 0, 2)])
+def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split, scales_tma, cluster):
     """ptxas silently serialises every wgmma when it cannot prove the accumulators safe, which
     made earlier versions of this kernel slower than the plain one: compile it for sm_90 (no GPU
     needed) and count the warpgroup waits in its SASS and the local-memory spills (none, also
@@ -770,9 +830,12 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
 
     if not H.AVAILABLE:
         pytest.skip("this Triton has no Gluon")
+    if cluster > 1 and not H.MULTICAST:
+        pytest.skip("this Triton has no multicast TMA (2-CTA clusters need Triton >= 3.9)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers), str(tail_split), str(scales_tma)],
+    run = subprocess.run([sys.executable, "-c", _SASS_PROBE, str(tmp_path), str(consumers), str(tail_split), str(scales_tma),
+                          str(cluster)],
                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
@@ -798,6 +861,9 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
     # 16 loads per thread and partial): read in the wgmma layout (8 bytes a thread, 8 rows a warp) the
     # sum cost more than the split saved (benchmarks/results/tail-diag-h100-2026-11-27-s13.txt)
     assert counts["ldg128"] >= (16 * tail_split * consumers if tail_split > 1 else 0)
+    # with 2-CTA clusters the lead CTA multicasts each K step's three A boxes to the pair; the W
+    # box stays a plain copy (each CTA its half)
+    assert counts["multicast"] == (consumers if cluster == 2 else 0)
 
 
 _PDL_PROBE = """

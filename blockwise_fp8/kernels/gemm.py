@@ -43,9 +43,10 @@ Five kernels, chosen by :func:`plan` from the shape:
     ``tma`` kernel has three per K step), so one warpgroup's promotion overlaps the other's MMAs.
     +10-20% over ``tma`` on an H100 (benchmarks/NOTES.md); each consumer takes the K blocks in
     pairs, promoting one product while the next runs (another 7-10%). Where they need no more
-    waves, three consumers and 192 x 128 tiles (``_wide_plan``); with 128 x 128 tiles the split
-    tail of ``tma``, and on short grids the activation scales carried by the ring
-    (``Plan.scales_tma``, M-major scales). GPU-only: the interpreter cannot run Gluon.
+    waves, three consumers and 192 x 128 tiles (``_wide_plan``), on Triton >= 3.9 run by pairs of
+    CTAs (2-CTA clusters) that share each A box through multicast TMA (``Plan.cluster``); with
+    128 x 128 tiles the split tail of ``tma``, and on short grids the activation scales carried by
+    the ring (``Plan.scales_tma``, M-major scales). GPU-only: the interpreter cannot run Gluon.
 ``tiled`` (everything else, and the Triton interpreter)
     The same math with plain pointer loads and a one-program-per-tile grid.
 
@@ -572,6 +573,7 @@ class Plan:
     num_programs: int = 0  # "tma", "ws": persistent programs (0: one per SM); tests use fewer
     groups_k: int = 1  # "gemv", "skinny" (1 or 2): 128-wide K blocks per loop step
     scales_tma: bool = False  # "ws", 128-row tiles: the ring carries the activation scales where their layout allows
+    cluster: int = 1  # "ws", 192-row tiles: CTAs per cluster sharing the A tile (2: multicast TMA, Triton >= 3.9)
 
 
 def _num_sms(device_index: int) -> int:
@@ -710,6 +712,14 @@ def _tail_split(tiles: int, k_blocks: int, num_sms: int) -> int:
 # more waves.
 WS192_COST = 1.0
 
+# CTAs per cluster of the 192-row ws tiles where Triton has multicast TMA (``gemm_hopper.MULTICAST``):
+# 2 (a pair shares each A box, so it crosses L2 once for two 192 x 128 tiles) or 1 (off, for A/B
+# runs). H100, same process, bit-identical: 8192^3 1051 -> 990 us (e5m2) and 1074 -> 1013 (e4m3;
+# cuBLAS 1000), M = 8192, N = 8192, K = 28672 3690 -> 3317 and 3761 -> 3378 (cuBLAS 3438)
+# (benchmarks/NOTES.md, twenty-eighth session). Measured only where the 192-row tiles are taken;
+# at M = 1024-4096 (128-row plans) the prototype with one K block per step lost 0-13%.
+MULTICAST_CLUSTER = 2
+
 
 # Where the ws kernel's ring carries the activation scales (``gemm_hopper.scales_ride_the_ring``),
 # with 6 stages: L1 then holds nothing the K loop needs, so the sixth stage costs nothing there.
@@ -738,7 +748,7 @@ def ring_limits(device_index: int) -> RingLimits:
 
 
 def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float,
-               scales_in_ring: bool, ring: RingLimits) -> Plan:
+               scales_in_ring: bool, ring: RingLimits, cluster: int = 1) -> Plan:
     """128 x 128 tiles, the last partial wave's tiles split over K where ``_tail_split`` says so:
     the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
     tiles (unsplit) from 8 waves of 128-row tiles up where, counted in waves of the persistent
@@ -746,7 +756,8 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
     (M = 8192, N = K = 8192: 21 waves against 32, 0-5% faster in two runs; M = 4096,
     N = 57344: 75 against 109, 7% slower, so 128 x 128). ``scales_in_ring``: the activation
     scales' layout lets the ring carry them, which pays on the grids ``ring`` describes (see
-    RING_LIMITS)."""
+    RING_LIMITS). ``cluster``: CTAs per cluster for the 192-row tiles (``MULTICAST_CLUSTER`` where
+    Triton has multicast TMA, else 1)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
     if not ws:
@@ -754,7 +765,8 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
     waves = triton.cdiv(tiles, num_sms)
     waves_192 = triton.cdiv(triton.cdiv(M, 192) * triton.cdiv(N, 128), num_sms)
     if waves >= 8 and 1.5 * waves_192 * ws192_cost <= waves:
-        return Plan("ws", 192, 128, num_warps=4, num_stages=4)  # 4 stages: 164 KB, as fast as 5
+        # 4 stages: 164 KB, as fast as 5
+        return Plan("ws", 192, 128, num_warps=4, num_stages=4, cluster=cluster)
     # With the K blocks in pairs, 5 stages were 0-6% faster than 4 on grids of up to 4 waves
     # (M = 256, N = K = 8192: 40.2 -> 38.0 us) and 4 stages 0-3% faster on longer ones; 6 slower
     # still (less L1 for the scales; benchmarks/NOTES.md, sixteenth session).
@@ -764,7 +776,7 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
 
 
 def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132,
-         scales_in_ring: bool = False, ring: RingLimits = RING_LIMITS["H100"]) -> Plan:
+         scales_in_ring: bool = False, ring: RingLimits = RING_LIMITS["H100"], multicast: bool = False) -> Plan:
     """The shape heuristic: a small, fixed set of configs (no autotuning, so a new shape costs one
     compile of at most a few configs, not a sweep). ``tma``: tensor descriptors usable;
     ``ws``: the warp-specialised Gluon kernel usable (it then replaces the 128 x 128 ``tma``
@@ -772,16 +784,18 @@ def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 
     tail split saves more, see ``_wide_plan``); ``scales_in_ring``: the ws kernel's ring can carry
     the activation scales (their layout allows it, ``gemm_hopper.scales_ride_the_ring``), which
     changes its stages where the grid is within ``ring``, the card's ``ring_limits`` (default: the
-    H100's, like ``num_sms``). Worked out once per shape (host time per call);
-    the module's tunables are read here, so A/B runs that change them get fresh plans."""
+    H100's, like ``num_sms``); ``multicast``: Triton can run the ws kernel on 2-CTA clusters
+    (``gemm_hopper.MULTICAST``), which its 192-row tiles then use (``MULTICAST_CLUSTER``).
+    Worked out once per shape (host time per call); the module's tunables are read here, so A/B
+    runs that change them get fresh plans."""
     return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, SKINNY_MID_MAX_M, SKINNY_MID_MAX_NK,
-                 WS192_COST, scales_in_ring, ring)
+                 WS192_COST, scales_in_ring, ring, MULTICAST_CLUSTER if multicast else 1)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m: int, skinny_max_m: int,
           skinny_mid_max_m: int, skinny_mid_max_nk: tuple, ws192_cost: float, scales_in_ring: bool,
-          ring: RingLimits) -> Plan:
+          ring: RingLimits, cluster: int = 1) -> Plan:
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= gemv_max_m:
         # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
@@ -806,7 +820,7 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
     if M <= skinny_max_m or (M <= skinny_mid_max_m and N <= skinny_mid_max_nk[0] and K <= skinny_mid_max_nk[1]):
         return _skinny_plan(M, N, K, k_blocks, num_sms)
     return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
-                       scales_in_ring=scales_in_ring, ring=ring)
+                       scales_in_ring=scales_in_ring, ring=ring, cluster=cluster)
 
 
 def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
@@ -847,7 +861,7 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
 
 
 def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int,
-                ws192_cost: float, scales_in_ring: bool, ring: RingLimits) -> Plan:
+                ws192_cost: float, scales_in_ring: bool, ring: RingLimits, cluster: int = 1) -> Plan:
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -868,7 +882,7 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
         return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
-                          scales_in_ring=scales_in_ring, ring=ring)
+                          scales_in_ring=scales_in_ring, ring=ring, cluster=cluster)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -979,8 +993,8 @@ def _persistent_grid(p: Plan, M: int, N: int, K: int, num_sms: int, device: torc
 @functools.lru_cache(maxsize=4096)
 def _grid_layout(p: Plan, M: int, N: int, K: int, num_sms: int) -> tuple[int, int, int, int]:
     """(programs, tail_start, tail_split, tail tiles) of ``_persistent_grid``, once per shape."""
-    num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n)
-    most = p.num_programs or num_sms
+    num_tiles = triton.cdiv(M, p.block_m) * triton.cdiv(N, p.block_n * p.cluster)
+    most = p.num_programs or num_sms // p.cluster  # (clusters, where the plan has them)
     split = min(p.tail_split, triton.cdiv(K, SCALE_BLOCK))
     if split == 1 or num_tiles % most == 0:
         return min(most, num_tiles), num_tiles, 1, 0
@@ -1068,7 +1082,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         tma = tma_usable(a, w)  # checked once per call: ws_usable would repeat it
         ws = tma and gemm_hopper.AVAILABLE and _sm90(dev)
         p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms,
-                 scales_in_ring=ws and gemm_hopper.scales_ride_the_ring(a_scale, 2), ring=ring_limits(dev))
+                 scales_in_ring=ws and gemm_hopper.scales_ride_the_ring(a_scale, 2), ring=ring_limits(dev),
+                 multicast=ws and gemm_hopper.MULTICAST)
     if fuse_quant and p.kind not in STREAMING_KINDS:
         raise ValueError(f"the fused activation quantization runs only in the gemv and skinny kernels, not {p.kind!r}")
     if p.kind in STREAMING_KINDS:
@@ -1089,7 +1104,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, programs=programs, block_m=p.block_m,
                                    stages=p.num_stages, group_m=p.group_m, tail_start=tail_start,
                                    tail_split=tail_split, partial=partial, arrivals=arrivals,
-                                   scales_tma=p.scales_tma)
+                                   scales_tma=p.scales_tma, cluster=p.cluster)
     if p.kind == "tma":
         _set_tma_allocator()
         a_desc = TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK])

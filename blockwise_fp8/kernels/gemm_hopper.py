@@ -24,6 +24,17 @@ operand bytes from L2 per product and hide one more promotion: 4-10% faster per 
 at M >= 4096 than two consumers were before they paired their K blocks (bit-identical;
 benchmarks/results/ws-tiles-h100-2026-11-26-s9.log); about even with them since (``gemm._wide_plan``).
 
+On Triton >= 3.9 (``MULTICAST``) the 192-row tiles run on 2-CTA clusters (``CLUSTER = 2``,
+launched with ``num_ctas=2``): the pair computes a 192 x 256 tile, 128 columns per CTA, and the
+lead CTA's producer multicasts the three A boxes of each K step into both CTAs' rings, so each A
+box crosses L2 once for two CTAs (what cuBLAS's blockwise kernel does; session 14's ncu found ours
+bound by L2 throughput). The lead refills a stage only when both CTAs' consumers have released it
+(``empty_pair``, a barrier in the lead CTA that all six consumers arrive on). Same products in the
+same order, so the same bits as one CTA. H100: 8192^3 1052 -> 1001 us (e5m2), 1073 -> 1030
+(e4m3; cuBLAS 999); K = 28672: 9-10% faster, ahead of cuBLAS (benchmarks/NOTES.md, twenty-eighth
+session). Triton 3.6 has neither multicast nor Gluon's multi-CTA layouts: there the kernel is
+the one-CTA one, compiled from the same source (the layouts come from ``cluster_layouts``).
+
 Where the plan says so (``scales_tma``) and the activation scales are M-major with a column
 stride TMA accepts, the producer also loads each K block's 128 scales of the tile rows into the
 stage, and the consumers read them from shared memory (``_staged_scale``) instead of global
@@ -47,6 +58,7 @@ The Triton interpreter cannot run Gluon, so this path is covered by the GPU test
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -67,6 +79,10 @@ try:
     AVAILABLE = True
 except ImportError:  # pragma: no cover - Triton without Gluon
     AVAILABLE = False
+
+# 2-CTA clusters sharing the A tile through multicast TMA (``CLUSTER = 2``): Gluon's multi-CTA
+# layouts and ``async_load(..., multicast=True)``, in Triton >= 3.9 (3.6 has neither).
+MULTICAST = AVAILABLE and hasattr(tma, "async_load") and "multicast" in inspect.signature(tma.async_load).parameters
 
 
 if AVAILABLE:
@@ -90,6 +106,22 @@ elif AVAILABLE:
     @gluon.jit
     def _tma_load(desc, row, col, barrier, dest):
         tma.async_copy_global_to_shared(desc, [row, col], barrier, dest)
+
+
+# The lead CTA of a 2-CTA cluster loads the box into both CTAs' ``dest`` (whose layout broadcasts
+# over the cluster). Only plans with ``CLUSTER = 2`` reach it, and ``gemm_ws`` refuses those where
+# Triton lacks multicast; there the helper is a plain load that nothing calls.
+if MULTICAST:
+
+    @gluon.jit
+    def _tma_load_multicast(desc, row, col, barrier, dest):
+        tma.async_load(desc, [row, col], barrier, dest, multicast=True)
+
+elif AVAILABLE:
+
+    @gluon.jit
+    def _tma_load_multicast(desc, row, col, barrier, dest):
+        _tma_load(desc, row, col, barrier, dest)
 
 
 # The barrier among the threads of one partition: gl.barrier in later Triton versions,
@@ -120,6 +152,15 @@ if AVAILABLE:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @gluon.jit
+    def _cluster_rank(like):
+        """This CTA's rank in its 2-CTA cluster, as an int32 tensor shaped like ``like``: the same in
+        all its threads, different between the two CTAs. Gluon takes a tensor whose layout
+        broadcasts over the cluster to be equal in both CTAs; this one is not, so it only feeds
+        addresses each CTA uses for itself (its weight scales), never a store."""
+        return gl.inline_asm_elementwise("mov.u32 $0, %cluster_ctarank;", "=r,r", [gl.zeros_like(like)],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
     def _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M: gl.constexpr, TAIL_SPLIT: gl.constexpr):
         """Work unit u of the split tail -> (pid_m, pid_n, first K block, end K block): unit u is
         split u % TAIL_SPLIT of tile tail_start + u // TAIL_SPLIT."""
@@ -129,16 +170,22 @@ if AVAILABLE:
         return pid_m, pid_n, kb_start, gl.minimum(kb_start + kb_per, k_blocks)
 
     @gluon.jit
-    def _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, off_m, off_n, kb_start, kb_end,
-                      it, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, SCALES_TMA: gl.constexpr):
+    def _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, off_m, off_n,
+                      kb_start, kb_end, it, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, SCALES_TMA: gl.constexpr,
+                      CLUSTER: gl.constexpr):
         """TMA-loads K blocks [kb_start, kb_end) of one tile into the ring, from slot it % STAGES
         (with SCALES_TMA also the tile rows' activation scales of each block); returns the ring
-        position after them."""
+        position after them. With CLUSTER = 2 (three consumers) the lead CTA multicasts the A
+        boxes into both CTAs' rings, once both CTAs' consumers have released the stage
+        (``empty_pair``), and each CTA loads its own half of the 256-row W box."""
         for kb in range(kb_start, kb_end):
             s = it % STAGES
             # a fresh barrier counts as released in the phase before its first, so the first
             # lap over the ring does not wait
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            if CLUSTER == 2:
+                # a barrier of the pair: only the lead CTA, which writes both rings, waits
+                mbarrier.wait(empty_pair.index(s), ((it // STAGES) & 1) ^ 1)
             if CONSUMERS == 2:
                 if SCALES_TMA:
                     mbarrier.expect(ready.index(s),
@@ -148,35 +195,42 @@ if AVAILABLE:
                     mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
                 _tma_load(a_desc, off_m, kb * BLOCK, ready.index(s), a_bufs.index(s))
             else:
-                mbarrier.expect(ready.index(s), CONSUMERS * a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                # bytes landing in this CTA: every A box (multicast or not), its share of the W box
+                mbarrier.expect(ready.index(s), CONSUMERS * a_desc.block_type.nbytes + w_desc.block_type.nbytes // CLUSTER)
                 for c in gl.static_range(CONSUMERS):
-                    _tma_load(a_desc, off_m + c * ROWS, kb * BLOCK, ready.index(s), a_bufs.index(s * CONSUMERS + c))
+                    if CLUSTER == 2:
+                        _tma_load_multicast(a_desc, off_m + c * ROWS, kb * BLOCK, ready.index(s),
+                                            a_bufs.index(s * CONSUMERS + c))
+                    else:
+                        _tma_load(a_desc, off_m + c * ROWS, kb * BLOCK, ready.index(s), a_bufs.index(s * CONSUMERS + c))
             _tma_load(w_desc, off_n, kb * BLOCK, ready.index(s), w_bufs.index(s))
             it += 1
         return it
 
     @gluon.jit
-    def _producer(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, M, N, K, tail_start,
+    def _producer(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, M, N, K, tail_start,
                   CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr,
-                  TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr):
+                  TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr, CLUSTER: gl.constexpr):
         """Feeds the ring in the consumers' order: whole tiles, then the split tail's units. Three
         consumers get one 64-row A box each (shared memory shapes are powers of two, 192 is not);
         two share one 128-row box, as before the three-consumer variant existed (the same PTX as
         the GPU-tested two-consumer kernel)."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
         num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK)
+        num_n = gl.cdiv(N, BLOCK * CLUSTER)
         k_blocks = gl.cdiv(K, BLOCK)
         it = 0
         for tile in range(gl.program_id(0), tail_start, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            it = _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, pid_m * BLOCK_M,
-                               pid_n * BLOCK, 0, k_blocks, it, CONSUMERS, STAGES, SCALES_TMA)
+            it = _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, empty_pair,
+                               pid_m * BLOCK_M, pid_n * (BLOCK * CLUSTER), 0, k_blocks, it, CONSUMERS, STAGES,
+                               SCALES_TMA, CLUSTER)
         if TAIL_SPLIT > 1:
             for u in range(gl.program_id(0), (num_m * num_n - tail_start) * TAIL_SPLIT, NUM_PROGRAMS):
                 pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
-                it = _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, pid_m * BLOCK_M,
-                                   pid_n * BLOCK, kb_start, kb_end, it, CONSUMERS, STAGES, SCALES_TMA)
+                it = _load_k_steps(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, empty_pair,
+                                   pid_m * BLOCK_M, pid_n * BLOCK, kb_start, kb_end, it, CONSUMERS, STAGES, SCALES_TMA,
+                                   CLUSTER)
 
     @gluon.jit
     def _a_tile(a_bufs, s, CONSUMERS: gl.constexpr, PART: gl.constexpr):
@@ -197,7 +251,7 @@ if AVAILABLE:
         return gl.load(a_s_ptrs + kb * stride_ask, mask=m_ok, other=0.0) * gl.load(w_s_ptr + kb * stride_wsk)
 
     @gluon.jit
-    def _staged_scale(s_bufs, s, w_scale, PART: gl.constexpr, STAGES: gl.constexpr):
+    def _staged_scale(s_bufs, s, w_scale, PART: gl.constexpr, STAGES: gl.constexpr, MMA: gl.constexpr):
         """a_scale * w_scale for this consumer's 64 rows, the activation scales read from ring
         stage s (landed with its A and W tiles). The caller must put a proxy fence
         (``fence_async_shared``) between these reads and the stage's release: they are generic
@@ -205,14 +259,13 @@ if AVAILABLE:
         is not ordered after them by the mbarrier alone. Without the fence the copy overtook
         the loads: wrong results on every one of 8 runs at M = 512-2048, N = K = 8192
         (H200, bf16 out; session 18), bit-exact with it."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
         rows = s_bufs.index(s).reshape([BLOCK]).slice(PART * ROWS, ROWS)
-        return rows.load(gl.SliceLayout(1, mma)) * w_scale
+        return rows.load(gl.SliceLayout(1, MMA)) * w_scale
 
     @gluon.jit
-    def _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, turn, a_s_ptrs, m_ok, w_s_ptr, stride_ask, stride_wsk,
-                     kb_start, kb_end, it, turns, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
-                     PART: gl.constexpr, SCALES_TMA: gl.constexpr):
+    def _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn, a_s_ptrs, m_ok, w_s_ptr, stride_ask,
+                     stride_wsk, kb_start, kb_end, it, turns, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
+                     PART: gl.constexpr, SCALES_TMA: gl.constexpr, CLUSTER: gl.constexpr, MMA: gl.constexpr):
         """This consumer's 64 rows of one tile over K blocks [kb_start, kb_end): each block's
         product waited for, its stage released, then promoted with both scales, in K order.
         Returns (float32 accumulator, ring position after, turns taken after).
@@ -228,10 +281,13 @@ if AVAILABLE:
         per step, as does the odd last block of two.
 
         With SCALES_TMA the activation scales come from the ring (``_staged_scale``), read while
-        the products run; otherwise from global memory before the wait (``_block_scale``)."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
-        zero = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
-        acc = gl.zeros([ROWS, BLOCK], gl.float32, layout=mma)
+        the products run; otherwise from global memory before the wait (``_block_scale``).
+
+        With CLUSTER = 2 (three consumers) the product is this CTA's 64 x 128 share of a 64 x 256
+        one (MMA splits the columns over the pair), and each stage is also released to the pair's
+        barrier, since the lead CTA refills both rings."""
+        zero = gl.zeros([ROWS, BLOCK * CLUSTER], gl.float32, layout=MMA)
+        acc = gl.zeros([ROWS, BLOCK * CLUSTER], gl.float32, layout=MMA)
         if CONSUMERS == 2:
             for kb in range(kb_start, kb_end - 1, 2):
                 s0 = it % STAGES
@@ -256,8 +312,8 @@ if AVAILABLE:
                                    use_acc=False, is_async=True)
                 mbarrier.arrive(turn.index(1 - PART), count=1)
                 if SCALES_TMA:
-                    scale0 = _staged_scale(s_bufs, s0, w_scale0, PART, STAGES)
-                    scale1 = _staged_scale(s_bufs, s1, w_scale1, PART, STAGES)
+                    scale0 = _staged_scale(s_bufs, s0, w_scale0, PART, STAGES, MMA)
+                    scale1 = _staged_scale(s_bufs, s1, w_scale1, PART, STAGES, MMA)
                     # before the stages are released: see _staged_scale
                     fence_async_shared()
                 p0 = warpgroup_mma_wait(1, deps=(p0,))
@@ -279,10 +335,12 @@ if AVAILABLE:
             part = warpgroup_mma(_a_tile(a_bufs, s, CONSUMERS, PART), w_bufs.index(s).permute((1, 0)), zero,
                                  use_acc=False, is_async=True)
             if SCALES_TMA:
-                scale = _staged_scale(s_bufs, s, w_scale, PART, STAGES)
+                scale = _staged_scale(s_bufs, s, w_scale, PART, STAGES, MMA)
                 fence_async_shared()
             part = warpgroup_mma_wait(0, deps=(part,))
             mbarrier.arrive(empty.index(s), count=1)
+            if CLUSTER == 2:
+                mbarrier.arrive(empty_pair.index(s), count=1)
             acc += part * gl.expand_dims(scale, 1)
             it += 1
         return acc, it, turns
@@ -297,32 +355,41 @@ if AVAILABLE:
         gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
 
     @gluon.jit
-    def _consumer(a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr,
-                  arrivals_ptr,
+    def _consumer(a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                  partial_ptr, arrivals_ptr,
                   M, N, K, tail_start, stride_asm, stride_ask, stride_wsn, stride_wsk, stride_om, stride_on,
                   HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr,
                   NUM_PROGRAMS: gl.constexpr, STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr,
-                  PART: gl.constexpr):
-        """Rows [64 PART, 64 PART + 64) of each tile."""
+                  CLUSTER: gl.constexpr, MMA: gl.constexpr, PART: gl.constexpr):
+        """Rows [64 PART, 64 PART + 64) of each tile (with CLUSTER = 2, of this CTA's 128 columns
+        of each 256-column tile of the pair)."""
         BLOCK_M: gl.constexpr = ROWS * CONSUMERS
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 32])
-        row_layout: gl.constexpr = gl.SliceLayout(1, mma)
-        col_layout: gl.constexpr = gl.SliceLayout(0, mma)
+        row_layout: gl.constexpr = gl.SliceLayout(1, MMA)
+        col_layout: gl.constexpr = gl.SliceLayout(0, MMA)
         num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK)
+        num_n = gl.cdiv(N, BLOCK * CLUSTER)
         k_blocks = gl.cdiv(K, BLOCK)
         rows = PART * ROWS + gl.arange(0, ROWS, layout=row_layout)
-        cols = gl.arange(0, BLOCK, layout=col_layout)
+        cols = gl.arange(0, BLOCK * CLUSTER, layout=col_layout)
+        if CLUSTER == 2:
+            rank = _cluster_rank(rows)
         it = 0
         turns = 0
         for tile in range(gl.program_id(0), tail_start, NUM_PROGRAMS):
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
             rm = pid_m * BLOCK_M + rows
             m_ok = rm < M
-            acc, it, turns = _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr + rm * stride_asm,
-                                          m_ok, w_scale_ptr + pid_n * stride_wsn, stride_ask, stride_wsk, 0, k_blocks,
-                                          it, turns, CONSUMERS, STAGES, PART, SCALES_TMA)
-            _store_rows(acc, rm, m_ok, pid_n * BLOCK + cols, N, bias_ptr, out_ptr, stride_om, stride_on, HAS_BIAS)
+            if CLUSTER == 2:
+                # this CTA's column block; past the last one (an odd count) any row of scales
+                # serves: those columns are all masked
+                w_s_row = w_scale_ptr + gl.minimum(pid_n * CLUSTER + rank, gl.cdiv(N, BLOCK) - 1) * stride_wsn
+            else:
+                w_s_row = w_scale_ptr + pid_n * stride_wsn
+            acc, it, turns = _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn,
+                                          a_scale_ptr + rm * stride_asm, m_ok, w_s_row, stride_ask, stride_wsk, 0,
+                                          k_blocks, it, turns, CONSUMERS, STAGES, PART, SCALES_TMA, CLUSTER, MMA)
+            _store_rows(acc, rm, m_ok, pid_n * (BLOCK * CLUSTER) + cols, N, bias_ptr, out_ptr, stride_om, stride_on,
+                        HAS_BIAS)
         if TAIL_SPLIT > 1:
             # Split-K of the last, partial wave, finished without a second launch: each split
             # stores its float32 partial of these 64 rows (partials: (tail tiles, TAIL_SPLIT,
@@ -338,10 +405,10 @@ if AVAILABLE:
                 pid_m, pid_n, kb_start, kb_end = _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M, TAIL_SPLIT)
                 rm = pid_m * BLOCK_M + rows
                 m_ok = rm < M
-                acc, it, turns = _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, turn,
+                acc, it, turns = _mma_k_steps(a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn,
                                               a_scale_ptr + rm * stride_asm, m_ok, w_scale_ptr + pid_n * stride_wsn,
                                               stride_ask, stride_wsk, kb_start, kb_end, it, turns, CONSUMERS, STAGES,
-                                              PART, SCALES_TMA)
+                                              PART, SCALES_TMA, CLUSTER, MMA)
                 tail = u // TAIL_SPLIT
                 tile_base = partial_ptr + tail * (TAIL_SPLIT * BLOCK_M * BLOCK)
                 # (offsets built here, after the K loop, so that they hold no registers through it)
@@ -371,7 +438,8 @@ if AVAILABLE:
         stride_om, stride_on,
         HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
         STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-        PRODUCER_REGS: gl.constexpr,
+        PRODUCER_REGS: gl.constexpr, CLUSTER: gl.constexpr, MMA: gl.constexpr, BARRIERS: gl.constexpr,
+        PAIR_BARRIERS: gl.constexpr,
     ):
         """Layouts as in ``kernels/gemm.py``; CONSUMERS 2 or 3; w_desc is a 128 x 128 fp8 TMA
         descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three. With SCALES_TMA
@@ -380,56 +448,69 @@ if AVAILABLE:
         the consumers load a_scale_ptr. Tiles [0, tail_start) are computed whole; with
         TAIL_SPLIT > 1 each later tile is split over K among TAIL_SPLIT programs (partial_ptr:
         (tiles - tail_start, TAIL_SPLIT, 64 CONSUMERS, 128) float32; arrivals_ptr: zeroed int32
-        counters, CONSUMERS per tail tile)."""
+        counters, CONSUMERS per tail tile).
+
+        CLUSTER = 2 (three consumers, no split tail; launched with num_ctas = 2): each pair of
+        CTAs computes 192 x 256 tiles, 128 columns each, and the lead CTA multicasts the A boxes to
+        both, so each A box crosses L2 once for two CTAs: a_desc's layout broadcasts over the pair,
+        w_desc is a 256 x 128 box split between them, NUM_PROGRAMS counts pairs. MMA is the
+        accumulators' layout, BARRIERS the per-CTA barriers' and PAIR_BARRIERS the pair's
+        (``cluster_layouts``)."""
         if CONSUMERS == 2:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 2 * ROWS, BLOCK], a_desc.layout)
         else:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, ROWS, BLOCK], a_desc.layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK, BLOCK], w_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK * CLUSTER, BLOCK], w_desc.layout)
         if SCALES_TMA:
             s_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK], s_desc.layout)
         else:
             s_bufs = w_bufs  # (never read)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, CLUSTER], BARRIERS)
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, CLUSTER], BARRIERS)
+        if CLUSTER == 2:
+            empty_pair = gl.allocate_shared_memory(gl.int64, [STAGES, 1], PAIR_BARRIERS)
+        else:
+            empty_pair = empty  # (never used)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
+            if CLUSTER == 2:
+                mbarrier.init(empty_pair.index(i), count=CONSUMERS)  # of each CTA: Gluon counts the pair's
         # the two consumers' turns (three take none)
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, CLUSTER], BARRIERS)
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         fence_async_shared()  # the initialised barriers must be visible to the TMA engine
         # (warp_specialize takes its partitions as a literal list, hence the two spellings)
         if CONSUMERS == 2:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                             out_ptr, partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 0)),
-                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, CLUSTER, MMA, 0)),
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                             out_ptr, partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 1)),
-                (_producer, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, M, N, K, tail_start,
-                             CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA)),
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, CLUSTER, MMA, 1)),
+                (_producer, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, M, N, K,
+                             tail_start, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, CLUSTER)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                             out_ptr, partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 0)),
-                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, CLUSTER, MMA, 0)),
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                             out_ptr, partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 1)),
-                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, turn, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                             partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, CLUSTER, MMA, 1)),
+                (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, turn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                             out_ptr, partial_ptr, arrivals_ptr, M, N, K, tail_start, stride_asm, stride_ask,
                              stride_wsn, stride_wsk, stride_om, stride_on, HAS_BIAS, CONSUMERS, GROUP_M,
-                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, 2)),
-                (_producer, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, M, N, K, tail_start,
-                             CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA)),
+                             NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, CLUSTER, MMA, 2)),
+                (_producer, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, empty_pair, M, N, K,
+                             tail_start, CONSUMERS, GROUP_M, NUM_PROGRAMS, STAGES, TAIL_SPLIT, SCALES_TMA, CLUSTER)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 if AVAILABLE:
@@ -470,50 +551,88 @@ def scales_ride_the_ring(a_scale: torch.Tensor, consumers: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def smem_layout(rows: int, cols: int, dtype: torch.dtype):
+def smem_layout(rows: int, cols: int, dtype: torch.dtype, cga: tuple = ()):
     """The shared-memory layout of a (rows, cols) TMA box of FP8 ``dtype``. Built once per shape:
     ``get_default_for`` costs ~8 us of Python and a launch needs two (the layouts are frozen
-    values, so one object serves every call)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_FP8[dtype])
+    values, so one object serves every call). ``cga``: how a 2-CTA cluster holds the box
+    (``cluster_layouts``); empty for one CTA."""
+    if not cga:
+        return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_FP8[dtype])
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_FP8[dtype], cga_layout=[list(b) for b in cga])
+
+
+# Gluon's multi-CTA layouts (``cga_layout``: how the CTAs of the cluster split each dimension, one
+# basis per CTA-id bit; a zero basis broadcasts): a 2-CTA pair computes a 256-column tile, each CTA
+# 128 columns of it.
+A_BOX_CGA = {1: (), 2: ((0, 0),)}  # the A boxes: the same in both CTAs (multicast)
+W_BOX_CGA = {1: (), 2: ((1, 0),)}  # the 256 x 128 W box: rows split between them
+
+
+@functools.lru_cache(maxsize=None)
+def cluster_layouts(cluster: int) -> tuple:
+    """(MMA, BARRIERS, PAIR_BARRIERS) of ``gemm_ws_kernel`` for clusters of ``cluster`` CTAs: the
+    accumulators' wgmma layout (columns split over the pair), the per-CTA barriers', and the
+    pair's barriers' (one barrier in the lead CTA that both CTAs arrive on)."""
+    if cluster == 1:
+        bar = mbarrier.MBarrierLayout()
+        return (gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32]), bar, bar)
+    return (gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32],
+                                      cga_layout=[[0, 1]]),
+            mbarrier.MBarrierLayout(cga_layout=[[1]]), mbarrier.MBarrierLayout(cga_layout=[[0]]))
 
 
 def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 4,
             group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None,
-            scales_tma: bool = False) -> torch.Tensor:
+            scales_tma: bool = False, cluster: int = 1) -> torch.Tensor:
     """Launch ``programs`` persistent programs on operands that ``kernels.gemm._run`` has checked,
     into its ``out``; the split tail's buffers come from there too (``tail_start`` None: no tail).
     Tiles: 128 x 128 or 192 x 128 (``TILES``). With ``scales_tma`` (the plan's choice) the ring
     carries the activation scales where their layout lets it (``scales_ride_the_ring``); else
-    the consumers read them from memory."""
+    the consumers read them from memory. ``cluster = 2``: 192-row tiles on 2-CTA clusters that
+    share the A boxes (Triton >= 3.9, no split tail); ``programs`` then counts clusters."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
     consumers = block_m // int(ROWS)
+    if cluster not in (1, 2):
+        raise ValueError(f"cluster must be 1 or 2 CTAs, got {cluster}")
+    if cluster == 2 and not (MULTICAST and consumers == 3 and tail_split == 1 and not scales_tma):
+        raise ValueError(
+            "2-CTA clusters need Triton >= 3.9 (multicast TMA) and run only 192-row tiles without a split tail "
+            f"or staged scales; got Triton multicast={MULTICAST}, block_m={block_m}, tail_split={tail_split}, "
+            f"scales_tma={scales_tma}"
+        )
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
-    a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype))
-    w_desc = GluonDescriptor.from_tensor(w, [block, block], smem_layout(block, block, w.dtype))
+    a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype, A_BOX_CGA[cluster]))
+    w_desc = GluonDescriptor.from_tensor(w, [block * cluster, block],
+                                         smem_layout(block * cluster, block, w.dtype, W_BOX_CGA[cluster]))
     scales_tma = scales_tma and scales_ride_the_ring(a_scale, consumers)
     if scales_tma:
         s_desc = GluonDescriptor.from_tensor(a_scale.t(), [1, block], SCALE_SMEM)  # (K blocks, M), rows >= M zero
     else:
         s_desc = w_scale  # (unused)
     if tail_start is None:
-        tail_start = -(-M // block_m) * -(-N // block)
+        tail_start = -(-M // block_m) * -(-N // (block * cluster))
     launch(gemm_ws_kernel, (programs,), (
         a_desc, w_desc, s_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
         partial if partial is not None else w_scale, arrivals if arrivals is not None else w_scale,
         M, N, K, tail_start,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split, scales_tma))
+    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split, scales_tma, cluster))
     return out
 
 
 @functools.lru_cache(maxsize=1024)
 def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages: int, tail_split: int,
-             scales_tma: bool) -> tuple:
-    return tuple(dict(
+             scales_tma: bool, cluster: int = 1) -> tuple:
+    mma, barriers, pair_barriers = cluster_layouts(cluster)
+    meta = dict(
         HAS_BIAS=has_bias, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
         TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=CONSUMER_REGS[consumers],
-        PRODUCER_REGS=PRODUCER_REGS[consumers], num_warps=4,
-    ).items())
+        PRODUCER_REGS=PRODUCER_REGS[consumers], CLUSTER=cluster, MMA=mma, BARRIERS=barriers,
+        PAIR_BARRIERS=pair_barriers, num_warps=4,
+    )
+    if cluster > 1:
+        meta["num_ctas"] = cluster
+    return tuple(meta.items())
