@@ -3,12 +3,13 @@
 # device tool carries at most 64 MiB with the working tree, and Triton 3.9's wheel is 286 MB).
 # Used in the twenty-eighth session to run the ws kernel's 2-CTA clusters (Triton >= 3.9) there.
 #
-#   benchmarks/slim_triton.sh 3.9.0 .t39        # writes .t39/triton-3.9.0-slim.tar.xz (~41 MB); .t39/ git-ignored
+#   benchmarks/slim_triton.sh 3.9.0 .t39        # writes .t39/triton-3.9.0-slim.tar.xz (~41 MB; .t39/ is git-ignored)
 #
 # What goes: libtriton.so's symbols (strip: 477 -> 192 MB), the AMD backend's libraries, CUPTI,
 # proton, the test plugins, and the CUDA tools in backends/nvidia/bin (the device's CUDA 13.0
 # ptxas, cuobjdump and nvdisasm serve instead; Triton then emits the PTX ISA that ptxas accepts).
 # On the device (torch 2.11 there ran our kernels under it):
+#   source benchmarks/use_slim_triton.sh     (or by hand:)
 #   mkdir -p /tmp/t39 && tar xJf .t39/triton-*-slim.tar.xz -C /tmp/t39
 #   PX=$(command -v ptxas); export PYTHONPATH=/tmp/t39:$PWD TRITON_PTXAS_PATH=$PX TRITON_PTXAS_BLACKWELL_PATH=$PX
 set -eu

@@ -782,8 +782,11 @@ types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]
 aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers if n.endswith("_ptr")}
 src = GluonASTSource(H.gemm_ws_kernel, dict(zip(names, types)), {(names.index(k),): v for k, v in consts.items()}, aligned)
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_ctas": cluster})
-nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-if "cubin" not in kernel.asm or not os.path.exists(nvdisasm):
+try:  # TRITON_NVDISASM_PATH where set (a slim Triton on the GPU machines ships none), else Triton's own
+    nvdisasm = triton.knobs.nvidia.nvdisasm.path
+except Exception:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+if "cubin" not in kernel.asm or not nvdisasm or not os.path.exists(nvdisasm):
     print(json.dumps({"skip": "this Triton build does not ship nvdisasm"}))
     sys.exit(0)
 cubin = os.path.join(sys.argv[1], "k.cubin")
