@@ -260,3 +260,23 @@ def test_ab_prefill_smoke_alternates_both_contenders(capsys):
     summary = next(line for line in out if line.startswith("ours x bf16 per round:"))
     printed = [float(q) for q in summary.split(": ")[1].split(";")[0].split(", ")]
     assert len(printed) == 2 and all(abs(p - q) <= 0.006 for p, q in zip(printed, ratios))  # from rounded times
+
+
+def test_ab_ws_cluster_candidates_are_one_cta_and_pair_plans_the_launcher_accepts(monkeypatch):
+    """benchmarks/ab_ws_cluster.py times each tile height on one CTA and on 2-CTA pairs: plans the
+    ws launcher runs (no split tail, scales from memory); without multicast TMA it stops at once
+    and says how to get it."""
+    from blockwise_fp8.kernels import gemm_hopper
+
+    ab = _load("ab_ws_cluster")
+    got = ab.cluster_candidates(192, (4, 5))
+    assert list(got) == ["ws192_s4", "ws192pair_s4", "ws192_s5", "ws192pair_s5"]
+    for name, p in got.items():
+        assert (p.kind, p.block_m, p.tail_split, p.scales_tma) == ("ws", 192, 1, False)
+        assert p.cluster == (2 if "pair" in name else 1)
+    assert {p.num_stages for p in got.values()} == {4, 5}
+    assert all(p.block_m == 128 for p in ab.cluster_candidates(128).values())
+    monkeypatch.setattr(gemm_hopper, "MULTICAST", False)
+    monkeypatch.setattr("sys.argv", ["ab_ws_cluster.py", "/dev/null"])
+    with pytest.raises(SystemExit, match="no multicast TMA: source benchmarks/use_slim_triton.sh"):
+        ab.main()

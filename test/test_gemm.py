@@ -73,7 +73,8 @@ def _plans(M, K, ws=False):
         ps += [G.Plan("ws", 128, 128, 4, st) for st in (2, 4)]
         ps += [G.Plan("ws", 192, 128, 4, 4), G.Plan("ws", 128, 128, 4, 2, tail_split=3, num_programs=2)]
         if gemm_hopper.MULTICAST:  # 2-CTA clusters: one pair per SM pair, and two pairs walking many tiles
-            ps += [G.Plan("ws", 192, 128, 4, 4, cluster=2), G.Plan("ws", 192, 128, 4, 3, cluster=2, num_programs=2)]
+            ps += [G.Plan("ws", 192, 128, 4, 4, cluster=2), G.Plan("ws", 192, 128, 4, 3, cluster=2, num_programs=2),
+                   G.Plan("ws", 128, 128, 4, 4, cluster=2, num_programs=3)]
     return ps
 
 
@@ -701,11 +702,11 @@ def test_cluster_grid_counts_pairs_of_256_column_tiles():
 
 
 @pytest.mark.skipif(not gemm_hopper.AVAILABLE, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("cluster,block_m,tail_split,scales_tma", [(3, 192, 1, False), (2, 128, 1, False),
-                                                                   (2, 192, 2, False), (2, 192, 1, True)])
+@pytest.mark.parametrize("cluster,block_m,tail_split,scales_tma", [(3, 192, 1, False), (2, 128, 3, False),
+                                                                   (2, 192, 2, False), (2, 128, 1, True)])
 def test_ws_launcher_refuses_clusters_it_cannot_run(cluster, block_m, tail_split, scales_tma):
-    """Pairs only (of 192-row tiles, without a split tail or staged scales); and only where
-    Triton multicasts. Checked before anything is launched, so on any device."""
+    """Pairs only, without a split tail or staged scales; and only where Triton multicasts.
+    Checked before anything is launched, so on any device."""
     a = torch.zeros(256, 256, dtype=torch.float8_e4m3fn)
     s = torch.ones(256, 2)
     with pytest.raises(ValueError, match="cluster must be 1 or 2|2-CTA clusters need Triton >= 3.9"):
@@ -812,7 +813,7 @@ print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DE
 
 
 @pytest.mark.parametrize("consumers,tail_split,scales_tma,cluster",
-                         [(2, 1, 0, 1), (2, 4, 0, 1), (3, 1, 0, 1), (2, 1, 1, 1), (2, 4, 1, 1), (3, 1, 0, 2)])
+                         [(2, 1, 0, 1), (2, 4, 0, 1), (3, 1, 0, 1), (2, 1, 1, 1), (2, 4, 1, 1), (3, 1, 0, 2), (2, 1, 0, 2)])
 def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumers, tail_split, scales_tma, cluster):
     """ptxas silently serialises every wgmma when it cannot prove the accumulators safe, which
     made earlier versions of this kernel slower than the plain one: compile it for sm_90 (no GPU
@@ -864,9 +865,9 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
     # 16 loads per thread and partial): read in the wgmma layout (8 bytes a thread, 8 rows a warp) the
     # sum cost more than the split saved (benchmarks/results/tail-diag-h100-2026-11-27-s13.txt)
     assert counts["ldg128"] >= (16 * tail_split * consumers if tail_split > 1 else 0)
-    # with 2-CTA clusters the lead CTA multicasts each K step's three A boxes to the pair; the W
-    # box stays a plain copy (each CTA its half)
-    assert counts["multicast"] == (consumers if cluster == 2 else 0)
+    # with 2-CTA clusters the lead CTA multicasts each K step's A boxes to the pair (three 64-row
+    # ones, or one of 128 rows); the W box stays a plain copy (each CTA its half)
+    assert counts["multicast"] == ((3 if consumers == 3 else 1) if cluster == 2 else 0)
 
 
 _PDL_PROBE = """

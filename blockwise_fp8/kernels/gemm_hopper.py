@@ -175,8 +175,8 @@ if AVAILABLE:
                       CLUSTER: gl.constexpr):
         """TMA-loads K blocks [kb_start, kb_end) of one tile into the ring, from slot it % STAGES
         (with SCALES_TMA also the tile rows' activation scales of each block); returns the ring
-        position after them. With CLUSTER = 2 (three consumers) the lead CTA multicasts the A
-        boxes into both CTAs' rings, once both CTAs' consumers have released the stage
+        position after them. With CLUSTER = 2 the lead CTA multicasts the A box(es) into both
+        CTAs' rings, once both CTAs' consumers have released the stage
         (``empty_pair``), and each CTA loads its own half of the 256-row W box."""
         for kb in range(kb_start, kb_end):
             s = it % STAGES
@@ -192,8 +192,11 @@ if AVAILABLE:
                                     a_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes)
                     _tma_load(s_desc, kb, off_m, ready.index(s), s_bufs.index(s))
                 else:
-                    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                _tma_load(a_desc, off_m, kb * BLOCK, ready.index(s), a_bufs.index(s))
+                    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes // CLUSTER)
+                if CLUSTER == 2:
+                    _tma_load_multicast(a_desc, off_m, kb * BLOCK, ready.index(s), a_bufs.index(s))
+                else:
+                    _tma_load(a_desc, off_m, kb * BLOCK, ready.index(s), a_bufs.index(s))
             else:
                 # bytes landing in this CTA: every A box (multicast or not), its share of the W box
                 mbarrier.expect(ready.index(s), CONSUMERS * a_desc.block_type.nbytes + w_desc.block_type.nbytes // CLUSTER)
@@ -283,7 +286,7 @@ if AVAILABLE:
         With SCALES_TMA the activation scales come from the ring (``_staged_scale``), read while
         the products run; otherwise from global memory before the wait (``_block_scale``).
 
-        With CLUSTER = 2 (three consumers) the product is this CTA's 64 x 128 share of a 64 x 256
+        With CLUSTER = 2 the product is this CTA's 64 x 128 share of a 64 x 256
         one (MMA splits the columns over the pair), and each stage is also released to the pair's
         barrier, since the lead CTA refills both rings."""
         zero = gl.zeros([ROWS, BLOCK * CLUSTER], gl.float32, layout=MMA)
@@ -318,9 +321,13 @@ if AVAILABLE:
                     fence_async_shared()
                 p0 = warpgroup_mma_wait(1, deps=(p0,))
                 mbarrier.arrive(empty.index(s0), count=1)
+                if CLUSTER == 2:
+                    mbarrier.arrive(empty_pair.index(s0), count=1)
                 acc += p0 * gl.expand_dims(scale0, 1)
                 p1 = warpgroup_mma_wait(0, deps=(p1,))
                 mbarrier.arrive(empty.index(s1), count=1)
+                if CLUSTER == 2:
+                    mbarrier.arrive(empty_pair.index(s1), count=1)
                 acc += p1 * gl.expand_dims(scale1, 1)
                 it += 2
                 turns += 1
@@ -450,9 +457,9 @@ if AVAILABLE:
         (tiles - tail_start, TAIL_SPLIT, 64 CONSUMERS, 128) float32; arrivals_ptr: zeroed int32
         counters, CONSUMERS per tail tile).
 
-        CLUSTER = 2 (three consumers, no split tail; launched with num_ctas = 2): each pair of
-        CTAs computes 192 x 256 tiles, 128 columns each, and the lead CTA multicasts the A boxes to
-        both, so each A box crosses L2 once for two CTAs: a_desc's layout broadcasts over the pair,
+        CLUSTER = 2 (no split tail, no staged scales; launched with num_ctas = 2): each pair of
+        CTAs computes (64 CONSUMERS) x 256 tiles, 128 columns each, and the lead CTA multicasts the
+        A boxes to both, so each A box crosses L2 once for two CTAs: a_desc's layout broadcasts over the pair,
         w_desc is a 256 x 128 box split between them, NUM_PROGRAMS counts pairs. MMA is the
         accumulators' layout, BARRIERS the per-CTA barriers' and PAIR_BARRIERS the pair's
         (``cluster_layouts``)."""
@@ -588,19 +595,20 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
     into its ``out``; the split tail's buffers come from there too (``tail_start`` None: no tail).
     Tiles: 128 x 128 or 192 x 128 (``TILES``). With ``scales_tma`` (the plan's choice) the ring
     carries the activation scales where their layout lets it (``scales_ride_the_ring``); else
-    the consumers read them from memory. ``cluster = 2``: 192-row tiles on 2-CTA clusters that
-    share the A boxes (Triton >= 3.9, no split tail); ``programs`` then counts clusters."""
+    the consumers read them from memory. ``cluster = 2``: 2-CTA clusters that share the A boxes
+    (Triton >= 3.9, no split tail, scales from memory); ``programs`` then counts clusters. The
+    plans take them for 192-row tiles only; 128-row tiles on pairs (K blocks in pairs, as on one
+    CTA) compile and are in the GPU tests, but were not timed yet."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
     consumers = block_m // int(ROWS)
     if cluster not in (1, 2):
         raise ValueError(f"cluster must be 1 or 2 CTAs, got {cluster}")
-    if cluster == 2 and not (MULTICAST and consumers == 3 and tail_split == 1 and not scales_tma):
+    if cluster == 2 and not (MULTICAST and tail_split == 1 and not scales_tma):
         raise ValueError(
-            "2-CTA clusters need Triton >= 3.9 (multicast TMA) and run only 192-row tiles without a split tail "
-            f"or staged scales; got Triton multicast={MULTICAST}, block_m={block_m}, tail_split={tail_split}, "
-            f"scales_tma={scales_tma}"
+            "2-CTA clusters need Triton >= 3.9 (multicast TMA) and run without a split tail or staged scales; "
+            f"got Triton multicast={MULTICAST}, tail_split={tail_split}, scales_tma={scales_tma}"
         )
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
     a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype, A_BOX_CGA[cluster]))
