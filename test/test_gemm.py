@@ -701,6 +701,57 @@ def test_cluster_grid_counts_pairs_of_256_column_tiles():
     assert G._grid_layout(G.Plan("ws", 192, 128, 4, 4, cluster=2, num_programs=2), 8192, 8192, 8192, 132)[0] == 2
 
 
+def test_cluster_grid_trimmed_to_the_pairs_the_driver_says_fit(monkeypatch):
+    """A persistent grid of more pairs than run at once would leave the last ones a second wave:
+    once the driver has said how many of a configuration fit (recorded at its first launch), the
+    cluster plans use that many; unknown, or as many as one per two SMs, the plan is unchanged."""
+    monkeypatch.setattr(gemm_hopper, "_PAIRS_FIT", {})
+    p = G.Plan("ws", 192, 128, 4, 4, cluster=2)
+    assert G._cluster_plan(p, 0, 132) is p  # nothing recorded yet
+    gemm_hopper._PAIRS_FIT[(0, 3, 4)] = 66
+    assert G._cluster_plan(p, 0, 132) is p
+    gemm_hopper._PAIRS_FIT[(0, 3, 4)] = 55  # e.g. GPCs with odd SM counts
+    trimmed = G._cluster_plan(p, 0, 132)
+    assert trimmed == G.Plan("ws", 192, 128, 4, 4, cluster=2, num_programs=55)
+    assert G._grid_layout(trimmed, 8192, 8192, 8192, 132)[0] == 55
+    assert G._cluster_plan(p, 1, 132) is p  # another device: its own record
+    assert G._cluster_plan(G.Plan("ws", 192, 128, 4, 5, cluster=2), 0, 132).num_programs == 0  # other stages
+    gemm_hopper._PAIRS_FIT[(0, 3, 4)] = None  # the driver could not say
+    assert G._cluster_plan(p, 0, 132) is p
+
+
+def test_first_cluster_launch_records_how_many_pairs_fit(monkeypatch):
+    """On the GPU: the driver's answer for the compiled pair kernel, at most one pair per two SMs
+    (66 on an H100 or H200), and the GEMM's bits those of one CTA."""
+    x, aq, as_, wq, ws, b = _operands(512, 1024, 1024, torch.float8_e5m2, seed=11)
+    if not (G.ws_usable(aq, wq) and gemm_hopper.MULTICAST):
+        pytest.skip("needs the ws kernel (sm_90, Gluon) and multicast TMA (Triton >= 3.9)")
+    monkeypatch.setattr(gemm_hopper, "_PAIRS_FIT", {})
+    pair = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("ws", 192, 128, 4, 4, cluster=2))
+    one = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("ws", 192, 128, 4, 4))
+    assert torch.equal(pair, one)
+    fit = gemm_hopper._PAIRS_FIT[(aq.device.index or 0, 3, 4)]
+    assert fit is not None and 0 < fit <= G._num_sms(aq.device.index or 0) // 2
+
+
+@pytest.mark.skipif(not gemm_hopper.AVAILABLE, reason="this Triton has no Gluon")
+def test_pairs_fit_recorded_once_and_a_failed_query_only_warns(monkeypatch):
+    monkeypatch.setattr(gemm_hopper, "_PAIRS_FIT", {})
+    monkeypatch.setattr(gemm_hopper, "_max_active_clusters", lambda compiled, cluster: 60)
+    gemm_hopper._record_pairs_fit(object(), (0, 3, 4), 2)
+    assert gemm_hopper.pairs_fit(0, 3, 4, 66) == 60 and gemm_hopper.pairs_fit(0, 2, 4, 66) == 66
+
+    def broken(compiled, cluster):
+        raise RuntimeError("no such driver call")
+    monkeypatch.setattr(gemm_hopper, "_max_active_clusters", broken)
+    with pytest.warns(RuntimeWarning, match="could not ask the driver how many 2-CTA clusters.*no such driver call"):
+        gemm_hopper._record_pairs_fit(object(), (0, 2, 4), 2)
+    assert (0, 2, 4) in gemm_hopper._PAIRS_FIT and gemm_hopper.pairs_fit(0, 2, 4, 66) == 66
+    monkeypatch.setattr(gemm_hopper, "_max_active_clusters", lambda compiled, cluster: 0)
+    gemm_hopper._record_pairs_fit(object(), (1, 3, 4), 2)  # no answer: the plan's grid stays
+    assert gemm_hopper.pairs_fit(1, 3, 4, 66) == 66
+
+
 @pytest.mark.skipif(not gemm_hopper.AVAILABLE, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("cluster,block_m,tail_split,scales_tma", [(3, 192, 1, False), (2, 128, 3, False),
                                                                    (2, 192, 2, False), (2, 128, 1, True)])

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -976,6 +976,14 @@ def _zeros_on_another_thread(n: int, device: torch.device) -> torch.Tensor:
     return made[0]
 
 
+def _cluster_plan(p: Plan, device_index: int, num_sms: int) -> Plan:
+    """A cluster plan's grid trimmed to the clusters the card runs at once, where the driver has
+    said that is fewer than one per ``p.cluster`` SMs (``gemm_hopper.pairs_fit``)."""
+    most = p.num_programs or num_sms // p.cluster
+    fit = gemm_hopper.pairs_fit(device_index, p.block_m // 64, p.num_stages, most)
+    return replace(p, num_programs=fit) if fit < most else p
+
+
 def _persistent_grid(p: Plan, M: int, N: int, K: int, num_sms: int, device: torch.device, *, counters_per_tile: int):
     """(programs, tail_start, tail_split, partials, counters) of a persistent kernel: up to one
     program per SM (or ``p.num_programs``); tiles [0, tail_start) in whole waves; with
@@ -1099,6 +1107,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         if (p.block_m, p.block_n) not in gemm_hopper.TILES:
             tiles = ", ".join(f"{m} x {n}" for m, n in gemm_hopper.TILES)
             raise ValueError(f"the 'ws' plan has {tiles} tiles, got {p.block_m} x {p.block_n}")
+        if p.cluster > 1:
+            p = _cluster_plan(p, dev, num_sms)
         programs, tail_start, tail_split, partial, arrivals = _persistent_grid(
             p, M, N, K, num_sms, a.device, counters_per_tile=p.block_m // 64)
         return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, programs=programs, block_m=p.block_m,

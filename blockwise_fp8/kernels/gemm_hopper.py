@@ -59,8 +59,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
+import triton
 
 from .launch import launch, prefer_l1
 
@@ -588,6 +590,39 @@ def cluster_layouts(cluster: int) -> tuple:
             mbarrier.MBarrierLayout(cga_layout=[[1]]), mbarrier.MBarrierLayout(cga_layout=[[0]]))
 
 
+# How many 2-CTA clusters of the ws kernel the card runs at once, by (device, consumers, stages),
+# as the driver reports for the compiled kernel (cuOccupancyMaxActiveClusters): a persistent grid
+# of more pairs than fit would leave the last ones waiting for a second wave, up to twice the time.
+# An H100 or H200 fits 66 (= SMs / 2); a card whose GPCs hold odd SM counts fits fewer. Unknown
+# until the first launch of a configuration has asked, after which ``gemm._cluster_plan`` trims the
+# grid (that first launch, if oversubscribed, is slow but correct).
+_PAIRS_FIT: dict = {}
+
+
+def pairs_fit(device_index: int, consumers: int, stages: int, default: int) -> int:
+    """The clusters of ``gemm_ws_kernel`` that fit at once, as recorded (``default`` if not yet,
+    or if the driver could not say)."""
+    fit = _PAIRS_FIT.get((device_index, consumers, stages))
+    return default if fit is None else fit
+
+
+def _max_active_clusters(compiled, cluster: int) -> int:
+    return triton.runtime.driver.active.utils.cuOccupancyMaxActiveClusters(
+        compiled.function, compiled.metadata.shared, cluster)
+
+
+def _record_pairs_fit(compiled, key: tuple, cluster: int) -> None:
+    """Ask once per configuration; where the driver cannot say, keep the grid as planned (warned)."""
+    try:
+        fit = int(_max_active_clusters(compiled, cluster))
+    except Exception as e:  # noqa: BLE001 - an occupancy query must never fail a GEMM
+        warnings.warn(f"blockwise_fp8: could not ask the driver how many {cluster}-CTA clusters of the ws GEMM "
+                      f"fit at once ({type(e).__name__}: {e}); its grid keeps one pair per two SMs",
+                      RuntimeWarning, stacklevel=3)
+        fit = 0
+    _PAIRS_FIT[key] = fit if fit > 0 else None
+
+
 def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 4,
             group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None,
             scales_tma: bool = False, cluster: int = 1) -> torch.Tensor:
@@ -621,13 +656,17 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
         s_desc = w_scale  # (unused)
     if tail_start is None:
         tail_start = -(-M // block_m) * -(-N // (block * cluster))
-    launch(gemm_ws_kernel, (programs,), (
+    compiled = launch(gemm_ws_kernel, (programs,), (
         a_desc, w_desc, s_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
         partial if partial is not None else w_scale, arrivals if arrivals is not None else w_scale,
         M, N, K, tail_start,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
     ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split, scales_tma, cluster))
+    if cluster > 1 and compiled is not None:
+        key = (a.device.index or 0, consumers, stages)
+        if key not in _PAIRS_FIT:
+            _record_pairs_fit(compiled, key, cluster)
     return out
 
 

@@ -131,13 +131,14 @@ def _hooks_installed() -> bool:
     )
 
 
-def launch(kernel, grid: tuple, args: tuple, meta: tuple) -> None:
+def launch(kernel, grid: tuple, args: tuple, meta: tuple):
     """``kernel[grid](*args, **dict(meta))``: ``args`` are the kernel's leading parameters in order
     (pointers, sizes, strides; no None: pass a placeholder tensor), ``meta`` its constexprs and
-    launch options as (name, value) pairs (hashable; build it once per configuration)."""
+    launch options as (name, value) pairs (hashable; build it once per configuration). Returns
+    the compiled kernel it launched (None under the interpreter)."""
     if INTERPRETING:
         kernel[grid](*args, **dict(meta))
-        return
+        return None
     device = _current_device()
     # id(kernel): our kernels live as long as the process, and a JITFunction's own hash
     # recomputes its source hash under a lock
@@ -154,9 +155,10 @@ def launch(kernel, grid: tuple, args: tuple, meta: tuple) -> None:
             if id(kernel) in _PREFER_L1 and compiled.function not in _L1_SET:
                 _L1_SET.add(compiled.function)  # one compiled kernel serves keys of many M
                 _set_prefer_l1(compiled.function)
-        return
+        return compiled
     compiled, tail = entry
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = _current_stream(device)
     compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    return compiled
