@@ -32,8 +32,9 @@ bound by L2 throughput). The lead refills a stage only when both CTAs' consumers
 (``empty_pair``, a barrier in the lead CTA that all six consumers arrive on). Same products in the
 same order, so the same bits as one CTA. H100: 8192^3 1052 -> 1001 us (e5m2), 1073 -> 1030
 (e4m3; cuBLAS 999); K = 28672: 9-10% faster, ahead of cuBLAS (benchmarks/NOTES.md, twenty-eighth
-session). Triton 3.6 has neither multicast nor Gluon's multi-CTA layouts: there the kernel is
-the one-CTA one, compiled from the same source (the layouts come from ``cluster_layouts``).
+session). Triton 3.6's TMA load has no multicast (its Gluon has ``num_ctas`` and CGA layouts,
+untried here): there the kernel is the one-CTA one, compiled from the same source (the layouts
+come from ``cluster_layouts``).
 
 Where the plan says so (``scales_tma``) and the activation scales are M-major with a column
 stride TMA accepts, the producer also loads each K block's 128 scales of the tile rows into the
@@ -83,7 +84,7 @@ except ImportError:  # pragma: no cover - Triton without Gluon
     AVAILABLE = False
 
 # 2-CTA clusters sharing the A tile through multicast TMA (``CLUSTER = 2``): Gluon's multi-CTA
-# layouts and ``async_load(..., multicast=True)``, in Triton >= 3.9 (3.6 has neither).
+# layouts and ``async_load(..., multicast=True)``, in Triton >= 3.9 (3.6's TMA load has no multicast).
 MULTICAST = AVAILABLE and hasattr(tma, "async_load") and "multicast" in inspect.signature(tma.async_load).parameters
 
 
