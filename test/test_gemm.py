@@ -701,6 +701,13 @@ def test_cluster_grid_counts_pairs_of_256_column_tiles():
     assert G._grid_layout(G.Plan("ws", 192, 128, 4, 4, cluster=2, num_programs=2), 8192, 8192, 8192, 132)[0] == 2
 
 
+def test_only_the_ws_plan_takes_clusters():
+    x, aq, as_, wq, ws, b = _operands(40, 200, 256, torch.float8_e4m3fn, seed=2)
+    for p in (G.Plan("tiled", 64, 128, 4, 2, cluster=2), G.Plan("tma", 64, 64, 4, 2, cluster=2)):
+        with pytest.raises(ValueError, match=f"only the 'ws' plan runs on CTA clusters, got cluster=2 for '{p.kind}'"):
+            G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
+
+
 def test_cluster_grid_trimmed_to_the_pairs_the_driver_says_fit(monkeypatch):
     """A persistent grid of more pairs than run at once would leave the last ones a second wave:
     once the driver has said how many of a configuration fit (recorded at its first launch), the

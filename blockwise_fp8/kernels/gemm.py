@@ -573,7 +573,7 @@ class Plan:
     num_programs: int = 0  # "tma", "ws": persistent programs (0: one per SM); tests use fewer
     groups_k: int = 1  # "gemv", "skinny" (1 or 2): 128-wide K blocks per loop step
     scales_tma: bool = False  # "ws", 128-row tiles: the ring carries the activation scales where their layout allows
-    cluster: int = 1  # "ws", 192-row tiles: CTAs per cluster sharing the A tile (2: multicast TMA, Triton >= 3.9)
+    cluster: int = 1  # "ws": CTAs per cluster sharing the A tile (2: multicast TMA, Triton >= 3.9; plans: 192-row tiles)
 
 
 def _num_sms(device_index: int) -> int:
@@ -714,10 +714,10 @@ WS192_COST = 1.0
 
 # CTAs per cluster of the 192-row ws tiles where Triton has multicast TMA (``gemm_hopper.MULTICAST``):
 # 2 (a pair shares each A box, so it crosses L2 once for two 192 x 128 tiles) or 1 (off, for A/B
-# runs). H100, same process, bit-identical: 8192^3 1051 -> 990 us (e5m2) and 1074 -> 1013 (e4m3;
-# cuBLAS 1000), M = 8192, N = 8192, K = 28672 3690 -> 3317 and 3761 -> 3378 (cuBLAS 3438)
-# (benchmarks/NOTES.md, twenty-eighth session). Measured only where the 192-row tiles are taken;
-# at M = 1024-4096 (128-row plans) the prototype with one K block per step lost 0-13%.
+# runs). H100, Triton 3.9, same process, bit-identical: 8192^3 1052 -> 1001 us (e5m2) and 1073 ->
+# 1030 (e4m3; cuBLAS 999), M = 8192, N = 8192, K = 28672 3651 -> 3286 and 3741 -> 3371 (cuBLAS 3413)
+# (benchmarks/NOTES.md, twenty-eighth session). Only the 192-row plans take pairs: at M = 1024-4096
+# (128-row plans) a three-consumer pair prototype lost 0-14%; 128-row pairs are not timed yet.
 MULTICAST_CLUSTER = 2
 
 
@@ -1094,6 +1094,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
                  multicast=ws and gemm_hopper.MULTICAST)
     if fuse_quant and p.kind not in STREAMING_KINDS:
         raise ValueError(f"the fused activation quantization runs only in the gemv and skinny kernels, not {p.kind!r}")
+    if p.cluster != 1 and p.kind != "ws":
+        raise ValueError(f"only the 'ws' plan runs on CTA clusters, got cluster={p.cluster} for {p.kind!r}")
     if p.kind in STREAMING_KINDS:
         _launch_streaming(a, a_scale, [(w, w_scale, bias, out)], p, fuse_quant=fuse_quant)
         return out
