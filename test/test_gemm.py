@@ -127,6 +127,31 @@ def test_fused_quant_is_bit_identical_to_two_step(M, dtype):
         assert torch.equal(two_step.view(torch.int16), fused.view(torch.int16))
 
 
+@pytest.mark.parametrize("k_blocks_outer", [False, True])
+@pytest.mark.parametrize("M,N,K", [(1, 129, 128), (3, 200, 1000), (4, 130, 2304)])
+def test_gemv_slab_in_either_axis_order_matches_reference(monkeypatch, M, N, K, k_blocks_outer):
+    """GEMV_K_BLOCKS_OUTER only reorders the gemv kernel's weight slab (which register layout
+    Triton gives it): both orders match the reference, with ragged N and K, 1-4 rows, K blocks
+    per step 1-8 against 1-18 blocks of K, split-K, members of one launch and the in-register
+    quantization; and the in-register quantization still equals quantize-then-gemm."""
+    from blockwise_fp8.kernels import quant
+
+    monkeypatch.setattr(G, "GEMV_K_BLOCKS_OUTER", k_blocks_outer)
+    x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e5m2, seed=M + N)
+    bm = 1 << (M - 1).bit_length()
+    for bn, groups_k, split in ((16, 1, 1), (32, 2, 2), (8, 8, 1), (64, 4, 3)):
+        p = G.Plan("gemv", bm, bn, 4, 1, split_k=split, groups_k=groups_k)
+        _check(G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p), aq, as_, wq, ws, b, torch.float32)
+    x16 = x.to(torch.bfloat16)
+    xq, xs = quant.quantize(x16, 1, 128, torch.float8_e5m2)
+    fused = G.linear_fused(x16, wq, ws, b, torch.bfloat16, plan_override=p)
+    assert torch.equal(fused.view(torch.int16), G.gemm(xq, xs, wq, ws, b, torch.bfloat16, plan_override=p).view(torch.int16))
+    w2q, w2s = wq[:67], ws[:1]  # a second member of N = 67 in the same launch
+    outs = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    _check(outs[0], aq, as_, wq, ws, b, torch.float32)
+    _check(outs[1], aq, as_, w2q, w2s, None, torch.float32)
+
+
 @pytest.mark.parametrize("programs,split,flatten", [(5, 3, False), (8, 2, True), (7, 4, False), (16, 2, True)])
 def test_tma_tail_split_matches_reference_and_is_deterministic(programs, split, flatten):
     """The last, partial wave's tiles split over K among several programs and summed by the last
@@ -943,7 +968,7 @@ for i in (1, 2):  # the other members' slots (three weights in one launch)
     pointers.update({f"w{i}_ptr": "*fp8e4nv", f"w{i}_scale_ptr": "*fp32", f"bias{i}_ptr": "*fp32", f"out{i}_ptr": "*bf16"})
 streaming = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
                  **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, TRIGGER_AFTER_LOOP=True,
-                 PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_K=128,
+                 PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_K=128, K_BLOCKS_OUTER=G.GEMV_K_BLOCKS_OUTER,
                  stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
 
 
@@ -976,6 +1001,8 @@ skinny_pairs = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCA
                                                                   GROUPS_K=2), num_stages=4))
 gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16), num_stages=1))
 gemv_rows = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=4, BLOCK_N=16, GROUPS_K=4), num_stages=1))
+gemv_other_order = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16,
+                                                                     K_BLOCKS_OUTER=not G.GEMV_K_BLOCKS_OUTER), num_stages=1))
 
 from blockwise_fp8.kernels import quant as Q
 consts = dict(FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, PDL=True, PDL_WAIT=True,
@@ -984,7 +1011,8 @@ pointers = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32", K="i32")
 lines = before_wait(Q.quantize_kernel, consts, num_stages=3)
 quantize = {"trigger": count(lines, "griddepcontrol.launch_dependents"),
             "memory": count(lines, "ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count(lines, "ld.param")}
-print(json.dumps({"skinny": skinny, "skinny_pairs": skinny_pairs, "gemv": gemv, "gemv_rows": gemv_rows, "quantize": quantize}))
+print(json.dumps({"skinny": skinny, "skinny_pairs": skinny_pairs, "gemv": gemv, "gemv_rows": gemv_rows,
+                  "gemv_other_order": gemv_other_order, "quantize": quantize}))
 """
 
 
@@ -1014,6 +1042,7 @@ def test_pdl_prologues_compile_for_sm90(tmp_path):
     assert before_wait["skinny_pairs"] == before_wait["skinny"]  # two K blocks per step
     assert before_wait["gemv"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
     assert before_wait["gemv_rows"] == before_wait["gemv"]  # BLOCK_M = 4: not GPU-run yet, compiled here
+    assert before_wait["gemv_other_order"] == before_wait["gemv"]  # GEMV_K_BLOCKS_OUTER flipped
     assert before_wait["quantize"] == {"trigger": 1, "memory": 0}
 
 

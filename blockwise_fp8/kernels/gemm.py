@@ -481,6 +481,7 @@ def gemm_gemv_kernel(
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_BLOCKS_OUTER: tl.constexpr,
 ):
     """M <= BLOCK_M (a few tokens): out[m, n] = sum over K blocks of (sum of w[n, k] * a[m, k]
     over the block) * w_scale * a_scale[m], on the CUDA cores. Each program streams a (BLOCK_N,
@@ -495,7 +496,12 @@ def gemm_gemv_kernel(
     divides 128, so a tile lies in one weight-scale row, and KB_PER_SPLIT is a multiple of
     GROUPS_K. Split-K, the arrival counters, the members (1-3 weights of one activation),
     FUSE_QUANT (every program quantizes the blocks of the activation rows it reads) and PDL work
-    as there."""
+    as there.
+
+    K_BLOCKS_OUTER only orders the weight slab's axes, (GROUPS_K, BLOCK_N, BLOCK_K) or (BLOCK_N,
+    GROUPS_K, BLOCK_K); the same sums either way. It exists because Triton picks the slab's
+    register layout from that order, and Triton 3.6 and 3.9 pick opposite ones from the same
+    source (``GEMV_K_BLOCKS_OUTER`` says which layout is wanted and what was measured)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
@@ -512,7 +518,10 @@ def gemm_gemv_kernel(
     if PDL:
         _prefetch_then_wait(w_ptr, rn, n_size, kb_start, kb_end, stride_wn, stride_wk, PREFETCH_BLOCKS, BLOCK_K)
     rk = kb_start * BLOCK_K + rg[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # (GROUPS_K, BLOCK_K)
-    w_ptrs = w_ptr + rn[:, None, None] * stride_wn + rk[None, :, :] * stride_wk
+    if K_BLOCKS_OUTER:  # the weight slab as (GROUPS_K, BLOCK_N, BLOCK_K); see the docstring
+        w_ptrs = w_ptr + rk[:, None, :] * stride_wk + rn[None, :, None] * stride_wn
+    else:  # as (BLOCK_N, GROUPS_K, BLOCK_K)
+        w_ptrs = w_ptr + rn[:, None, None] * stride_wn + rk[None, :, :] * stride_wk
     a_ptrs = a_ptr + rk * stride_ak  # row 0; row m at + m * stride_am
     w_s_ptrs = w_scale_ptr + (tile * BLOCK_N // BLOCK_K) * stride_wsn + (kb_start + rg) * stride_wsk
     a_s_ptrs = a_scale_ptr + (kb_start + rg) * stride_ask
@@ -520,7 +529,10 @@ def gemm_gemv_kernel(
     for kb in range(kb_start, kb_end, GROUPS_K):
         k_ok = rk < k_end
         g_ok = kb + rg < kb_end
-        w = tl.load(w_ptrs, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
+        if K_BLOCKS_OUTER:
+            w = tl.load(w_ptrs, mask=k_ok[:, None, :] & n_ok[None, :, None], other=0.0).to(tl.float32)
+        else:
+            w = tl.load(w_ptrs, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
         w_s = tl.load(w_s_ptrs, mask=g_ok, other=0.0)
         for m in tl.static_range(BLOCK_M):  # the weight slab stays in registers for every row
             row_ok = m < M + rg * 0  # a tensor: the interpreter refuses a Python bool in a mask
@@ -533,7 +545,10 @@ def gemm_gemv_kernel(
             else:
                 a = tl.load(a_ptrs + m * stride_am, mask=k_ok & row_ok[:, None], other=0.0).to(tl.float32)
                 a_s = tl.load(a_s_ptrs + m * stride_asm, mask=g_ok & row_ok, other=0.0)
-            part = tl.sum(tl.sum(w * a[None, :, :], axis=2) * (a_s * w_s)[None, :], axis=1)
+            if K_BLOCKS_OUTER:
+                part = tl.sum(tl.sum(w * a[:, None, :], axis=2) * (a_s * w_s)[:, None], axis=0)
+            else:
+                part = tl.sum(tl.sum(w * a[None, :, :], axis=2) * (a_s * w_s)[None, :], axis=1)
             if BLOCK_M == 1:
                 acc += part[None, :]
             else:
@@ -1053,6 +1068,20 @@ def linear_fused(
     return _run(x, None, w, w_scale, bias, out_dtype, fuse_quant=True, plan_override=plan_override)
 
 
+# The gemv kernel's weight slab with its K blocks as the outer axis (see the kernel). Triton
+# gives the slab a register layout from its axis order, with the 128 columns of a block across 8
+# lanes at 16 bytes each; the question is where the 4 remaining lanes and the 4 warps go. Wanted
+# (what Triton 3.6 builds with False, session 29's SASS): lanes across weight rows and each
+# thread's 8 loads along K blocks of one row, so block sums add up in registers, its 8 16-byte
+# loads issue back to back (96 registers). Triton 3.9 builds that from True (129 registers) and
+# from False the other layout (each thread's loads on 8 rows, lanes across K blocks: 56 shuffles
+# a step instead of 25, and ptxas, whatever its version, issues 5 of the 8 loads only as earlier
+# registers free up: 79 registers); Triton 3.6 the reverse. At M = 1 under Triton 3.9 the gemv
+# streamed 6-10% slower than under 3.6 on the 64 and 84 MB weights (H100s, two grid runs with
+# self-heat 1 s, bf16 within 1% between them: 2344 against 2587 GB/s at N = K = 8192). Whether
+# True wins that back is untimed: benchmarks/ab_gemv_layout.py times both in one process.
+GEMV_K_BLOCKS_OUTER = False
+
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
 # Under PDL, whether the skinny kernel lets the next grid (the GEMM of the next Linear on the
@@ -1183,7 +1212,7 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     pdl = programmatic_launch(a.device)
     meta = _streaming_meta(
         p, split, bias is not None, out.dtype, fuse_quant, w.dtype, hardware_fp8_cast(a.device), pdl, len(members),
-        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS,
+        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER,
     )
     launch(gemm_gemv_kernel if p.kind == "gemv" else gemm_skinny_kernel, (n_tiles, split), (
         a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
@@ -1211,8 +1240,9 @@ def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, in
 @functools.lru_cache(maxsize=1024)
 def _streaming_meta(p: Plan, split: int, has_bias: bool, out_dtype: torch.dtype, fuse_quant: bool,
                     w_dtype: torch.dtype, cvt: bool, pdl: bool, members: int,
-                    scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int) -> tuple:
-    kind_meta = dict(GROUPS_K=p.groups_k) if p.kind == "gemv" else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k)
+                    scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int, k_blocks_outer: bool) -> tuple:
+    kind_meta = (dict(GROUPS_K=p.groups_k, K_BLOCKS_OUTER=k_blocks_outer) if p.kind == "gemv"
+                 else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k))
     return tuple(dict(
         HAS_BIAS=has_bias, **output_format_constexprs(out_dtype),
         FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w_dtype).max), **format_constexprs(w_dtype),
