@@ -15,7 +15,6 @@ self-heat method: 0.5 s of the contender itself before each timing, CUDA-graph m
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 
 import torch
@@ -56,15 +55,8 @@ def main() -> None:
     if not gemm_hopper.MULTICAST:
         raise SystemExit(f"this Triton ({triton.__version__}) has no multicast TMA: source benchmarks/use_slim_triton.sh")
     stages = tuple(int(s) for s in args.stages.split(","))
-    out = open(args.out, "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        out.write(line + "\n")
-
-    say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
-        f"{datetime.datetime.now():%Y-%m-%d %H:%M}; bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
-        "'!' after a time: its output differed from the default plan's")
+    say = B.results_log(args.out, f"bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
+                                  "'!' after a time: its output differed from the default plan's")
     for cell in args.cells.split(","):
         M, N, K = (int(v) for v in cell.split("x"))
         for dname in args.dtypes.split(","):

@@ -189,6 +189,22 @@ def self_heat(seconds: float):
     return run
 
 
+def results_log(path: str, method: str):
+    """For the A/B scripts beside this one: open ``path`` and write its first line, the card,
+    torch and Triton versions, the date and ``method``; returns ``say(line)``, which prints a line
+    and writes it to the file as it comes (a run cut short keeps what it measured)."""
+    out = open(path, "w")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        out.write(line + "\n")
+        out.flush()
+
+    say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+        f"{time.strftime('%Y-%m-%d %H:%M')}; {method}")
+    return say
+
+
 def interleaved_orders(names: list, samples: int, seed: int = 0) -> list:
     """The contender order of each sample of ``time_interleaved``: a fresh random permutation per
     sample (seeded: the same run repeats its orders), so each contender follows every other about

@@ -280,3 +280,49 @@ def test_ab_ws_cluster_candidates_are_one_cta_and_pair_plans_the_launcher_accept
     monkeypatch.setattr("sys.argv", ["ab_ws_cluster.py", "/dev/null"])
     with pytest.raises(SystemExit, match="no multicast TMA: source benchmarks/use_slim_triton.sh"):
         ab.main()
+
+
+def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
+    """benchmarks/ab_gemv_layout.py: each contender is the library's M = 1 GEMM with the gemv
+    slab in one order, right against the float64 product, the module's setting put back after
+    each call; without a GPU it stops and says so."""
+    from blockwise_fp8 import reference
+    from blockwise_fp8.kernels import gemm as G
+
+    from .conftest import KERNEL_DEVICE
+
+    ab = _load("ab_gemv_layout")
+    g = torch.Generator().manual_seed(5)
+    aq, as_ = reference.quantize(torch.randn(1, 300, generator=g), (1, 128), torch.float8_e5m2)
+    wq, ws = reference.quantize(torch.randn(130, 300, generator=g), (128, 128), torch.float8_e5m2)
+    aq, as_, wq, ws = (t.to(KERNEL_DEVICE) for t in (aq, as_, wq, ws))
+    assert G.plan(1, 130, 300, tma=False).kind == "gemv"
+    seen = []
+    real_gemm = G.gemm
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append(G.GEMV_K_BLOCKS_OUTER), real_gemm(*a, **k))[1])
+    orders = ab.slab_orders(aq, as_, wq, ws)
+    assert list(orders) == ["rows_outer", "k_blocks_outer"]
+    for fn in orders.values():
+        assert ab.relative_error(fn(), aq, as_, wq, ws) < 2.0 ** -7  # bf16 output
+        assert G.GEMV_K_BLOCKS_OUTER is False
+    assert seen == [False, True]
+    if KERNEL_DEVICE == "cpu":
+        with pytest.raises(SystemExit, match="ab_gemv_layout times a GPU: no CUDA device here"):
+            ab.main(["/dev/null"])
+
+
+def test_results_log_heads_the_file_with_card_versions_and_method_and_keeps_each_line(tmp_path, monkeypatch, capsys):
+    """bench_gemm.results_log, the A/B scripts' output: the first line names the card, torch,
+    Triton and the method; each said line is printed and already in the file (a run stopped by
+    the device call's limit keeps what it measured)."""
+    import triton
+
+    bench = _load("bench_gemm")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    path = tmp_path / "ab.txt"
+    say = bench.results_log(str(path), "self-heat 0.5 s")
+    say("e5m2 8192x8192: plan 1.0")
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith(f"# Some GPU torch {torch.__version__} triton {triton.__version__} ")
+    assert lines[0].endswith("; self-heat 0.5 s") and lines[1] == "e5m2 8192x8192: plan 1.0"
+    assert capsys.readouterr().out.splitlines()[-1] == "e5m2 8192x8192: plan 1.0"

@@ -1,0 +1,91 @@
+"""The gemv kernel (M = 1) with its weight slab in either axis order (``gemm.GEMV_K_BLOCKS_OUTER``),
+in one process on one card, beside bf16 ``F.linear``: microseconds and weight GB/s.
+
+Why: Triton picks the slab's register layout from its axis order, and Triton 3.6 and 3.9 pick
+opposite ones from the same source (see ``GEMV_K_BLOCKS_OUTER``); the twenty-ninth session read the
+gemv 6-10% slower under 3.9 and found the cause in the SASS, but had no device time left to time
+the other order. Run it under each Triton:
+
+    PYTHONPATH=. python benchmarks/ab_gemv_layout.py OUT.txt                 # the image's Triton
+    source benchmarks/use_slim_triton.sh; PYTHONPATH=$PYTHONPATH:. python benchmarks/ab_gemv_layout.py OUT39.txt
+
+Timing as the grid's self-heat method: ``--heat`` seconds of the contender itself before each
+timing, CUDA-graph median, best of ``--rounds`` rotated rounds. Each output's error against the
+float64 product of the quantized operands is printed beside its time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from blockwise_fp8 import ops, reference
+from blockwise_fp8.kernels import gemm as G
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import bench_gemm as B  # noqa: E402
+
+CELLS = "8192x8192,10240x8192,57344x8192,8192x28672"  # the grid's (N, K)
+DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def slab_orders(aq, a_scale, wq, w_scale) -> dict:
+    """name -> a call of our GEMM with the gemv slab in that order (the module's setting is put
+    back after each call). The plan is the library's own; at M = 1 that is the gemv kernel."""
+
+    def in_order(outer: bool):
+        def run():
+            kept = G.GEMV_K_BLOCKS_OUTER
+            G.GEMV_K_BLOCKS_OUTER = outer
+            try:
+                return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16)
+            finally:
+                G.GEMV_K_BLOCKS_OUTER = kept
+        return run
+
+    return {"rows_outer": in_order(False), "k_blocks_outer": in_order(True)}
+
+
+def relative_error(out: torch.Tensor, aq, a_scale, wq, w_scale) -> float:
+    """max |out - ref| / max |ref|, ref the float64 product of the dequantized operands."""
+    a64 = reference.dequantize(aq.cpu(), a_scale.cpu(), (1, 128), torch.float64)
+    w64 = reference.dequantize(wq.cpu(), w_scale.cpu(), (128, 128), torch.float64)
+    ref = a64 @ w64.T
+    return ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--cells", default=CELLS, help="comma-separated NxK")
+    parser.add_argument("--dtypes", default="e5m2", help="e5m2 and/or e4m3 (the weights stream alike)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--heat", type=float, default=0.5, help="seconds of self-heat before each timing")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("ab_gemv_layout times a GPU: no CUDA device here")
+    say = B.results_log(args.out, f"M = 1, bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
+                                  "us (weight GB/s) [relative error]")
+    for cell in args.cells.split(","):
+        N, K = (int(v) for v in cell.split("x"))
+        for dname in args.dtypes.split(","):
+            dt = DTYPES[dname]
+            g = torch.Generator(device="cuda").manual_seed(N + K)
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
+            w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
+            aq, as_ = ops.quantize_activation(x, dt)
+            wq, ws = ops.quantize_weight(w16, dt)
+            p = G.plan(1, N, K, tma=False, num_sms=G._num_sms(0))
+            orders = slab_orders(aq, as_, wq, ws)
+            errors = {name: relative_error(fn(), aq, as_, wq, ws) for name, fn in orders.items()}
+            best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **orders}, 100, args.rounds,
+                                     settle=B.self_heat(args.heat))
+            say(f"{dname} {N}x{K} {p.kind} bn{p.block_n} groups_k{p.groups_k} split{p.split_k}: " + "  ".join(
+                f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
+                + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items()))
+
+
+if __name__ == "__main__":
+    main()
