@@ -1076,7 +1076,9 @@ def linear_fused(
 # loads issue back to back (96 registers). Triton 3.9 builds that from True (129 registers) and
 # from False the other layout (each thread's loads on 8 rows, lanes across K blocks: 56 shuffles
 # a step instead of 25, and ptxas, whatever its version, issues 5 of the 8 loads only as earlier
-# registers free up: 79 registers); Triton 3.6 the reverse. At M = 1 under Triton 3.9 the gemv
+# registers free up: 79 registers); Triton 3.6 the reverse. Triton 3.7 and 3.8 choose as 3.9 does,
+# and with True build the wanted layout at 3.6's 96 registers (3.9's PTX needs 128-129 whichever
+# ptxas compiles it: 4 or 3 programs an SM instead of 5). At M = 1 under Triton 3.9 the gemv
 # streamed 6-10% slower than under 3.6 on the 64 and 84 MB weights (H100s, two grid runs with
 # self-heat 1 s, bf16 within 1% between them: 2344 against 2587 GB/s at N = K = 8192). Whether
 # True wins that back is untimed: benchmarks/ab_gemv_layout.py times both in one process.
