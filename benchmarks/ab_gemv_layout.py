@@ -1,5 +1,6 @@
-"""The gemv kernel (M = 1) with its weight slab in either axis order (``gemm.GEMV_K_BLOCKS_OUTER``),
-in one process on one card, beside bf16 ``F.linear``: microseconds and weight GB/s.
+"""The gemv kernel (M = 1) with its weight slab in either axis order (``gemm.GEMV_K_BLOCKS_OUTER``)
+and K blocks per step (``--groups-k``), in one process on one card, beside bf16 ``F.linear``:
+microseconds and weight GB/s.
 
 Why: Triton picks the slab's register layout from its axis order, and Triton 3.6 and 3.9 pick
 opposite ones from the same source (see ``GEMV_K_BLOCKS_OUTER``); the twenty-ninth session read the
@@ -16,6 +17,7 @@ float64 product of the quantized operands is printed beside its time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -31,21 +33,37 @@ CELLS = "8192x8192,10240x8192,57344x8192,8192x28672"  # the grid's (N, K)
 DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def slab_orders(aq, a_scale, wq, w_scale) -> dict:
+def slab_orders(aq, a_scale, wq, w_scale, plan=None) -> dict:
     """name -> a call of our GEMM with the gemv slab in that order (the module's setting is put
-    back after each call). The plan is the library's own; at M = 1 that is the gemv kernel."""
+    back after each call), with ``plan`` or, where None, the library's own (at M = 1 the gemv)."""
 
     def in_order(outer: bool):
         def run():
             kept = G.GEMV_K_BLOCKS_OUTER
             G.GEMV_K_BLOCKS_OUTER = outer
             try:
-                return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16)
+                return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16, plan_override=plan)
             finally:
                 G.GEMV_K_BLOCKS_OUTER = kept
         return run
 
     return {"rows_outer": in_order(False), "k_blocks_outer": in_order(True)}
+
+
+def contenders(aq, a_scale, wq, w_scale, groups_k: tuple) -> dict:
+    """Both slab orders with the library's gemv plan and with that plan taking each of
+    ``groups_k`` K blocks per step ("plan": its own), named ORDER_gkG; a K-blocks-per-step count
+    equal to the plan's is timed once. The slab is BLOCK_N rows x GROUPS_K blocks: under Triton
+    3.9 the plan's 8 x 16 in the K-blocks-outer order needs 129 registers, 8 x 8 needs 72 in
+    either order (the twenty-ninth session's SASS), so a smaller step may stream better there."""
+    M, K = aq.shape
+    own = G.plan(M, wq.shape[0], K, tma=False, num_sms=G._num_sms(aq.device.index or 0))  # as G.gemm plans it
+    out = {}
+    for g in groups_k:
+        p = own if g == "plan" else dataclasses.replace(own, groups_k=int(g))
+        for name, fn in slab_orders(aq, a_scale, wq, w_scale, p).items():
+            out.setdefault(f"{name}_gk{p.groups_k}", fn)
+    return out
 
 
 def relative_error(out: torch.Tensor, aq, a_scale, wq, w_scale) -> float:
@@ -63,6 +81,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="e5m2", help="e5m2 and/or e4m3 (the weights stream alike)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--heat", type=float, default=0.5, help="seconds of self-heat before each timing")
+    parser.add_argument("--groups-k", default="plan,8", help="K blocks per gemv step to time: 'plan' (its own) and/or counts")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_gemv_layout times a GPU: no CUDA device here")
@@ -78,7 +97,7 @@ def main(argv=None) -> None:
             aq, as_ = ops.quantize_activation(x, dt)
             wq, ws = ops.quantize_weight(w16, dt)
             p = G.plan(1, N, K, tma=False, num_sms=G._num_sms(0))
-            orders = slab_orders(aq, as_, wq, ws)
+            orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")))
             errors = {name: relative_error(fn(), aq, as_, wq, ws) for name, fn in orders.items()}
             best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **orders}, 100, args.rounds,
                                      settle=B.self_heat(args.heat))

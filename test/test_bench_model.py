@@ -283,9 +283,10 @@ def test_ab_ws_cluster_candidates_are_one_cta_and_pair_plans_the_launcher_accept
 
 
 def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
-    """benchmarks/ab_gemv_layout.py: each contender is the library's M = 1 GEMM with the gemv
-    slab in one order, right against the float64 product, the module's setting put back after
-    each call; without a GPU it stops and says so."""
+    """benchmarks/ab_gemv_layout.py: each contender is the library's M = 1 gemv plan, with the
+    slab in one order and its own or another count of K blocks per step (one contender per
+    distinct count), right against the float64 product, the module's setting put back after each
+    call; without a GPU it stops and says so."""
     from blockwise_fp8 import reference
     from blockwise_fp8.kernels import gemm as G
 
@@ -299,13 +300,16 @@ def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
     assert G.plan(1, 130, 300, tma=False).kind == "gemv"
     seen = []
     real_gemm = G.gemm
-    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append(G.GEMV_K_BLOCKS_OUTER), real_gemm(*a, **k))[1])
-    orders = ab.slab_orders(aq, as_, wq, ws)
-    assert list(orders) == ["rows_outer", "k_blocks_outer"]
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append((G.GEMV_K_BLOCKS_OUTER, k["plan_override"])),
+                                                    real_gemm(*a, **k))[1])
+    orders = ab.contenders(aq, as_, wq, ws, ("plan", "2", str(G.plan(1, 130, 300, tma=False).groups_k)))
+    own = G.plan(1, 130, 300, tma=False).groups_k
+    assert list(orders) == [f"rows_outer_gk{own}", f"k_blocks_outer_gk{own}", "rows_outer_gk2", "k_blocks_outer_gk2"]
     for fn in orders.values():
         assert ab.relative_error(fn(), aq, as_, wq, ws) < 2.0 ** -7  # bf16 output
         assert G.GEMV_K_BLOCKS_OUTER is False
-    assert seen == [False, True]
+    assert [outer for outer, _ in seen] == [False, True, False, True]
+    assert [p.groups_k for _, p in seen] == [own, own, 2, 2] and {p.kind for _, p in seen} == {"gemv"}
     if KERNEL_DEVICE == "cpu":
         with pytest.raises(SystemExit, match="ab_gemv_layout times a GPU: no CUDA device here"):
             ab.main(["/dev/null"])
