@@ -330,3 +330,37 @@ def test_results_log_heads_the_file_with_card_versions_and_method_and_keeps_each
     assert lines[0].startswith(f"# Some GPU torch {torch.__version__} triton {triton.__version__} ")
     assert lines[0].endswith("; self-heat 0.5 s") and lines[1] == "e5m2 8192x8192: plan 1.0"
     assert capsys.readouterr().out.splitlines()[-1] == "e5m2 8192x8192: plan 1.0"
+
+
+@pytest.mark.parametrize("k_blocks_outer", [0, 1])
+def test_sass_of_launch_compiles_the_librarys_gemv_launch_for_sm90(tmp_path, k_blocks_outer):
+    """benchmarks/sass_of_launch.py, without a GPU: the M = 1 call's one kernel (the gemv) compiled
+    for sm_90 in either slab order, its TTGIR/PTX/SASS written, a summary line with its registers,
+    its 16-byte weight loads and no spills; a --set of no tunable is refused by name."""
+    import re
+    import subprocess
+    import sys
+
+    import triton
+
+    tool = os.path.join(ROOT, "benchmarks", "sass_of_launch.py")
+    bins = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bins, t)) for t in ("nvdisasm", "cuobjdump")):
+        pytest.skip("this Triton ships no nvdisasm/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = ROOT
+    run = subprocess.run([sys.executable, tool, str(tmp_path / "out"), "1", "256", "512",
+                          "--set", f"GEMV_K_BLOCKS_OUTER={k_blocks_outer}"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("triton ")]
+    assert len(lines) == 1 and " gemm_gemv_kernel: " in lines[0], run.stdout
+    counts = dict(kv.split("=") for kv in lines[0].split(": ")[1].split())
+    assert int(counts["registers"]) > 0 and int(counts["spills"]) == 0
+    assert int(counts["ldg128"]) >= 8  # 8 rows x 16 K blocks of FP8 in 16-byte loads per 128 threads
+    for ext in ("ttgir", "ptx", "sass"):
+        assert (tmp_path / "out" / f"gemm_gemv_kernel.{ext}").stat().st_size > 0
+    assert re.search(r"order = \[2, [01], [01]\]", (tmp_path / "out" / "gemm_gemv_kernel.ttgir").read_text())
+    bad = subprocess.run([sys.executable, tool, str(tmp_path / "x"), "1", "256", "512", "--set", "NO_SUCH=1"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "--set NO_SUCH: blockwise_fp8.kernels.gemm has no such tunable" in bad.stderr
