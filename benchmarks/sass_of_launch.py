@@ -1,6 +1,7 @@
 """Compile, for sm_90 and without a GPU, the Triton kernels one ``gemm`` call of the library would
 launch, and write their TTGIR, PTX and SASS with a summary line each: registers, 16-byte loads,
-shuffles, spills. For reading what a Triton version makes of our kernels on a machine with no GPU
+cp.async copies (the skinny kernel's), shuffles, spills. For reading what a Triton version makes of
+our kernels on a machine with no GPU
 (the twenty-ninth session found the gemv's Triton 3.9 slowdown this way: the same source got
 another register layout).
 
@@ -31,7 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-COUNTED = {"ldg128": "LDG.E.128", "shfl": "SHFL", "ffma": "FFMA", "spills": ("STL", "LDL")}
+COUNTED = {"ldg128": "LDG.E.128", "ldgsts": "LDGSTS", "shfl": "SHFL", "ffma": "FFMA", "spills": ("STL", "LDL")}
 
 
 class Sm90Driver:
