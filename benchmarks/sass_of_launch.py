@@ -1,9 +1,8 @@
 """Compile, for sm_90 and without a GPU, the Triton kernels one ``gemm`` call of the library would
 launch, and write their TTGIR, PTX and SASS with a summary line each: registers, 16-byte loads,
 cp.async copies (the skinny kernel's), shuffles, spills. For reading what a Triton version makes of
-our kernels on a machine with no GPU
-(the twenty-ninth session found the gemv's Triton 3.9 slowdown this way: the same source got
-another register layout).
+our kernels on a machine with no GPU (the twenty-ninth session found the gemv's Triton 3.9
+slowdown this way: the same source got another register layout).
 
     python benchmarks/sass_of_launch.py OUTDIR M N K [--dtype e5m2] [--set GEMV_K_BLOCKS_OUTER=1]
 
