@@ -1,6 +1,6 @@
 """The ws kernel on 2-CTA clusters (Triton >= 3.9) against the plans it would replace, in one
-process on one card, beside bf16 and cuBLAS (session 28 timed the 192-row pairs this way; the
-128-row pairs, K blocks in pairs as on one CTA, compile and pass the GPU tests but are untimed).
+process on one card, beside bf16 and cuBLAS (session 28 timed the 192-row pairs this way, session
+29 the 128-row pairs, K blocks in pairs as on one CTA: 3-6% slower than one CTA at M = 1024-4096).
 
     source benchmarks/use_slim_triton.sh     # on the device image (Triton 3.6), with .t39/ carried
     PYTHONPATH=. python benchmarks/ab_ws_cluster.py OUT.txt [--cells 2048x8192x8192,...] [--dtypes e5m2,e4m3]

@@ -732,7 +732,7 @@ WS192_COST = 1.0
 # runs). H100, Triton 3.9, same process, bit-identical: 8192^3 1052 -> 1001 us (e5m2) and 1073 ->
 # 1030 (e4m3; cuBLAS 999), M = 8192, N = 8192, K = 28672 3651 -> 3286 and 3741 -> 3371 (cuBLAS 3413)
 # (benchmarks/NOTES.md, twenty-eighth session). Only the 192-row plans take pairs: at M = 1024-4096
-# (128-row plans) a three-consumer pair prototype lost 0-14%; 128-row pairs are not timed yet.
+# (128-row plans) a three-consumer pair prototype lost 0-14%, 128-row pairs 3-6% (session 29).
 MULTICAST_CLUSTER = 2
 
 

@@ -634,7 +634,7 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
     the consumers read them from memory. ``cluster = 2``: 2-CTA clusters that share the A boxes
     (Triton >= 3.9, no split tail, scales from memory); ``programs`` then counts clusters. The
     plans take them for 192-row tiles only; 128-row tiles on pairs (K blocks in pairs, as on one
-    CTA) compile and are in the GPU tests, but were not timed yet."""
+    CTA) pass the GPU tests but were 3-6% slower than on one CTA at M = 1024-4096 (session 29)."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
