@@ -1080,9 +1080,13 @@ def linear_fused(
 # and with True build the wanted layout at 3.6's 96 registers (3.9's PTX needs 128-129 whichever
 # ptxas compiles it: 4 or 3 programs an SM instead of 5). At M = 1 under Triton 3.9 the gemv
 # streamed 6-10% slower than under 3.6 on the 64 and 84 MB weights (H100s, two grid runs with
-# self-heat 1 s, bf16 within 1% between them: 2344 against 2587 GB/s at N = K = 8192). Whether
-# True wins that back is untimed: benchmarks/ab_gemv_layout.py times both in one process.
-GEMV_K_BLOCKS_OUTER = False
+# self-heat 1 s, bf16 within 1% between them: 2344 against 2587 GB/s at N = K = 8192). Timed in
+# one process per Triton (session 30, H100, results/ab-gemv-layout-triton3{6,9}-h100-2026-11-28-s30.txt,
+# e5m2, us at N = 8192 / 10240 / 57344 with K = 8192): under 3.6 False 26.0 / 30.4 / 153.3, True
+# 33.6 / 36.2 / 178.7; under 3.9 False 28.3 / 32.6 / 158.3, True 25.8 / 31.8 / 156.3 (K = 28672,
+# 16-row slabs of 8 blocks: a tie either way). So each Triton takes the order that gives it the
+# wanted layout: True from 3.7 on, which 3.7 and 3.8 get by the SASS only (untimed there).
+GEMV_K_BLOCKS_OUTER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
 
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
