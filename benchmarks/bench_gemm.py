@@ -610,6 +610,9 @@ def summarize(rows, dev, versions, method: str = "") -> str:
 
 
 def plot(rows, path, dev):
+    """One panel per (N, K, dtype), a line per contender; returns the figure. Each contender keeps
+    its colour in every panel (the e5m2 panels have no cuBLAS line: with the colour cycle their
+    lines took the next contender's colour, and the one legend named them wrong)."""
     try:
         import matplotlib
 
@@ -624,10 +627,10 @@ def plot(rows, path, dev):
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
     for ax, (N, K, d) in zip(axes.flat, combos):
         sub = sorted((r for r in rows if (r["N"], r["K"], r["dtype"]) == (N, K, d)), key=lambda r: r["M"])
-        for c in CONTENDERS[1:]:
+        for i, c in enumerate(CONTENDERS[1:]):
             pts = [(r["M"], r[f"{c}_x_bf16"]) for r in sub if f"{c}_x_bf16" in r]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=c)
+                ax.plot(*zip(*pts), marker="o", ms=3, label=c, color=f"C{i}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(f"N={N} K={K} {d}")
@@ -637,6 +640,7 @@ def plot(rows, path, dev):
     fig.suptitle(f"Blockwise FP8 GEMM speedup over bf16, {dev}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

@@ -431,6 +431,33 @@ def test_bench_gemm_merge_joins_runs_over_parts_of_the_grid(tmp_path):
     assert "| ours_auto | 3 | 2.00x |" in (merged / "summary.md").read_text()
 
 
+def test_bench_gemm_plot_keeps_each_contenders_colour_in_every_panel(tmp_path):
+    """benchmarks/bench_gemm.py's plot: one legend (in the first panel) names the lines of all
+    panels, so a contender has one colour everywhere, also in the e5m2 panels, which have no
+    cuBLAS line (the sessions 27-30 plots took their colours from the cycle: there ours_triton
+    was drawn in cuBLAS's colour under the legend's name)."""
+    pytest.importorskip("matplotlib")
+    bench = _bench_gemm()
+    rows = []
+    for dtype in ("e4m3", "e5m2"):
+        for M in (1, 16, 1024):
+            r = {"M": M, "N": 8192, "K": 8192, "dtype": dtype}
+            for i, c in enumerate(bench.CONTENDERS[1:]):
+                if c != "cublas" or dtype == "e4m3":
+                    r[f"{c}_x_bf16"] = 1.0 + i / 10
+            rows.append(r)
+    fig = bench.plot(rows, str(tmp_path / "p.png"), "H100")
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label() in bench.CONTENDERS:
+                colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == set(bench.CONTENDERS[1:])
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)  # and no two alike
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_bench_gemm_summary_names_the_timing_method():
     """summary.md's first line says how the cells were timed, read from the CSV header that
     main() writes (session 26 ran grids four ways); headers without it keep the old wording."""
