@@ -223,8 +223,11 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 # and 8192 x 4096 (1.08-1.12). (Since session 24 those tiles read the scales from memory where each
 # program runs <= 32 K blocks, 1024 x 4096, 2048 x 7168 and 4096 x 8192 among them: as fast or 3-7%
 # faster there, results/probe-half-card-memory-h100-2026-11-27-s24.txt, so the table stands.)
-# Above M = 256 cuBLAS was faster wherever it runs (the GEMM grid, benchmarks/results/summary.md),
-# except on grids just over one wave (below).
+# Above M = 256 cuBLAS was faster wherever it runs (the Triton 3.6 GEMM grid,
+# benchmarks/results/grid-selfheat-h100-2026-11-27-s27/), except on grids just over one wave
+# (below). Under Triton 3.9 our ws kernel read 6.7% faster at M = 512, N = 10240, K = 8192 e4m3
+# (83.9 against 89.9 us) and 1.8% at M = 512, N = 8192, K = 28672 in the grid (results/summary.md),
+# one run each with a same-kernel spread of +-5%: not an A/B, so the table does not yet follow.
 #
 # Sessions 20-21 gave cuBLAS M = 24-32 on an H100 where 6144 < N < 14336 and K < 3 N (it was 1-8%
 # faster there with the weight in L2, results/ab-auto-decode-h100-2026-11-27-s20.txt). Since the
