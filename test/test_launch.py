@@ -110,7 +110,20 @@ def test_a_different_specialization_compiles_again(replaying, change):
     assert all(not c.launches for c in k.compiled.values())  # nothing replayed onto the wrong kernel
     L.launch(k, (1,), (x, n), meta)  # the new specialization replays in turn
     assert len(k.slow_launches) == 2
-    assert k.compiled[k._specialization(x, n, **dict(meta))].launches
+    assert k.compiled[k._specialization(x, n, **dict(meta + L.COMPILE_OPTIONS))].launches
+
+
+def test_compiles_with_fp_fusion_on_whatever_the_default(replaying):
+    """Every compile asks for FMA contraction (Triton 3.9 warns that 3.10 turns its default off;
+    our kernels were tuned and timed with it on); the replay key stays the launch's own meta, so
+    the next launch with that meta replays the kernel compiled with the option."""
+    k = FakeKernel()
+    x = torch.zeros(64)
+    L.launch(k, (1,), (x, 64), (("BLOCK", 32), ("num_warps", 4)))
+    ((_, spec),) = k.slow_launches
+    assert ("enable_fp_fusion", True) in spec[-1] and ("num_warps", 4) in spec[-1]
+    L.launch(k, (1,), (x, 64), (("BLOCK", 32), ("num_warps", 4)))
+    assert len(k.slow_launches) == 1 and len(next(iter(k.compiled.values())).launches) == 1
 
 
 def test_same_specialization_other_values_replays(replaying):

@@ -35,6 +35,13 @@ import triton
 # ours are jitted when this package imports, so the same reading holds for them.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# Compile options every launch asks for, whatever the environment says. enable_fp_fusion: FMA
+# contraction of a * b + c, Triton's default through 3.9 (TRITON_DEFAULT_FP_FUSION); 3.9 warns that
+# 3.10 turns the default off. Every kernel here was tuned and timed with it on: without it, under
+# 3.9, the gemv's 72 FFMAs become separate multiplies and adds (benchmarks/sass_of_launch.py,
+# session 29), so ask for it rather than inherit a changed default.
+COMPILE_OPTIONS = (("enable_fp_fusion", True),)
+
 # (kernel, device, meta, argument key) -> (compiled kernel, values of the parameters after the
 # positional arguments, in order: the constexprs, defaults applied)
 _COMPILED: dict = {}
@@ -145,10 +152,11 @@ def launch(kernel, grid: tuple, args: tuple, meta: tuple):
     key = (id(kernel), device, meta, _argument_key(args))
     entry = _COMPILED.get(key)
     if entry is None or _hooks_installed():
-        compiled = kernel[grid](*args, **dict(meta))
+        options = dict(meta + COMPILE_OPTIONS)
+        compiled = kernel[grid](*args, **options)
         if entry is None and hasattr(compiled, "packed_metadata"):
             binder = kernel.device_caches[device][-1]
-            bound = binder(*args, **dict(meta))[0]
+            bound = binder(*args, **options)[0]
             if len(_COMPILED) >= _MAX_ENTRIES:
                 _COMPILED.clear()
             _COMPILED[key] = (compiled, tuple(bound.values())[len(args):])
