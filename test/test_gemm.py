@@ -323,6 +323,40 @@ def test_skinny_pairs_keep_the_bits_of_single_steps(K, split):
         G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("skinny", 16, 64, 4, 3, groups_k=4))
 
 
+@pytest.mark.parametrize("M,N,K,split,groups_k", [(1, 200, 1024, 2, 2), (5, 130, 640, 1, 2), (16, 64, 1000 + 8, 1, 1),
+                                                   (33, 129, 2048, 3, 2)])
+def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, split, groups_k):
+    """SKINNY_TMA changes how the skinny kernel's tiles reach shared memory (tensor descriptors,
+    zeros past N, M and K), not what it adds: bit for bit the pointer path's output, and right
+    against the reference, with ragged N, M and K, split-K, single and paired K steps and group
+    members (one weight ragged). Where TMA cannot load an operand (a row stride or base address
+    not a multiple of 16 bytes) the pointer path serves the call."""
+    monkeypatch.setattr(G, "SKINNY_TMA", False)
+    x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M + N + K)
+    p = G.Plan("skinny", max(16, 1 << (M - 1).bit_length()), 64, 4, 3, split_k=split, groups_k=groups_k)
+    w2q, w2s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(70, K), (128, 128), torch.float8_e4m3fn))
+    expected = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
+    expected_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)  # the planner's plan
+    seen = []
+    real = G._streaming_meta
+    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    monkeypatch.setattr(G, "SKINNY_TMA", True)
+    got = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
+    got_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    group_skinny = G.plan(M, N, K, tma=False).kind == "skinny"  # else the gemv, which has no descriptors
+    assert seen[0] is True and len(seen) > 1 and all(t == group_skinny for t in seen[1:])
+    assert torch.equal(got, expected)
+    for g, e in zip(got_group, expected_group):
+        assert torch.equal(g, e)
+    _check(got, aq, as_, wq, ws, b, torch.float32)
+    # an activation whose rows are 8 bytes apart past K: no descriptor, the pointer path, same bits
+    wide = torch.zeros(M, K + 8, dtype=aq.dtype, device=aq.device)
+    wide[:, :K] = aq
+    seen.clear()
+    assert torch.equal(G.gemm(wide[:, :K], as_, wq, ws, b, torch.float32, plan_override=p), expected)
+    assert seen == [False]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA streams")
 def test_split_k_on_concurrent_streams():
     """Each stream has its own arrival counters: split-K GEMMs racing on two streams stay exact."""
@@ -996,9 +1030,11 @@ def gemm_counts(lines):
 
 
 skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64,
-                                                            GROUPS_K=1), num_stages=6))
+                                                            GROUPS_K=1, TMA=False), num_stages=6))
 skinny_pairs = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64,
-                                                                  GROUPS_K=2), num_stages=4))
+                                                                  GROUPS_K=2, TMA=False), num_stages=4))
+skinny_tma = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64,
+                                                                GROUPS_K=2, TMA=True), num_stages=4))
 gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16), num_stages=1))
 gemv_rows = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=4, BLOCK_N=16, GROUPS_K=4), num_stages=1))
 gemv_other_order = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16,
@@ -1011,7 +1047,8 @@ pointers = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32", K="i32")
 lines = before_wait(Q.quantize_kernel, consts, num_stages=3)
 quantize = {"trigger": count(lines, "griddepcontrol.launch_dependents"),
             "memory": count(lines, "ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count(lines, "ld.param")}
-print(json.dumps({"skinny": skinny, "skinny_pairs": skinny_pairs, "gemv": gemv, "gemv_rows": gemv_rows,
+print(json.dumps({"skinny": skinny, "skinny_pairs": skinny_pairs, "skinny_tma": skinny_tma, "gemv": gemv,
+                  "gemv_rows": gemv_rows,
                   "gemv_other_order": gemv_other_order, "quantize": quantize}))
 """
 
@@ -1040,6 +1077,7 @@ def test_pdl_prologues_compile_for_sm90(tmp_path):
     before_wait = json.loads(run.stdout.strip().splitlines()[-1])  # PTX lines before griddepcontrol.wait
     assert before_wait["skinny"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
     assert before_wait["skinny_pairs"] == before_wait["skinny"]  # two K blocks per step
+    assert before_wait["skinny_tma"] == before_wait["skinny"]  # its descriptors are made after the wait
     assert before_wait["gemv"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
     assert before_wait["gemv_rows"] == before_wait["gemv"]  # BLOCK_M = 4: not GPU-run yet, compiled here
     assert before_wait["gemv_other_order"] == before_wait["gemv"]  # GEMV_K_BLOCKS_OUTER flipped

@@ -359,6 +359,14 @@ def _skinny_block(acc, w_ptrs, a_ptrs, w_s, a_s, kb, K, rk, m_ok, n_ok, fp8_dtyp
 
 
 @triton.jit
+def _skinny_block_tma(acc, w_desc, a_desc, n0, kb, w_s, a_s, BLOCK_K: tl.constexpr):
+    """_skinny_block with both tiles loaded by tensor descriptor (TMA, zeros past N, M and K)."""
+    w = w_desc.load([n0, kb * BLOCK_K])
+    a = a_desc.load([0, kb * BLOCK_K])
+    return acc + tl.dot(w, tl.trans(a)) * (w_s[:, None] * a_s[None, :])
+
+
+@triton.jit
 def gemm_skinny_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
@@ -375,6 +383,7 @@ def gemm_skinny_kernel(
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
     the high-precision activation and a_scale_ptr is unused. With SPLIT_K > 1 each program
@@ -393,7 +402,15 @@ def gemm_skinny_kernel(
     scales, bias and output; the weights and the scales have the same strides, the outputs are
     contiguous (the row stride of out1 and out2 is N1 and N2). The N tiles of the members follow one
     another along the first grid axis; the split-K partials are (SPLIT_K, M, PARTIAL_N) float32
-    with PARTIAL_N >= the tiles' columns, one arrival counter per tile."""
+    with PARTIAL_N >= the tiles' columns, one arrival counter per tile.
+
+    TMA (not with FUSE_QUANT; the launcher checks the 16-byte alignments TMA needs and gives the
+    kernels scratch for their descriptors): the weight and activation tiles come by tensor
+    descriptors made in the kernel, after the PDL wait, instead of masked pointer loads, with the
+    same zeros past N, M and K, so the same sums. Why: tiles written to shared memory by cp.async
+    are generic-proxy writes, and from Triton 3.9 on each wgmma that reads them gets a proxy fence
+    before it (MEMBAR.ALL.CTA in the SASS, two per paired K step; Triton 3.6 put none); TMA writes
+    through the async proxy and needs none (``SKINNY_TMA``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
@@ -410,6 +427,11 @@ def gemm_skinny_kernel(
         _prefetch_then_wait(w_ptr, rn, n_size, kb_start, kb_end, stride_wn, stride_wk, PREFETCH_BLOCKS, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb_start * BLOCK_K + rk)[None, :] * stride_wk
     a_ptrs = a_ptr + rm[:, None] * stride_am + (kb_start * BLOCK_K + rk)[None, :] * stride_ak
+    if TMA:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[n_size, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
     w_s_ptrs = w_scale_ptr + (rn // BLOCK_K) * stride_wsn
     a_s_ptrs = a_scale_ptr + rm * stride_asm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -433,16 +455,22 @@ def gemm_skinny_kernel(
         if not SCALES_AHEAD:
             w_s = tl.load(w_s_ptrs + kb * stride_wsk, mask=n_ok, other=0.0)
             a_s = _activation_scales(a_s_ptrs, kb, stride_ask, m_ok, FUSE_QUANT)
-        acc = _skinny_block(acc, w_ptrs, a_ptrs, w_s, a_s, kb, K, rk, m_ok, n_ok, w_ptr.dtype.element_ty,
-                            FUSE_QUANT, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8, BLOCK_K)
+        if TMA:
+            acc = _skinny_block_tma(acc, w_desc, a_desc, tile * BLOCK_N, kb, w_s, a_s, BLOCK_K)
+        else:
+            acc = _skinny_block(acc, w_ptrs, a_ptrs, w_s, a_s, kb, K, rk, m_ok, n_ok, w_ptr.dtype.element_ty, FUSE_QUANT,
+                                FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8, BLOCK_K)
         if GROUPS_K == 2:
             if not SCALES_AHEAD:
                 w_s_odd = tl.load(w_s_ptrs + (kb + 1) * stride_wsk, mask=n_ok & (rn * 0 + kb + 1 < kb_end), other=0.0)
                 a_s_odd = _activation_scales(a_s_ptrs, kb + 1, stride_ask, m_ok & (rm * 0 + kb + 1 < kb_end),
                                              FUSE_QUANT)
-            acc = _skinny_block(acc, w_ptrs + BLOCK_K * stride_wk, a_ptrs + BLOCK_K * stride_ak, w_s_odd, a_s_odd,
-                                kb + 1, K, rk, m_ok, n_ok, w_ptr.dtype.element_ty, FUSE_QUANT, FP8_MAX, MANTISSA_BITS,
-                                MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8, BLOCK_K)
+            if TMA:
+                acc = _skinny_block_tma(acc, w_desc, a_desc, tile * BLOCK_N, kb + 1, w_s_odd, a_s_odd, BLOCK_K)
+            else:
+                acc = _skinny_block(acc, w_ptrs + BLOCK_K * stride_wk, a_ptrs + BLOCK_K * stride_ak, w_s_odd, a_s_odd,
+                                    kb + 1, K, rk, m_ok, n_ok, w_ptr.dtype.element_ty, FUSE_QUANT, FP8_MAX,
+                                    MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8, BLOCK_K)
         if SCALES_AHEAD:  # after the last step, a harmless reload of its own scales
             kb_next = tl.minimum(kb + GROUPS_K, kb_end - 1)
             w_s = tl.load(w_s_ptrs + kb_next * stride_wsk, mask=n_ok, other=0.0)
@@ -1090,6 +1118,14 @@ GEMV_K_BLOCKS_OUTER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >
 
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
+# Whether the skinny kernel loads its tiles by tensor descriptor (TMA) where the operands allow it
+# (see the kernel, and _skinny_tma_fits). Why it might pay from Triton 3.9 on: there the skinny
+# kernel runs 0-3% slower than under 3.6 at M = 2-16 and 4-9% at M = 32-64 (the session-30 grids),
+# and its SASS holds a proxy fence (MEMBAR.ALL.CTA) before each wgmma that reads cp.async tiles,
+# two per K step, which 3.6 did not emit; a membar likely waits for the next step's scale loads,
+# already in flight. With TMA the loop compiles with no fence under 3.9 (CPU, sm_90). Off until
+# timed: benchmarks/ab_skinny_tma.py compares both on a GPU.
+SKINNY_TMA = False
 # Under PDL, whether the skinny kernel lets the next grid (the GEMM of the next Linear on the
 # same input) launch once its K loop is done, so that launch overlaps this kernel's split-K sum
 # and epilogue: the Linears of a Llama layer 108.1 -> 106.4 us at M = 1, 117.1 -> 116.6 at M = 16
@@ -1216,9 +1252,12 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
     extra = [t if t is not None else w_scale for m in padded[1:] for t in m]
     pdl = programmatic_launch(a.device)
+    tma = SKINNY_TMA and p.kind == "skinny" and not fuse_quant and _skinny_tma_fits(a, members)
+    if tma:
+        _set_tma_allocator()
     meta = _streaming_meta(
         p, split, bias is not None, out.dtype, fuse_quant, w.dtype, hardware_fp8_cast(a.device), pdl, len(members),
-        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER,
+        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER, tma,
     )
     launch(gemm_gemv_kernel if p.kind == "gemv" else gemm_skinny_kernel, (n_tiles, split), (
         a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
@@ -1228,6 +1267,15 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
         w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
     ), meta)
+
+
+def _skinny_tma_fits(a: torch.Tensor, members: list) -> bool:
+    """Whether TMA can load the skinny kernel's tiles: FP8 rows contiguous along K, and each base
+    address and row stride a multiple of 16 bytes (what a tensor descriptor requires)."""
+    for t in [a] + [m[0] for m in members]:
+        if t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1246,9 +1294,10 @@ def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, in
 @functools.lru_cache(maxsize=1024)
 def _streaming_meta(p: Plan, split: int, has_bias: bool, out_dtype: torch.dtype, fuse_quant: bool,
                     w_dtype: torch.dtype, cvt: bool, pdl: bool, members: int,
-                    scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int, k_blocks_outer: bool) -> tuple:
+                    scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int, k_blocks_outer: bool,
+                    tma: bool) -> tuple:
     kind_meta = (dict(GROUPS_K=p.groups_k, K_BLOCKS_OUTER=k_blocks_outer) if p.kind == "gemv"
-                 else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k))
+                 else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k, TMA=tma))
     return tuple(dict(
         HAS_BIAS=has_bias, **output_format_constexprs(out_dtype),
         FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w_dtype).max), **format_constexprs(w_dtype),
