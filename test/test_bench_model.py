@@ -315,6 +315,40 @@ def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
             ab.main(["/dev/null"])
 
 
+def test_ab_skinny_tma_times_the_four_ways_of_loading_the_skinny_kernel(monkeypatch):
+    """benchmarks/ab_skinny_tma.py: four contenders, the library's own skinny plan with its tiles by
+    pointer or by descriptor and its scales a step ahead or at use, each right against the float64
+    product, the module's settings put back after each call; without a GPU it stops and says so."""
+    from blockwise_fp8 import reference
+    from blockwise_fp8.kernels import gemm as G
+
+    from .conftest import KERNEL_DEVICE
+
+    ab = _load("ab_skinny_tma")
+    g = torch.Generator().manual_seed(6)
+    aq, as_ = reference.quantize(torch.randn(5, 384, generator=g), (1, 128), torch.float8_e4m3fn)
+    wq, ws = reference.quantize(torch.randn(130, 384, generator=g), (128, 128), torch.float8_e4m3fn)
+    aq, as_, wq, ws = (t.to(KERNEL_DEVICE) for t in (aq, as_, wq, ws))
+    assert G.plan(5, 130, 384, tma=False).kind == "skinny"
+    seen = []
+    real_gemm, default = G.gemm, (G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD)
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append((G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD)),
+                                                    real_gemm(*a, **k))[1])
+    fns = ab.contenders(aq, as_, wq, ws)
+    assert list(fns) == ["pointer", "pointer_at_use", "tma", "tma_at_use"]
+    outs = {}
+    for name, fn in fns.items():
+        outs[name] = fn()
+        assert (G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD) == default
+    assert seen == [(False, True), (False, False), (True, True), (True, False)]
+    w64 = reference.dequantize(wq, ws, (128, 128), torch.float64)
+    errors = ab.relative_errors(outs, aq, as_, w64)
+    assert set(errors) == set(fns) and all(0 < e < 2.0 ** -7 for e in errors.values())  # bf16 output
+    if KERNEL_DEVICE == "cpu":
+        with pytest.raises(SystemExit, match="ab_skinny_tma times a GPU: no CUDA device here"):
+            ab.main(["/dev/null"])
+
+
 def test_results_log_heads_the_file_with_card_versions_and_method_and_keeps_each_line(tmp_path, monkeypatch, capsys):
     """bench_gemm.results_log, the A/B scripts' output: the first line names the card, torch,
     Triton and the method; each said line is printed and already in the file (a run stopped by
