@@ -74,36 +74,49 @@ def relative_error(out: torch.Tensor, aq, a_scale, wq, w_scale) -> float:
     return ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ab_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the weight-streaming A/B scripts (this one, ab_skinny_tma.py): the output
+    file, the (N, K) cells, the dtypes, rounds and seconds of self-heat."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--cells", default=CELLS, help="comma-separated NxK")
     parser.add_argument("--dtypes", default="e5m2", help="e5m2 and/or e4m3 (the weights stream alike)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--heat", type=float, default=0.5, help="seconds of self-heat before each timing")
+    return parser
+
+
+def weights(args):
+    """(dtype name, dtype, N, K, generator, bf16 weight) per cell and dtype of ``args``, on the GPU,
+    the generator seeded by the cell (it draws the activations after the weight)."""
+    for cell in args.cells.split(","):
+        N, K = (int(v) for v in cell.split("x"))
+        for dname in args.dtypes.split(","):
+            g = torch.Generator(device="cuda").manual_seed(N + K)
+            w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
+            yield dname, DTYPES[dname], N, K, g, w16
+
+
+def main(argv=None) -> None:
+    parser = ab_parser(__doc__)
     parser.add_argument("--groups-k", default="plan,8", help="K blocks per gemv step to time: 'plan' (its own) and/or counts")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_gemv_layout times a GPU: no CUDA device here")
     say = B.results_log(args.out, f"M = 1, bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
                                   "us (weight GB/s) [relative error]")
-    for cell in args.cells.split(","):
-        N, K = (int(v) for v in cell.split("x"))
-        for dname in args.dtypes.split(","):
-            dt = DTYPES[dname]
-            g = torch.Generator(device="cuda").manual_seed(N + K)
-            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
-            w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
-            aq, as_ = ops.quantize_activation(x, dt)
-            wq, ws = ops.quantize_weight(w16, dt)
-            p = G.plan(1, N, K, tma=False, num_sms=G._num_sms(0))
-            orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")))
-            errors = {name: relative_error(fn(), aq, as_, wq, ws) for name, fn in orders.items()}
-            best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **orders}, 100, args.rounds,
-                                     settle=B.self_heat(args.heat))
-            say(f"{dname} {N}x{K} {p.kind} bn{p.block_n} groups_k{p.groups_k} split{p.split_k}: " + "  ".join(
-                f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
-                + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items()))
+    for dname, dt, N, K, g, w16 in weights(args):
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
+        aq, as_ = ops.quantize_activation(x, dt)
+        wq, ws = ops.quantize_weight(w16, dt)
+        p = G.plan(1, N, K, tma=False, num_sms=G._num_sms(0))
+        orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")))
+        errors = {name: relative_error(fn(), aq, as_, wq, ws) for name, fn in orders.items()}
+        best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **orders}, 100, args.rounds,
+                                 settle=B.self_heat(args.heat))
+        say(f"{dname} {N}x{K} {p.kind} bn{p.block_n} groups_k{p.groups_k} split{p.split_k}: " + "  ".join(
+            f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
+            + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items()))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ product of the quantized operands beside its time.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -29,7 +28,7 @@ from blockwise_fp8.kernels import gemm as G
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import bench_gemm as B  # noqa: E402
-from ab_gemv_layout import CELLS, DTYPES  # noqa: E402
+from ab_gemv_layout import ab_parser, weights  # noqa: E402
 
 
 def contenders(aq, a_scale, wq, w_scale) -> dict:
@@ -59,40 +58,30 @@ def relative_errors(outs: dict, aq, a_scale, w64) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out")
+    parser = ab_parser(__doc__)
     parser.add_argument("--ms", default="2,8,16,32,64", help="comma-separated M (the skinny kernel's range)")
-    parser.add_argument("--cells", default=CELLS, help="comma-separated NxK")
-    parser.add_argument("--dtypes", default="e5m2", help="e5m2 and/or e4m3 (the weights stream alike)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--heat", type=float, default=0.5, help="seconds of self-heat before each timing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_skinny_tma times a GPU: no CUDA device here")
     say = B.results_log(args.out, f"bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
                                   "us (weight GB/s) [relative error]")
-    for cell in args.cells.split(","):
-        N, K = (int(v) for v in cell.split("x"))
-        for dname in args.dtypes.split(","):
-            dt = DTYPES[dname]
-            g = torch.Generator(device="cuda").manual_seed(N + K)
-            w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
-            wq, ws = ops.quantize_weight(w16, dt)
-            w64 = reference.dequantize(wq, ws, (128, 128), torch.float64)
-            for M in (int(v) for v in args.ms.split(",")):
-                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
-                aq, as_ = ops.quantize_activation(x, dt)
-                p = G.plan(M, N, K, tma=False, num_sms=G._num_sms(0))
-                if p.kind != "skinny":
-                    say(f"{dname} M={M} {N}x{K}: the plan is {p.kind}, not the skinny kernel; skipped")
-                    continue
-                fns = contenders(aq, as_, wq, ws)
-                errors = relative_errors({name: fn() for name, fn in fns.items()}, aq, as_, w64)
-                best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **fns}, 100, args.rounds,
-                                         settle=B.self_heat(args.heat))
-                say(f"{dname} M={M} {N}x{K} bn{p.block_n} groups_k{p.groups_k} split{p.split_k} st{p.num_stages}: "
-                    + "  ".join(f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
-                                + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items()))
+    for dname, dt, N, K, g, w16 in weights(args):
+        wq, ws = ops.quantize_weight(w16, dt)
+        w64 = reference.dequantize(wq, ws, (128, 128), torch.float64)
+        for M in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+            aq, as_ = ops.quantize_activation(x, dt)
+            p = G.plan(M, N, K, tma=False, num_sms=G._num_sms(0))
+            if p.kind != "skinny":
+                say(f"{dname} M={M} {N}x{K}: the plan is {p.kind}, not the skinny kernel; skipped")
+                continue
+            fns = contenders(aq, as_, wq, ws)
+            errors = relative_errors({name: fn() for name, fn in fns.items()}, aq, as_, w64)
+            best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **fns}, 100, args.rounds,
+                                     settle=B.self_heat(args.heat))
+            say(f"{dname} M={M} {N}x{K} bn{p.block_n} groups_k{p.groups_k} split{p.split_k} st{p.num_stages}: "
+                + "  ".join(f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
+                            + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items()))
 
 
 if __name__ == "__main__":
