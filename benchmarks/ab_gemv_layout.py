@@ -33,36 +33,41 @@ CELLS = "8192x8192,10240x8192,57344x8192,8192x28672"  # the grid's (N, K)
 DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def slab_orders(aq, a_scale, wq, w_scale, plan=None) -> dict:
-    """name -> a call of our GEMM with the gemv slab in that order (the module's setting is put
-    back after each call), with ``plan`` or, where None, the library's own (at M = 1 the gemv)."""
+def slab_orders(aq, a_scale, wq, w_scale, plan=None, maxnreg=None) -> dict:
+    """name -> a call of our GEMM with the gemv slab in that order and ``gemm.GEMV_MAXNREG`` set to
+    ``maxnreg`` (the module's settings are put back after each call), with ``plan`` or, where
+    None, the library's own (at M = 1 the gemv)."""
 
     def in_order(outer: bool):
         def run():
-            kept = G.GEMV_K_BLOCKS_OUTER
-            G.GEMV_K_BLOCKS_OUTER = outer
+            kept = G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG
+            G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG = outer, maxnreg
             try:
                 return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16, plan_override=plan)
             finally:
-                G.GEMV_K_BLOCKS_OUTER = kept
+                G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG = kept
         return run
 
     return {"rows_outer": in_order(False), "k_blocks_outer": in_order(True)}
 
 
-def contenders(aq, a_scale, wq, w_scale, groups_k: tuple) -> dict:
+def contenders(aq, a_scale, wq, w_scale, groups_k: tuple, maxnregs: tuple = (None,)) -> dict:
     """Both slab orders with the library's gemv plan and with that plan taking each of
-    ``groups_k`` K blocks per step ("plan": its own), named ORDER_gkG; a K-blocks-per-step count
-    equal to the plan's is timed once. The slab is BLOCK_N rows x GROUPS_K blocks: under Triton
-    3.9 the plan's 8 x 16 in the K-blocks-outer order needs 129 registers, 8 x 8 needs 72 in
-    either order (the twenty-ninth session's SASS), so a smaller step may stream better there."""
+    ``groups_k`` K blocks per step ("plan": its own), named ORDER_gkG, each under each register
+    cap of ``maxnregs`` (None: Triton's choice; a cap adds _maxnregR to the name); a
+    K-blocks-per-step count equal to the plan's is timed once. The slab is BLOCK_N rows x GROUPS_K
+    blocks: under Triton 3.9 the plan's 8 x 16 in the K-blocks-outer order needs 129 registers,
+    which leaves room for 3 programs an SM (4 at 128: the thirtieth session's SASS has its 5
+    spills outside the K loop there), and 8 x 8 needs 72 in either order (the twenty-ninth
+    session's SASS), so a smaller step or a cap may stream better there."""
     M, K = aq.shape
     own = G.plan(M, wq.shape[0], K, tma=False, num_sms=G._num_sms(aq.device.index or 0))  # as G.gemm plans it
     out = {}
-    for g in groups_k:
-        p = own if g == "plan" else dataclasses.replace(own, groups_k=int(g))
-        for name, fn in slab_orders(aq, a_scale, wq, w_scale, p).items():
-            out.setdefault(f"{name}_gk{p.groups_k}", fn)
+    for cap in maxnregs:
+        for g in groups_k:
+            p = own if g == "plan" else dataclasses.replace(own, groups_k=int(g))
+            for name, fn in slab_orders(aq, a_scale, wq, w_scale, p, cap).items():
+                out.setdefault(f"{name}_gk{p.groups_k}" + (f"_maxnreg{cap}" if cap else ""), fn)
     return out
 
 
@@ -100,6 +105,8 @@ def weights(args):
 def main(argv=None) -> None:
     parser = ab_parser(__doc__)
     parser.add_argument("--groups-k", default="plan,8", help="K blocks per gemv step to time: 'plan' (its own) and/or counts")
+    parser.add_argument("--maxnreg", default="none,128",
+                        help="register caps to time each contender under: 'none' (Triton's choice) and/or counts")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_gemv_layout times a GPU: no CUDA device here")
@@ -110,7 +117,8 @@ def main(argv=None) -> None:
         aq, as_ = ops.quantize_activation(x, dt)
         wq, ws = ops.quantize_weight(w16, dt)
         p = G.plan(1, N, K, tma=False, num_sms=G._num_sms(0))
-        orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")))
+        caps = tuple(None if v == "none" else int(v) for v in args.maxnreg.split(","))
+        orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")), caps)
         errors = {name: relative_error(fn(), aq, as_, wq, ws) for name, fn in orders.items()}
         best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **orders}, 100, args.rounds,
                                  settle=B.self_heat(args.heat))

@@ -305,6 +305,15 @@ def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
     orders = ab.contenders(aq, as_, wq, ws, ("plan", "2", str(G.plan(1, 130, 300, tma=False).groups_k)))
     own = G.plan(1, 130, 300, tma=False).groups_k
     assert list(orders) == [f"rows_outer_gk{own}", f"k_blocks_outer_gk{own}", "rows_outer_gk2", "k_blocks_outer_gk2"]
+    capped = ab.contenders(aq, as_, wq, ws, ("plan",), (None, 128))
+    assert list(capped) == [f"rows_outer_gk{own}", f"k_blocks_outer_gk{own}",
+                            f"rows_outer_gk{own}_maxnreg128", f"k_blocks_outer_gk{own}_maxnreg128"]
+    caps = []
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (caps.append(G.GEMV_MAXNREG), real_gemm(*a, **k))[1])
+    capped[f"k_blocks_outer_gk{own}_maxnreg128"]()
+    assert caps == [128] and G.GEMV_MAXNREG is None
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append((G.GEMV_K_BLOCKS_OUTER, k["plan_override"])),
+                                                    real_gemm(*a, **k))[1])
     for fn in orders.values():
         assert ab.relative_error(fn(), aq, as_, wq, ws) < 2.0 ** -7  # bf16 output
         assert G.GEMV_K_BLOCKS_OUTER is default
@@ -409,6 +418,13 @@ def test_sass_of_launch_compiles_the_librarys_gemv_launch_for_sm90(tmp_path):
         assert re.search(r"order = \[2, [01], [01]\]", (out / "gemm_gemv_kernel.ttgir").read_text())
     default, other = by_order[G.GEMV_K_BLOCKS_OUTER], by_order[not G.GEMV_K_BLOCKS_OUTER]
     assert default["shfl"] < other["shfl"] and default["ldg128_span"] < other["ldg128_span"], by_order
+    # GEMV_MAXNREG reaches the compiler: capped below what either order takes, the kernel fits it
+    run = subprocess.run([sys.executable, tool, str(tmp_path / "capped"), "1", "256", "2048", "--set", "GEMV_MAXNREG=64"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    capped = [line for line in run.stdout.splitlines() if line.startswith("triton ")]
+    registers = int(dict(kv.split("=") for kv in capped[0].split(": ")[1].split())["registers"])
+    assert registers <= 64 < min(c["registers"] for c in by_order.values()), (registers, by_order)
     bad = subprocess.run([sys.executable, tool, str(tmp_path / "x"), "1", "256", "512", "--set", "NO_SUCH=1"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--set NO_SUCH: blockwise_fp8.kernels.gemm has no such tunable" in bad.stderr

@@ -1115,6 +1115,14 @@ def linear_fused(
 # 16-row slabs of 8 blocks: a tie either way). So each Triton takes the order that gives it the
 # wanted layout: True from 3.7 on, which 3.7 and 3.8 get by the SASS only (untimed there).
 GEMV_K_BLOCKS_OUTER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
+# A cap on the gemv kernel's registers per thread (Triton's maxnreg), None for none. Why one might
+# pay under Triton 3.9: with K blocks outer its 8 x 16 slab takes 129 registers, which the SM
+# allocates as 136, room for 3 programs of 128 threads instead of 5 under 3.6 (96); capped at 128,
+# 4 fit, and ptxas spills 5 registers, all outside the K loop (session 30, sass_of_launch.py;
+# 120 already spills inside it). At M = 1 under 3.9 the gemv still streamed 4-8% slower than
+# under 3.6 at N = 10240, where 1280 programs take 3.2 waves of 3 an SM. Untimed:
+# benchmarks/ab_gemv_layout.py --maxnreg none,128 times it.
+GEMV_MAXNREG = None
 
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
@@ -1257,7 +1265,7 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
         _set_tma_allocator()
     meta = _streaming_meta(
         p, split, bias is not None, out.dtype, fuse_quant, w.dtype, hardware_fp8_cast(a.device), pdl, len(members),
-        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER, tma,
+        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER, GEMV_MAXNREG, tma,
     )
     launch(gemm_gemv_kernel if p.kind == "gemv" else gemm_skinny_kernel, (n_tiles, split), (
         a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
@@ -1295,9 +1303,11 @@ def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, in
 def _streaming_meta(p: Plan, split: int, has_bias: bool, out_dtype: torch.dtype, fuse_quant: bool,
                     w_dtype: torch.dtype, cvt: bool, pdl: bool, members: int,
                     scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int, k_blocks_outer: bool,
-                    tma: bool) -> tuple:
+                    gemv_maxnreg, tma: bool) -> tuple:
     kind_meta = (dict(GROUPS_K=p.groups_k, K_BLOCKS_OUTER=k_blocks_outer) if p.kind == "gemv"
                  else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k, TMA=tma))
+    if p.kind == "gemv" and gemv_maxnreg is not None:
+        kind_meta["maxnreg"] = gemv_maxnreg
     return tuple(dict(
         HAS_BIAS=has_bias, **output_format_constexprs(out_dtype),
         FUSE_QUANT=fuse_quant, FP8_MAX=float(torch.finfo(w_dtype).max), **format_constexprs(w_dtype),
