@@ -23,8 +23,8 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # numpy: Triton's CPU interpreter imports it
-        "test": ["pytest>=8", "hypothesis>=6.100", "numpy", "transformers>=5", "accelerate>=1.0"],
+        # numpy: Triton's CPU interpreter imports it; matplotlib: the benchmark plot's test
+        "test": ["pytest>=8", "hypothesis>=6.100", "numpy", "transformers>=5", "accelerate>=1.0", "matplotlib>=3.8"],
         "bench": ["matplotlib>=3.8"],
         "hf": ["transformers>=5", "accelerate>=1.0"],
     },

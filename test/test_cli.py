@@ -436,7 +436,6 @@ def test_bench_gemm_plot_keeps_each_contenders_colour_in_every_panel(tmp_path):
     panels, so a contender has one colour everywhere, also in the e5m2 panels, which have no
     cuBLAS line (the sessions 27-30 plots took their colours from the cycle: there ours_triton
     was drawn in cuBLAS's colour under the legend's name)."""
-    pytest.importorskip("matplotlib")
     bench = _bench_gemm()
     rows = []
     for dtype in ("e4m3", "e5m2"):
