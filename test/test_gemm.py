@@ -323,6 +323,41 @@ def test_skinny_pairs_keep_the_bits_of_single_steps(K, split):
         G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("skinny", 16, 64, 4, 3, groups_k=4))
 
 
+@pytest.mark.parametrize("N,K,bn,groups_k,split", [(256, 1024, 8, 4, 2), (128, 2048, 16, 8, 1), (64, 512, 32, 2, 1)])
+def test_gemv_unmasked_keeps_the_bits_of_masked_loads(monkeypatch, N, K, bn, groups_k, split):
+    """GEMV_UNMASKED drops the gemv kernel's masks where every load is in range (one row, whole
+    tiles, whole steps): bit for bit the masked kernel's output, right against the reference, also
+    with split-K, group members, and the quantization in the kernel; where a load would be out of
+    range (ragged N or K) the masked kernel serves the call."""
+    monkeypatch.setattr(G, "GEMV_UNMASKED", False)
+    x, aq, as_, wq, ws, b = _operands(1, N, K, torch.float8_e5m2, seed=N + K)
+    p = G.Plan("gemv", 1, bn, 4, 1, split_k=split, groups_k=groups_k)
+    w2q, w2s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(2 * bn, K), (128, 128), torch.float8_e5m2))
+    x16 = x.to(torch.bfloat16)
+    expected = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
+    expected_fused = G.linear_fused(x16, wq, ws, b, torch.bfloat16, plan_override=p)
+    expected_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    seen = []
+    real = G._streaming_meta
+    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-2]), real(*a))[1])
+    monkeypatch.setattr(G, "GEMV_UNMASKED", True)
+    assert torch.equal(G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p), expected)
+    assert torch.equal(G.linear_fused(x16, wq, ws, b, torch.bfloat16, plan_override=p).view(torch.int16),
+                       expected_fused.view(torch.int16))
+    group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    assert all(torch.equal(g, e) for g, e in zip(group, expected_group))
+    own = G.plan(1, N, K, tma=False)
+    assert seen[:2] == [True, True] and seen[2:] == [G._gemv_unmasked(own, 1, K, (N, 2 * bn))] * len(seen[2:])
+    _check(expected, aq, as_, wq, ws, b, torch.float32)
+    seen.clear()  # ragged N, then ragged K: the masked kernel
+    ragged = G.gemm(aq, as_, wq[: N - 1], ws, b[: N - 1], torch.float32, plan_override=p)
+    assert seen == [False] and torch.equal(ragged, expected[:, : N - 1])
+    x2, aq2, as2, wq2, ws2, b2 = _operands(1, N, K - 3, torch.float8_e5m2, seed=N)
+    seen.clear()
+    _check(G.gemm(aq2, as2, wq2, ws2, b2, torch.float32, plan_override=p), aq2, as2, wq2, ws2, b2, torch.float32)
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("M,N,K,split,groups_k", [(1, 200, 1024, 2, 2), (5, 130, 640, 1, 2), (16, 64, 1000 + 8, 1, 1),
                                                    (33, 129, 2048, 3, 2)])
 def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, split, groups_k):
@@ -1003,7 +1038,7 @@ for i in (1, 2):  # the other members' slots (three weights in one launch)
 streaming = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
                  **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, TRIGGER_AFTER_LOOP=True,
                  PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_K=128, K_BLOCKS_OUTER=G.GEMV_K_BLOCKS_OUTER,
-                 stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
+                 UNMASKED=False, stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
 
 
 def before_wait(kernel, consts, num_stages):
@@ -1039,6 +1074,8 @@ gemv = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BL
 gemv_rows = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=4, BLOCK_N=16, GROUPS_K=4), num_stages=1))
 gemv_other_order = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16,
                                                                      K_BLOCKS_OUTER=not G.GEMV_K_BLOCKS_OUTER), num_stages=1))
+gemv_unmasked = gemm_counts(before_wait(G.gemm_gemv_kernel, dict(streaming, BLOCK_M=1, BLOCK_N=8, GROUPS_K=16,
+                                                                  UNMASKED=True), num_stages=1))
 
 from blockwise_fp8.kernels import quant as Q
 consts = dict(FP8_MAX=448.0, **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, PDL=True, PDL_WAIT=True,
@@ -1049,7 +1086,7 @@ quantize = {"trigger": count(lines, "griddepcontrol.launch_dependents"),
             "memory": count(lines, "ld.", "st.", "cp.async", "atom.", "red.", "prefetch") - count(lines, "ld.param")}
 print(json.dumps({"skinny": skinny, "skinny_pairs": skinny_pairs, "skinny_tma": skinny_tma, "gemv": gemv,
                   "gemv_rows": gemv_rows,
-                  "gemv_other_order": gemv_other_order, "quantize": quantize}))
+                  "gemv_other_order": gemv_other_order, "gemv_unmasked": gemv_unmasked, "quantize": quantize}))
 """
 
 
@@ -1081,6 +1118,7 @@ def test_pdl_prologues_compile_for_sm90(tmp_path):
     assert before_wait["gemv"] == {"trigger": 0, "memory": 0, "prefetch": G.SKINNY_PREFETCH_BLOCKS}
     assert before_wait["gemv_rows"] == before_wait["gemv"]  # BLOCK_M = 4: not GPU-run yet, compiled here
     assert before_wait["gemv_other_order"] == before_wait["gemv"]  # GEMV_K_BLOCKS_OUTER flipped
+    assert before_wait["gemv_unmasked"] == before_wait["gemv"]  # GEMV_UNMASKED
     assert before_wait["quantize"] == {"trigger": 1, "memory": 0}
 
 

@@ -509,7 +509,7 @@ def gemm_gemv_kernel(
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_K: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_BLOCKS_OUTER: tl.constexpr,
+    K_BLOCKS_OUTER: tl.constexpr, UNMASKED: tl.constexpr,
 ):
     """M <= BLOCK_M (a few tokens): out[m, n] = sum over K blocks of (sum of w[n, k] * a[m, k]
     over the block) * w_scale * a_scale[m], on the CUDA cores. Each program streams a (BLOCK_N,
@@ -529,7 +529,12 @@ def gemm_gemv_kernel(
     K_BLOCKS_OUTER only orders the weight slab's axes, (GROUPS_K, BLOCK_N, BLOCK_K) or (BLOCK_N,
     GROUPS_K, BLOCK_K); the same sums either way. It exists because Triton picks the slab's
     register layout from that order, and Triton 3.6 and 3.9 pick opposite ones from the same
-    source (``GEMV_K_BLOCKS_OUTER`` says which layout is wanted and what was measured)."""
+    source (``GEMV_K_BLOCKS_OUTER`` says which layout is wanted and what was measured).
+
+    UNMASKED: every load in range (the launcher checks: M rows = BLOCK_M, every member's N a
+    multiple of BLOCK_N, K a multiple of GROUPS_K blocks of BLOCK_K), so no masks; the same sums.
+    Why: under Triton 3.9 the masked 8 x 16 slab takes 129 registers, unmasked 96 with its loads
+    back to back (``GEMV_UNMASKED``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
@@ -557,22 +562,33 @@ def gemm_gemv_kernel(
     for kb in range(kb_start, kb_end, GROUPS_K):
         k_ok = rk < k_end
         g_ok = kb + rg < kb_end
-        if K_BLOCKS_OUTER:
-            w = tl.load(w_ptrs, mask=k_ok[:, None, :] & n_ok[None, :, None], other=0.0).to(tl.float32)
+        if UNMASKED:
+            w = tl.load(w_ptrs).to(tl.float32)
+            w_s = tl.load(w_s_ptrs)
         else:
-            w = tl.load(w_ptrs, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
-        w_s = tl.load(w_s_ptrs, mask=g_ok, other=0.0)
+            if K_BLOCKS_OUTER:
+                w = tl.load(w_ptrs, mask=k_ok[:, None, :] & n_ok[None, :, None], other=0.0).to(tl.float32)
+            else:
+                w = tl.load(w_ptrs, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0.0).to(tl.float32)
+            w_s = tl.load(w_s_ptrs, mask=g_ok, other=0.0)
         for m in tl.static_range(BLOCK_M):  # the weight slab stays in registers for every row
             row_ok = m < M + rg * 0  # a tensor: the interpreter refuses a Python bool in a mask
+            if UNMASKED:
+                x = tl.load(a_ptrs + m * stride_am)
+            else:
+                x = tl.load(a_ptrs + m * stride_am, mask=k_ok & row_ok[:, None], other=0.0)
             if FUSE_QUANT:
-                x = tl.load(a_ptrs + m * stride_am, mask=k_ok & row_ok[:, None], other=0.0).to(tl.float32)
                 a_q, a_s = quantize_rows(
-                    x, w_ptr.dtype.element_ty, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8
+                    x.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER,
+                    NAN_BITS, CVT_FP8
                 )
                 a = a_q.to(tl.float32)
             else:
-                a = tl.load(a_ptrs + m * stride_am, mask=k_ok & row_ok[:, None], other=0.0).to(tl.float32)
-                a_s = tl.load(a_s_ptrs + m * stride_asm, mask=g_ok & row_ok, other=0.0)
+                a = x.to(tl.float32)
+                if UNMASKED:
+                    a_s = tl.load(a_s_ptrs + m * stride_asm)
+                else:
+                    a_s = tl.load(a_s_ptrs + m * stride_asm, mask=g_ok & row_ok, other=0.0)
             if K_BLOCKS_OUTER:
                 part = tl.sum(tl.sum(w * a[:, None, :], axis=2) * (a_s * w_s)[:, None], axis=0)
             else:
@@ -1123,6 +1139,13 @@ GEMV_K_BLOCKS_OUTER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >
 # under 3.6 at N = 10240, where 1280 programs take 3.2 waves of 3 an SM. Untimed:
 # benchmarks/ab_gemv_layout.py --maxnreg none,128 times it.
 GEMV_MAXNREG = None
+# Whether the gemv kernel drops its masks where every load is in range (see the kernel's UNMASKED;
+# _gemv_unmasked says where). Why it might pay: under Triton 3.9 the masked 8 x 16 slab (K blocks
+# outer) takes 129 registers, 3 programs an SM; unmasked it takes 96, 5 programs, and its 8 loads
+# span 36 SASS lines instead of 82; under 3.6 (rows outer) 95 registers, span 36 instead of 70
+# (session 30, sass_of_launch.py with the masks removed). Untimed: benchmarks/ab_gemv_layout.py
+# --unmasked 0,1 times it.
+GEMV_UNMASKED = False
 
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
@@ -1261,11 +1284,13 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     extra = [t if t is not None else w_scale for m in padded[1:] for t in m]
     pdl = programmatic_launch(a.device)
     tma = SKINNY_TMA and p.kind == "skinny" and not fuse_quant and _skinny_tma_fits(a, members)
+    unmasked = GEMV_UNMASKED and p.kind == "gemv" and _gemv_unmasked(p, M, K, sizes)
     if tma:
         _set_tma_allocator()
     meta = _streaming_meta(
         p, split, bias is not None, out.dtype, fuse_quant, w.dtype, hardware_fp8_cast(a.device), pdl, len(members),
-        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER, GEMV_MAXNREG, tma,
+        SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER, GEMV_MAXNREG,
+        unmasked, tma,
     )
     launch(gemm_gemv_kernel if p.kind == "gemv" else gemm_skinny_kernel, (n_tiles, split), (
         a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
@@ -1275,6 +1300,12 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
         w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
     ), meta)
+
+
+def _gemv_unmasked(p: Plan, M: int, K: int, sizes: tuple) -> bool:
+    """Whether every load of a gemv launch is in range: its BLOCK_M rows all real, every member's
+    N whole tiles, and K whole steps of GROUPS_K blocks (then every split is whole steps too)."""
+    return M == p.block_m and all(n % p.block_n == 0 for n in sizes) and K % (SCALE_BLOCK * p.groups_k) == 0
 
 
 def _skinny_tma_fits(a: torch.Tensor, members: list) -> bool:
@@ -1303,8 +1334,8 @@ def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, in
 def _streaming_meta(p: Plan, split: int, has_bias: bool, out_dtype: torch.dtype, fuse_quant: bool,
                     w_dtype: torch.dtype, cvt: bool, pdl: bool, members: int,
                     scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int, k_blocks_outer: bool,
-                    gemv_maxnreg, tma: bool) -> tuple:
-    kind_meta = (dict(GROUPS_K=p.groups_k, K_BLOCKS_OUTER=k_blocks_outer) if p.kind == "gemv"
+                    gemv_maxnreg, unmasked: bool, tma: bool) -> tuple:
+    kind_meta = (dict(GROUPS_K=p.groups_k, K_BLOCKS_OUTER=k_blocks_outer, UNMASKED=unmasked) if p.kind == "gemv"
                  else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k, TMA=tma))
     if p.kind == "gemv" and gemv_maxnreg is not None:
         kind_meta["maxnreg"] = gemv_maxnreg
