@@ -5,7 +5,8 @@ microseconds and weight GB/s.
 Why: Triton picks the slab's register layout from its axis order, and Triton 3.6 and 3.9 pick
 opposite ones from the same source (see ``GEMV_K_BLOCKS_OUTER``); the twenty-ninth session read the
 gemv 6-10% slower under 3.9 and found the cause in the SASS, but had no device time left to time
-the other order. Run it under each Triton:
+the other order. The defaults time 2 orders x 2 steps x 2 register caps x masks on and off (16
+contenders a cell; ``--groups-k plan`` halves that). Run it under each Triton:
 
     PYTHONPATH=. python benchmarks/ab_gemv_layout.py OUT.txt                 # the image's Triton
     source benchmarks/use_slim_triton.sh; PYTHONPATH=$PYTHONPATH:. python benchmarks/ab_gemv_layout.py OUT39.txt
@@ -33,41 +34,45 @@ CELLS = "8192x8192,10240x8192,57344x8192,8192x28672"  # the grid's (N, K)
 DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def slab_orders(aq, a_scale, wq, w_scale, plan=None, maxnreg=None) -> dict:
-    """name -> a call of our GEMM with the gemv slab in that order and ``gemm.GEMV_MAXNREG`` set to
-    ``maxnreg`` (the module's settings are put back after each call), with ``plan`` or, where
-    None, the library's own (at M = 1 the gemv)."""
+def slab_orders(aq, a_scale, wq, w_scale, plan=None, maxnreg=None, unmasked=False) -> dict:
+    """name -> a call of our GEMM with the gemv slab in that order, ``gemm.GEMV_MAXNREG`` set to
+    ``maxnreg`` and ``gemm.GEMV_UNMASKED`` to ``unmasked`` (the module's settings are put back
+    after each call), with ``plan`` or, where None, the library's own (at M = 1 the gemv)."""
 
     def in_order(outer: bool):
         def run():
-            kept = G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG
-            G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG = outer, maxnreg
+            kept = G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG, G.GEMV_UNMASKED
+            G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG, G.GEMV_UNMASKED = outer, maxnreg, unmasked
             try:
                 return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16, plan_override=plan)
             finally:
-                G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG = kept
+                G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG, G.GEMV_UNMASKED = kept
         return run
 
     return {"rows_outer": in_order(False), "k_blocks_outer": in_order(True)}
 
 
-def contenders(aq, a_scale, wq, w_scale, groups_k: tuple, maxnregs: tuple = (None,)) -> dict:
+def contenders(aq, a_scale, wq, w_scale, groups_k: tuple, maxnregs: tuple = (None,),
+               unmaskeds: tuple = (False,)) -> dict:
     """Both slab orders with the library's gemv plan and with that plan taking each of
     ``groups_k`` K blocks per step ("plan": its own), named ORDER_gkG, each under each register
-    cap of ``maxnregs`` (None: Triton's choice; a cap adds _maxnregR to the name); a
-    K-blocks-per-step count equal to the plan's is timed once. The slab is BLOCK_N rows x GROUPS_K
-    blocks: under Triton 3.9 the plan's 8 x 16 in the K-blocks-outer order needs 129 registers,
-    which leaves room for 3 programs an SM (4 at 128: the thirtieth session's SASS has its 5
-    spills outside the K loop there), and 8 x 8 needs 72 in either order (the twenty-ninth
-    session's SASS), so a smaller step or a cap may stream better there."""
+    cap of ``maxnregs`` (None: Triton's choice; a cap adds _maxnregR to the name) and each of
+    ``unmaskeds`` (True adds _unmasked: no masks, where the shape allows); a K-blocks-per-step
+    count equal to the plan's is timed once. The slab is BLOCK_N rows x GROUPS_K blocks: under
+    Triton 3.9 the plan's 8 x 16 in the K-blocks-outer order needs 129 registers, which leaves
+    room for 3 programs an SM (4 at 128: the thirtieth session's SASS has its 5 spills outside the
+    K loop there; unmasked it needs 96, 5 programs), and 8 x 8 needs 72 in either order (the
+    twenty-ninth session's SASS), so a smaller step, a cap or no masks may stream better there."""
     M, K = aq.shape
     own = G.plan(M, wq.shape[0], K, tma=False, num_sms=G._num_sms(aq.device.index or 0))  # as G.gemm plans it
     out = {}
-    for cap in maxnregs:
-        for g in groups_k:
-            p = own if g == "plan" else dataclasses.replace(own, groups_k=int(g))
-            for name, fn in slab_orders(aq, a_scale, wq, w_scale, p, cap).items():
-                out.setdefault(f"{name}_gk{p.groups_k}" + (f"_maxnreg{cap}" if cap else ""), fn)
+    for unmasked in unmaskeds:
+        for cap in maxnregs:
+            for g in groups_k:
+                p = own if g == "plan" else dataclasses.replace(own, groups_k=int(g))
+                for name, fn in slab_orders(aq, a_scale, wq, w_scale, p, cap, unmasked).items():
+                    out.setdefault(f"{name}_gk{p.groups_k}" + (f"_maxnreg{cap}" if cap else "")
+                                   + ("_unmasked" if unmasked else ""), fn)
     return out
 
 
@@ -107,6 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--groups-k", default="plan,8", help="K blocks per gemv step to time: 'plan' (its own) and/or counts")
     parser.add_argument("--maxnreg", default="none,128",
                         help="register caps to time each contender under: 'none' (Triton's choice) and/or counts")
+    parser.add_argument("--unmasked", default="0,1", help="GEMV_UNMASKED settings to time each contender under")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ab_gemv_layout times a GPU: no CUDA device here")
@@ -118,7 +124,8 @@ def main(argv=None) -> None:
         wq, ws = ops.quantize_weight(w16, dt)
         p = G.plan(1, N, K, tma=False, num_sms=G._num_sms(0))
         caps = tuple(None if v == "none" else int(v) for v in args.maxnreg.split(","))
-        orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")), caps)
+        orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")), caps,
+                            tuple(bool(int(v)) for v in args.unmasked.split(",")))
         errors = {name: relative_error(fn(), aq, as_, wq, ws) for name, fn in orders.items()}
         best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **orders}, 100, args.rounds,
                                  settle=B.self_heat(args.heat))

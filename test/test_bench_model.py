@@ -308,10 +308,13 @@ def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
     capped = ab.contenders(aq, as_, wq, ws, ("plan",), (None, 128))
     assert list(capped) == [f"rows_outer_gk{own}", f"k_blocks_outer_gk{own}",
                             f"rows_outer_gk{own}_maxnreg128", f"k_blocks_outer_gk{own}_maxnreg128"]
+    both = ab.contenders(aq, as_, wq, ws, ("plan",), (None,), (False, True))
+    assert list(both)[2:] == [f"rows_outer_gk{own}_unmasked", f"k_blocks_outer_gk{own}_unmasked"]
     caps = []
-    monkeypatch.setattr(G, "gemm", lambda *a, **k: (caps.append(G.GEMV_MAXNREG), real_gemm(*a, **k))[1])
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (caps.append((G.GEMV_MAXNREG, G.GEMV_UNMASKED)), real_gemm(*a, **k))[1])
     capped[f"k_blocks_outer_gk{own}_maxnreg128"]()
-    assert caps == [128] and G.GEMV_MAXNREG is None
+    both[f"rows_outer_gk{own}_unmasked"]()
+    assert caps == [(128, False), (None, True)] and G.GEMV_MAXNREG is None and G.GEMV_UNMASKED is False
     monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append((G.GEMV_K_BLOCKS_OUTER, k["plan_override"])),
                                                     real_gemm(*a, **k))[1])
     for fn in orders.values():
