@@ -38,7 +38,7 @@ def contenders(aq, a_scale, wq, w_scale) -> dict:
     def with_settings(tma: bool, ahead: bool):
         def run():
             kept = G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD
-            G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD = tma, ahead
+            G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD = (1 if tma else None), ahead  # 1: every block_m
             try:
                 return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16)
             finally:

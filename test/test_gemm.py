@@ -366,7 +366,7 @@ def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, s
     against the reference, with ragged N, M and K, split-K, single and paired K steps and group
     members (one weight ragged). Where TMA cannot load an operand (a row stride or base address
     not a multiple of 16 bytes) the pointer path serves the call."""
-    monkeypatch.setattr(G, "SKINNY_TMA", False)
+    monkeypatch.setattr(G, "SKINNY_TMA", None)
     x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M + N + K)
     p = G.Plan("skinny", max(16, 1 << (M - 1).bit_length()), 64, 4, 3, split_k=split, groups_k=groups_k)
     w2q, w2s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(70, K), (128, 128), torch.float8_e4m3fn))
@@ -375,7 +375,7 @@ def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, s
     seen = []
     real = G._streaming_meta
     monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-1]), real(*a))[1])
-    monkeypatch.setattr(G, "SKINNY_TMA", True)
+    monkeypatch.setattr(G, "SKINNY_TMA", 1)  # every block_m
     got = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
     got_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
     group_skinny = G.plan(M, N, K, tma=False).kind == "skinny"  # else the gemv, which has no descriptors

@@ -1140,23 +1140,32 @@ GEMV_K_BLOCKS_OUTER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >
 # benchmarks/ab_gemv_layout.py --maxnreg none,128 times it.
 GEMV_MAXNREG = None
 # Whether the gemv kernel drops its masks where every load is in range (see the kernel's UNMASKED;
-# _gemv_unmasked says where). Why it might pay: under Triton 3.9 the masked 8 x 16 slab (K blocks
+# _gemv_unmasked says where). Why it pays under Triton 3.9: the masked 8 x 16 slab (K blocks
 # outer) takes 129 registers, 3 programs an SM; unmasked it takes 96, 5 programs, and its 8 loads
-# span 36 SASS lines instead of 82; under 3.6 (rows outer) 95 registers, span 36 instead of 70
-# (session 30, sass_of_launch.py with the masks removed). Untimed: benchmarks/ab_gemv_layout.py
-# --unmasked 0,1 times it.
-GEMV_UNMASKED = False
+# span 36 SASS lines instead of 82 (session 30, sass_of_launch.py). Under 3.6 (rows outer) it
+# takes 95 registers instead of 96 and gains nothing. Timed (session 31, H100, e5m2, M = 1, us at
+# N = 8192 / 10240 / 57344, K = 8192; results/ab-gemv-unmasked-skinny-tma-h100-2026-11-28-s31/):
+# under 3.9, K blocks outer masked 25.7 / 31.9 / 156.0, unmasked 25.9 / 30.1 / 152.7 (best of 5,
+# 57344 best of 2; a second run of best of 2: 25.7 / 32.2 vs 26.2 / 30.0); under 3.6, rows outer
+# masked 25.7 / 30.5 / 153.1, unmasked 26.1 / 30.4 / 152.8. So on with the K-blocks-outer order
+# (Triton 3.7 on, where 3.7 and 3.8 follow 3.9's SASS untimed), off before.
+GEMV_UNMASKED = GEMV_K_BLOCKS_OUTER
 
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
-# Whether the skinny kernel loads its tiles by tensor descriptor (TMA) where the operands allow it
-# (see the kernel, and _skinny_tma_fits). Why it might pay from Triton 3.9 on: there the skinny
-# kernel runs 0-3% slower than under 3.6 at M = 2-16 and 4-9% at M = 32-64 (the session-30 grids),
-# and its SASS holds a proxy fence (MEMBAR.ALL.CTA) before each wgmma that reads cp.async tiles,
-# two per K step, which 3.6 did not emit; a membar likely waits for the next step's scale loads,
-# already in flight. With TMA the loop compiles with no fence under 3.9 (CPU, sm_90). Off until
-# timed: benchmarks/ab_skinny_tma.py compares both on a GPU.
-SKINNY_TMA = False
+# The smallest block_m for which the skinny kernel loads its tiles by tensor descriptor (TMA)
+# where the operands allow it (see the kernel, and _skinny_tma_fits); None: never. Why from
+# Triton 3.7 on: under 3.9 the skinny kernel ran 0-3% slower than under 3.6 at M = 2-16 and 4-9%
+# at M = 32-64 (the session-30 grids); its SASS holds a proxy fence (MEMBAR.ALL.CTA) before each
+# wgmma that reads cp.async tiles, two per K step, which 3.6 did not emit, and at block_m = 64 it
+# spills. With TMA the loop has no fence and takes 56 / 96 / 184 registers at block_m = 16 / 32 /
+# 64 instead of 77 / 112-148 / 255 (CPU, sm_90). Timed (session 31, H100, e5m2, K = 8192, us,
+# pointer -> TMA, two runs of best of 2 and 4; results/ab-gemv-unmasked-skinny-tma-h100-2026-11-28-s31/):
+# under 3.9, N = 8192: M = 2 26.5 -> 26.7, M = 16 26.8 -> 26.8, M = 32 28.7-29.8 -> 28.1-28.4,
+# M = 64 32.6-32.7 -> 31.7; N = 10240: M = 2 31.4-31.8 -> 32.7-33.1, M = 32 34.8-35.1 -> 34.0-34.3;
+# under 3.6 TMA lost at every M (N = 8192: 25.7 / 27.0 / 31.1 -> 27.5 / 28.7 / 32.4 at M = 2 /
+# 32 / 64). So TMA from block_m = 32 under Triton 3.7 on (3.7 and 3.8 untimed), never before.
+SKINNY_TMA = 32 if GEMV_K_BLOCKS_OUTER else None
 # Under PDL, whether the skinny kernel lets the next grid (the GEMM of the next Linear on the
 # same input) launch once its K loop is done, so that launch overlaps this kernel's split-K sum
 # and epilogue: the Linears of a Llama layer 108.1 -> 106.4 us at M = 1, 117.1 -> 116.6 at M = 16
@@ -1283,7 +1292,8 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
     extra = [t if t is not None else w_scale for m in padded[1:] for t in m]
     pdl = programmatic_launch(a.device)
-    tma = SKINNY_TMA and p.kind == "skinny" and not fuse_quant and _skinny_tma_fits(a, members)
+    tma = (SKINNY_TMA is not None and p.kind == "skinny" and p.block_m >= SKINNY_TMA and not fuse_quant
+           and _skinny_tma_fits(a, members))
     unmasked = GEMV_UNMASKED and p.kind == "gemv" and _gemv_unmasked(p, M, K, sizes)
     if tma:
         _set_tma_allocator()
