@@ -96,6 +96,27 @@ def ab_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def ab_start(args, script: str, what: str):
+    """The results log of a weight-streaming A/B run (``bench_gemm.results_log``), its header
+    naming ``what`` is timed and how; without a GPU, a SystemExit that says so."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} times a GPU: no CUDA device here")
+    return B.results_log(args.out, f"{what}bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
+                                   "us (weight GB/s) [relative error]")
+
+
+def cell_line(label: str, N: int, K: int, best: dict, errors: dict) -> str:
+    """One cell's line: each contender's best time in us, the weight's GB/s (bf16's weight has two
+    bytes an element) and, for ours, the relative error of its output."""
+    return f"{label}: " + "  ".join(f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
+                                   + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items())
+
+
+def time_cell(args, bf16, fns: dict) -> dict:
+    """Best times of ``bf16`` and each of ``fns`` (name -> call), by the grid's self-heat method."""
+    return B.time_contenders({"bf16": bf16, **fns}, 100, args.rounds, settle=B.self_heat(args.heat))
+
+
 def weights(args):
     """(dtype name, dtype, N, K, generator, bf16 weight) per cell and dtype of ``args``, on the GPU,
     the generator seeded by the cell (it draws the activations after the weight)."""
@@ -114,10 +135,7 @@ def main(argv=None) -> None:
                         help="register caps to time each contender under: 'none' (Triton's choice) and/or counts")
     parser.add_argument("--unmasked", default="0,1", help="GEMV_UNMASKED settings to time each contender under")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("ab_gemv_layout times a GPU: no CUDA device here")
-    say = B.results_log(args.out, f"M = 1, bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
-                                  "us (weight GB/s) [relative error]")
+    say = ab_start(args, "ab_gemv_layout", "M = 1, ")
     for dname, dt, N, K, g, w16 in weights(args):
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
         aq, as_ = ops.quantize_activation(x, dt)
@@ -127,11 +145,8 @@ def main(argv=None) -> None:
         orders = contenders(aq, as_, wq, ws, tuple(args.groups_k.split(",")), caps,
                             tuple(bool(int(v)) for v in args.unmasked.split(",")))
         errors = {name: relative_error(fn(), aq, as_, wq, ws) for name, fn in orders.items()}
-        best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **orders}, 100, args.rounds,
-                                 settle=B.self_heat(args.heat))
-        say(f"{dname} {N}x{K} {p.kind} bn{p.block_n} groups_k{p.groups_k} split{p.split_k}: " + "  ".join(
-            f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
-            + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items()))
+        best = time_cell(args, lambda: F.linear(x, w16), orders)
+        say(cell_line(f"{dname} {N}x{K} {p.kind} bn{p.block_n} groups_k{p.groups_k} split{p.split_k}", N, K, best, errors))
 
 
 if __name__ == "__main__":

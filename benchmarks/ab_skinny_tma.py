@@ -27,8 +27,7 @@ from blockwise_fp8 import ops, reference
 from blockwise_fp8.kernels import gemm as G
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import bench_gemm as B  # noqa: E402
-from ab_gemv_layout import ab_parser, weights  # noqa: E402
+from ab_gemv_layout import ab_parser, ab_start, cell_line, time_cell, weights  # noqa: E402
 
 
 def contenders(aq, a_scale, wq, w_scale) -> dict:
@@ -61,10 +60,7 @@ def main(argv=None) -> None:
     parser = ab_parser(__doc__)
     parser.add_argument("--ms", default="2,8,16,32,64", help="comma-separated M (the skinny kernel's range)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("ab_skinny_tma times a GPU: no CUDA device here")
-    say = B.results_log(args.out, f"bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
-                                  "us (weight GB/s) [relative error]")
+    say = ab_start(args, "ab_skinny_tma", "")
     for dname, dt, N, K, g, w16 in weights(args):
         wq, ws = ops.quantize_weight(w16, dt)
         w64 = reference.dequantize(wq, ws, (128, 128), torch.float64)
@@ -77,11 +73,9 @@ def main(argv=None) -> None:
                 continue
             fns = contenders(aq, as_, wq, ws)
             errors = relative_errors({name: fn() for name, fn in fns.items()}, aq, as_, w64)
-            best = B.time_contenders({"bf16": lambda: F.linear(x, w16), **fns}, 100, args.rounds,
-                                     settle=B.self_heat(args.heat))
-            say(f"{dname} M={M} {N}x{K} bn{p.block_n} groups_k{p.groups_k} split{p.split_k} st{p.num_stages}: "
-                + "  ".join(f"{k} {t:.1f} ({N * K * (2 if k == 'bf16' else 1) / t / 1e3:.0f})"
-                            + (f" [{errors[k]:.1e}]" if k in errors else "") for k, t in best.items()))
+            best = time_cell(args, lambda: F.linear(x, w16), fns)
+            say(cell_line(f"{dname} M={M} {N}x{K} bn{p.block_n} groups_k{p.groups_k} split{p.split_k} "
+                          f"st{p.num_stages}", N, K, best, errors))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 table with the card/version/date header, and the quantized stack tracks the bf16 stack."""
 
 import csv
+import json
 import importlib.util
 import math
 import os
@@ -325,6 +326,32 @@ def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
     if KERNEL_DEVICE == "cpu":
         with pytest.raises(SystemExit, match="ab_gemv_layout times a GPU: no CUDA device here"):
             ab.main(["/dev/null"])
+
+
+def test_compile_cost_rebuilds_each_launch_argument_as_recorded():
+    """benchmarks/compile_cost.py writes each launch argument down and rebuilds it in another
+    process for an sm_90 compile: a tensor comes back with its dtype, shape, strides and 16-byte
+    alignment (what Triton specializes on), numbers and dtypes as they were."""
+    cc = _load("compile_cost")
+    base = torch.zeros(64, dtype=torch.float8_e5m2)
+    for t in (torch.zeros(3, 5, dtype=torch.float32).t(), base[1:41].view(5, 8)[:, :6], torch.zeros(0, 4)):
+        desc = json.loads(json.dumps(cc._describe(t)))
+        back = cc._rebuild(desc)
+        assert (back.dtype, back.shape, back.stride()) == (t.dtype, t.shape, t.stride())
+        assert (back.data_ptr() % 16 == 0) == (t.data_ptr() % 16 == 0)
+    assert cc._describe(base[1:]).get("aligned") is False
+    for v in (7, 2.5, True, None):
+        assert cc._rebuild(json.loads(json.dumps(cc._describe(v)))) == v
+    assert cc._rebuild(cc._describe(torch.bfloat16)) is torch.bfloat16
+    assert "unsupported" in cc._describe(object())
+
+
+def test_ab_cell_line_reports_time_weight_bandwidth_and_error():
+    """The weight-streaming A/Bs' line per cell: us, the weight's GB/s (bf16's weight two bytes an
+    element, ours one) and our outputs' relative error."""
+    ab = _load("ab_gemv_layout")
+    line = ab.cell_line("e5m2 1000x500", 1000, 500, {"bf16": 2.0, "ours": 0.25}, {"ours": 1.5e-3})
+    assert line == "e5m2 1000x500: bf16 2.0 (500)  ours 0.2 (2000) [1.5e-03]"
 
 
 def test_ab_skinny_tma_times_the_four_ways_of_loading_the_skinny_kernel(monkeypatch):
