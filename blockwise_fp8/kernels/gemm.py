@@ -1112,6 +1112,11 @@ def linear_fused(
     return _run(x, None, w, w_scale, bias, out_dtype, fuse_quant=True, plan_override=plan_override)
 
 
+# Whether the installed Triton is 3.7 or later. Triton 3.7-3.9 lay out and fence the streaming
+# kernels' code differently from 3.6 (below: the gemv's slab order and masks, the skinny kernel's
+# tiles), so three of their settings follow the version; timed on 3.6 and 3.9 only.
+TRITON_3_7 = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
+
 # The gemv kernel's weight slab with its K blocks as the outer axis (see the kernel). Triton
 # gives the slab a register layout from its axis order, with the 128 columns of a block across 8
 # lanes at 16 bytes each; the question is where the 4 remaining lanes and the 4 warps go. Wanted
@@ -1130,7 +1135,7 @@ def linear_fused(
 # 33.6 / 36.2 / 178.7; under 3.9 False 28.3 / 32.6 / 158.3, True 25.8 / 31.8 / 156.3 (K = 28672,
 # 16-row slabs of 8 blocks: a tie either way). So each Triton takes the order that gives it the
 # wanted layout: True from 3.7 on, which 3.7 and 3.8 get by the SASS only (untimed there).
-GEMV_K_BLOCKS_OUTER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
+GEMV_K_BLOCKS_OUTER = TRITON_3_7
 # A cap on the gemv kernel's registers per thread (Triton's maxnreg), None for none. Why one might
 # pay under Triton 3.9: with K blocks outer its 8 x 16 slab takes 129 registers, which the SM
 # allocates as 136, room for 3 programs of 128 threads instead of 5 under 3.6 (96); capped at 128,
@@ -1149,7 +1154,7 @@ GEMV_MAXNREG = None
 # 57344 best of 2; a second run of best of 2: 25.7 / 32.2 vs 26.2 / 30.0); under 3.6, rows outer
 # masked 25.7 / 30.5 / 153.1, unmasked 26.1 / 30.4 / 152.8. So on with the K-blocks-outer order
 # (Triton 3.7 on, where 3.7 and 3.8 follow 3.9's SASS untimed), off before.
-GEMV_UNMASKED = GEMV_K_BLOCKS_OUTER
+GEMV_UNMASKED = TRITON_3_7
 
 # Whether the skinny kernel loads each K block's scales one block ahead (see the kernel).
 SKINNY_SCALES_AHEAD = True
@@ -1165,7 +1170,7 @@ SKINNY_SCALES_AHEAD = True
 # M = 64 32.6-32.7 -> 31.7; N = 10240: M = 2 31.4-31.8 -> 32.7-33.1, M = 32 34.8-35.1 -> 34.0-34.3;
 # under 3.6 TMA lost at every M (N = 8192: 25.7 / 27.0 / 31.1 -> 27.5 / 28.7 / 32.4 at M = 2 /
 # 32 / 64). So TMA from block_m = 32 under Triton 3.7 on (3.7 and 3.8 untimed), never before.
-SKINNY_TMA = 32 if GEMV_K_BLOCKS_OUTER else None
+SKINNY_TMA = 32 if TRITON_3_7 else None
 # Under PDL, whether the skinny kernel lets the next grid (the GEMM of the next Linear on the
 # same input) launch once its K loop is done, so that launch overlaps this kernel's split-K sum
 # and epilogue: the Linears of a Llama layer 108.1 -> 106.4 us at M = 1, 117.1 -> 116.6 at M = 16
