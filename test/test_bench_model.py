@@ -288,16 +288,12 @@ def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
     slab in one order and its own or another count of K blocks per step (one contender per
     distinct count), right against the float64 product, the module's setting put back after each
     call; without a GPU it stops and says so."""
-    from blockwise_fp8 import reference
     from blockwise_fp8.kernels import gemm as G
 
     from .conftest import KERNEL_DEVICE
 
     ab = _load("ab_gemv_layout")
-    g = torch.Generator().manual_seed(5)
-    aq, as_ = reference.quantize(torch.randn(1, 300, generator=g), (1, 128), torch.float8_e5m2)
-    wq, ws = reference.quantize(torch.randn(130, 300, generator=g), (128, 128), torch.float8_e5m2)
-    aq, as_, wq, ws = (t.to(KERNEL_DEVICE) for t in (aq, as_, wq, ws))
+    aq, as_, wq, ws = _quantized_operands(1, 130, 300, torch.float8_e5m2, seed=5)
     assert G.plan(1, 130, 300, tma=False).kind == "gemv"
     seen = []
     real_gemm, default, unmasked = G.gemm, G.GEMV_K_BLOCKS_OUTER, G.GEMV_UNMASKED
@@ -326,6 +322,19 @@ def test_ab_gemv_layout_times_both_slab_orders_of_the_library_gemv(monkeypatch):
     if KERNEL_DEVICE == "cpu":
         with pytest.raises(SystemExit, match="ab_gemv_layout times a GPU: no CUDA device here"):
             ab.main(["/dev/null"])
+
+
+def _quantized_operands(M: int, N: int, K: int, dtype: torch.dtype, seed: int) -> tuple:
+    """(activation, its 1 x 128 scales, weight, its 128 x 128 scales) of seeded normal values,
+    quantized by the reference, on the device the kernels run on in this suite."""
+    from blockwise_fp8 import reference
+
+    from .conftest import KERNEL_DEVICE
+
+    g = torch.Generator().manual_seed(seed)
+    aq, as_ = reference.quantize(torch.randn(M, K, generator=g), (1, 128), dtype)
+    wq, ws = reference.quantize(torch.randn(N, K, generator=g), (128, 128), dtype)
+    return tuple(t.to(KERNEL_DEVICE) for t in (aq, as_, wq, ws))
 
 
 def test_compile_cost_rebuilds_each_launch_argument_as_recorded():
@@ -364,10 +373,7 @@ def test_ab_skinny_tma_times_the_four_ways_of_loading_the_skinny_kernel(monkeypa
     from .conftest import KERNEL_DEVICE
 
     ab = _load("ab_skinny_tma")
-    g = torch.Generator().manual_seed(6)
-    aq, as_ = reference.quantize(torch.randn(5, 384, generator=g), (1, 128), torch.float8_e4m3fn)
-    wq, ws = reference.quantize(torch.randn(130, 384, generator=g), (128, 128), torch.float8_e4m3fn)
-    aq, as_, wq, ws = (t.to(KERNEL_DEVICE) for t in (aq, as_, wq, ws))
+    aq, as_, wq, ws = _quantized_operands(5, 130, 384, torch.float8_e4m3fn, seed=6)
     assert G.plan(5, 130, 384, tma=False).kind == "skinny"
     seen = []
     real_gemm, default = G.gemm, (G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD)
