@@ -106,8 +106,10 @@ def compile_all(path: str, top: int) -> None:
     with open(path) as f:
         records = json.load(f)
     seen, costs, by_test = {}, [], {}  # a compile's time counts for the first test that needs it
+    unsupported, failed = 0, 0
     for r in records:
         if any("unsupported" in a for a in r["args"]):
+            unsupported += 1  # e.g. TMA descriptors: not rebuilt here
             continue
         key = json.dumps([r["module"], r["kernel"], r["args"], r["meta"]], sort_keys=True)
         by_test.setdefault(r["test"], 0.0)
@@ -123,10 +125,12 @@ def compile_all(path: str, top: int) -> None:
         except Exception as e:  # a launch this tool cannot rebuild: say so, go on
             print(f"{r['test']} {r['kernel']}: not compiled ({type(e).__name__}: {str(e)[:120]})", flush=True)
             seen[key] = 0.0
+            failed += 1
         by_test[r["test"]] += seen[key]
         costs.append((seen[key], r["test"], r["kernel"], {k: v.get("value") for k, v in r["meta"]}))
     tests = sorted(by_test.items(), key=lambda x: -x[1])
-    print(f"{len(seen)} distinct launches, {sum(seen.values()):.0f} s of sm_90 compiles in all")
+    print(f"{len(seen)} distinct launches, {sum(seen.values()):.0f} s of sm_90 compiles in all; "
+          f"{failed} of them not compiled (above), {unsupported} launches with arguments not rebuilt")
     print("slowest compiles:")
     for secs, test, kernel, meta in sorted(costs, key=lambda c: -c[0])[:top]:
         shape = " ".join(f"{k}={v}" for k, v in meta.items() if isinstance(v, (bool, int)) and not SCALAR_META.search(k))
