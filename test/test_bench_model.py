@@ -465,3 +465,36 @@ def test_sass_of_launch_compiles_the_librarys_gemv_launch_for_sm90(tmp_path):
     bad = subprocess.run([sys.executable, tool, str(tmp_path / "x"), "1", "256", "512", "--set", "NO_SUCH=1"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--set NO_SUCH: blockwise_fp8.kernels.gemm has no such tunable" in bad.stderr
+
+
+def test_first_call_times_each_call_and_the_table_names_first_and_slowest_later(tmp_path, monkeypatch):
+    """benchmarks/first_call.py: every step's line holds one wall time per call (the weight's one,
+    each M's CALLS), the linear it times is the library's (its output is the reference linear's),
+    and the table shows the first call and the slowest later one, '-' where a step is missing."""
+    fc = _load("first_call")
+    lines, outs = [], []
+    real = fc.linear_calls
+
+    def spying(contender, dtype, device):
+        quantize_weight, linear = real(contender, dtype, device)
+        return quantize_weight, lambda x, weight: outs.append((x, weight, linear(x, weight))) or outs[-1][2]
+
+    monkeypatch.setattr(fc, "linear_calls", spying)
+    fc.run_sequence("ours_reference", 256, 384, [1, 3], torch.float8_e5m2, torch.device("cpu"), say=lines.append)
+    steps = [json.loads(line) for line in lines]
+    assert [s["step"] for s in steps] == ["weight", 1, 3]
+    assert [len(s["seconds"]) for s in steps] == [1, fc.CALLS, fc.CALLS]
+    assert all(t > 0 for s in steps for t in s["seconds"])
+    from blockwise_fp8 import reference
+
+    x, (wq, ws), y = outs[-1]
+    assert x.shape == (3, 384) and y.shape == (3, 256)
+    expect = reference.linear(x, wq, ws, activation_dtype=torch.float8_e5m2, out_dtype=torch.float64)
+    torch.testing.assert_close(y.double(), expect, rtol=1e-2, atol=1e-2)
+
+    results = {"a cold": [{"step": "weight", "seconds": [2.0]}, {"step": 1, "seconds": [1.5, 0.25, 0.5]}],
+               "b cold": [{"step": "weight", "seconds": [0.5]}]}
+    table = fc.table(results, [1])
+    assert table[2] == "| weight quantization | 2.00 | 0.50 |"
+    assert table[3] == "| M = 1 | 1.50 (0.5000) | - |"
+    assert table[4] == "| sum of first calls | 3.5 | 0.5 |"
