@@ -50,7 +50,7 @@ def _wall(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def linear_calls(contender: str, dtype: torch.dtype, device: torch.device):
+def linear_calls(contender: str, dtype: torch.dtype):
     """(quantize_weight(w) -> weight, linear(x, weight) -> y) of one contender."""
     if contender == "torchao":
         from torchao.kernel import blockwise_quantization as bq
@@ -79,7 +79,7 @@ def linear_calls(contender: str, dtype: torch.dtype, device: torch.device):
 def run_sequence(contender: str, N: int, K: int, ms: list, dtype: torch.dtype, device: torch.device, say=print):
     """Quantize an (N, K) weight, then call linear CALLS times at each M of ``ms``; ``say`` gets one
     JSON line per step: {"step": "weight" | M, "seconds": [wall time of each call]}."""
-    quantize_weight, linear = linear_calls(contender, dtype, device)
+    quantize_weight, linear = linear_calls(contender, dtype)
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(N, K, generator=gen).to(device=device, dtype=torch.bfloat16)
     xs = {M: torch.randn(M, K, generator=gen).to(device=device, dtype=torch.bfloat16) for M in ms}
@@ -159,6 +159,13 @@ def main() -> None:
         return child(args)
     if not args.out:
         ap.error("the output file is required")
+    try:
+        N, K = (int(v) for v in args.nk.split("x"))
+        ms = [int(m) for m in args.ms.split(",")]
+    except ValueError as e:
+        ap.error(f"--nk is NxK and --ms comma-separated integers, got {args.nk!r} and {args.ms!r} ({e})")
+    if min(N, K, *ms) < 1:
+        ap.error(f"sizes must be positive, got --nk {args.nk} --ms {args.ms}")
     contenders = args.contenders.split(",")
     unknown = [c for c in contenders if c not in CONTENDERS + ("ours_reference",)]
     if unknown:
@@ -187,7 +194,7 @@ def main() -> None:
                 print(line, flush=True)
                 if err:
                     notes.append(line)
-    lines = head + [""] + table(results, [int(m) for m in args.ms.split(",")]) + [""] + notes
+    lines = head + [""] + table(results, ms) + [""] + notes
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

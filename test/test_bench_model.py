@@ -475,8 +475,8 @@ def test_first_call_times_each_call_and_the_table_names_first_and_slowest_later(
     lines, outs = [], []
     real = fc.linear_calls
 
-    def spying(contender, dtype, device):
-        quantize_weight, linear = real(contender, dtype, device)
+    def spying(contender, dtype):
+        quantize_weight, linear = real(contender, dtype)
         return quantize_weight, lambda x, weight: outs.append((x, weight, linear(x, weight))) or outs[-1][2]
 
     monkeypatch.setattr(fc, "linear_calls", spying)
