@@ -30,6 +30,7 @@ from blockwise_fp8 import ops
 from blockwise_fp8.kernels import gemm as G, quant as Q
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_gemm as B  # noqa: E402
 from tune_skinny import fp8_copies  # noqa: E402
 
 SHAPES = "6144x4096,4096x4096,28672x4096,4096x14336,10240x8192,8192x8192,57344x8192,8192x28672,1024x4096,14336x4096,7168x2048,2048x7168"
@@ -67,14 +68,7 @@ def main() -> None:
             cells = [(int(m), *(int(v) for v in s.split("x"))) for s in args.shapes.split(",") for m in args.ms.split(",")]
     except ValueError as e:
         ap.error(f"cells are M:NxK and shapes NxK, comma-separated integers ({e})")
-    out = open(args.out, "w")
-
-    def say(s: str) -> None:
-        print(s, flush=True)
-        out.write(s + "\n")
-
-    say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
-        f"best of {args.rounds} alternating rounds")
+    say = B.results_log(args.out, f"best of {args.rounds} alternating rounds")
     say("N,K,M,ours_us,cublas_us,auto_pick,ours/cublas" + (",ours_mid_off_us" if args.mid_off else ""))
     torch.manual_seed(0)
     weights = {}
@@ -101,7 +95,6 @@ def main() -> None:
                                        num_sms=ops.gemm_card(wq.device)[1])
         say(f"{N},{K},{M},{best['triton']:.1f},{best['cublas']:.1f},{pick},{best['triton'] / best['cublas']:.3f}"
             + (f",{best['mid_off']:.1f}" if args.mid_off else ""))
-    out.close()
 
 
 if __name__ == "__main__":

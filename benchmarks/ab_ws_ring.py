@@ -11,13 +11,17 @@ proxy fence before each stage's release is what keeps them equal (without it the
 every run at M = 512-2048, N = K = 8192). Medians of ``triton.testing.do_bench``, microseconds.
 """
 import argparse
-import datetime
+import os
+import sys
 
 import torch
 import triton
 from triton.testing import do_bench
 
 from blockwise_fp8.kernels import gemm as G, quant
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_gemm as B  # noqa: E402
 
 SHAPES = ((8192, 8192), (10240, 8192), (57344, 8192), (8192, 28672))
 
@@ -34,14 +38,7 @@ def main() -> None:
     parser.add_argument("--stages", default="4,5,6", help="comma-separated ring stage counts to time")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
-    out = open(args.out, "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        out.write(line + "\n")
-
-    say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
-        f"{datetime.datetime.now():%Y-%m-%d %H:%M}; bf16 out, us; '!' after a ring time: its bits differed")
+    say = B.results_log(args.out, "bf16 out, us; '!' after a ring time: its bits differed")
     for dt in (torch.float8_e5m2, torch.float8_e4m3fn):
         for N, K in SHAPES:
             for M in ms:
