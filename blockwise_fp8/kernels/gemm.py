@@ -1141,8 +1141,11 @@ GEMV_K_BLOCKS_OUTER = TRITON_3_7
 # allocates as 136, room for 3 programs of 128 threads instead of 5 under 3.6 (96); capped at 128,
 # 4 fit, and ptxas spills 5 registers, all outside the K loop (session 30, sass_of_launch.py;
 # 120 already spills inside it). At M = 1 under 3.9 the gemv still streamed 4-8% slower than
-# under 3.6 at N = 10240, where 1280 programs take 3.2 waves of 3 an SM. Untimed:
-# benchmarks/ab_gemv_layout.py --maxnreg none,128 times it.
+# under 3.6 at N = 10240, where 1280 programs take 3.2 waves of 3 an SM. Timed (session 31, H100,
+# e5m2, M = 1, us at N = 8192 / 10240 / 57344, K = 8192, benchmarks/ab_gemv_layout.py --maxnreg;
+# results/ab-gemv-unmasked-skinny-tma-h100-2026-11-28-s31/): under 3.9, K blocks outer masked,
+# capped 26.4 / 33.1 / 161.0 against 25.7 / 32.2 / 156.0 uncapped; and GEMV_UNMASKED (below)
+# brings the slab to 96 registers without a cap. So None.
 GEMV_MAXNREG = None
 # Whether the gemv kernel drops its masks where every load is in range (see the kernel's UNMASKED;
 # _gemv_unmasked says where). Why it pays under Triton 3.9: the masked 8 x 16 slab (K blocks
