@@ -4,6 +4,7 @@ process on one card, beside bf16 and cuBLAS (session 28 timed the 192-row pairs 
 
     source benchmarks/use_slim_triton.sh     # on the device image (Triton 3.6), with .t39/ carried
     PYTHONPATH=. python benchmarks/ab_ws_cluster.py OUT.txt [--cells 2048x8192x8192,...] [--dtypes e5m2,e4m3]
+        [--tail-splits 2,4]     # ragged M (session 33): also the 128-row tiles with a split tail
 
 For each cell: "plan", the library's default plan (whatever Triton it runs); and each candidate of
 ``cluster_candidates``: the same tiles on one CTA and on pairs, stages as given. Outputs are checked
@@ -32,13 +33,18 @@ CELLS = ("1024x8192x8192,2048x8192x8192,4096x8192x8192,2048x10240x8192,4096x1024
 DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def cluster_candidates(block_m: int, stages: tuple = (4, 5)) -> dict:
+def cluster_candidates(block_m: int, stages: tuple = (4, 5), tail_splits: tuple = ()) -> dict:
     """name -> Plan: ``block_m``-row ws tiles on one CTA and on 2-CTA pairs at each of ``stages``
-    (no split tail, scales from memory: what the pairs support)."""
+    (no split tail, scales from memory: what the pairs support); with ``tail_splits``, also the
+    one-CTA tiles with the last partial wave split over K into each of that many programs (the
+    pairs cannot split)."""
     out = {}
     for st in stages:
         out[f"ws{block_m}_s{st}"] = G.Plan("ws", block_m, 128, 4, st)
         out[f"ws{block_m}pair_s{st}"] = G.Plan("ws", block_m, 128, 4, st, cluster=2)
+        for split in tail_splits:
+            if split > 1:
+                out[f"ws{block_m}_s{st}_t{split}"] = G.Plan("ws", block_m, 128, 4, st, tail_split=split)
     return out
 
 
@@ -49,12 +55,14 @@ def main() -> None:
     parser.add_argument("--dtypes", default="e5m2,e4m3")
     parser.add_argument("--block-m", default="128,192", help="tile rows of the candidates")
     parser.add_argument("--stages", default="4", help="comma-separated ring stages of the candidates")
+    parser.add_argument("--tail-splits", default="", help="comma-separated tail splits of the one-CTA candidates (ragged M)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--heat", type=float, default=0.5, help="seconds of self-heat before each timing")
     args = parser.parse_args()
     if not gemm_hopper.MULTICAST:
         raise SystemExit(f"this Triton ({triton.__version__}) has no multicast TMA: source benchmarks/use_slim_triton.sh")
     stages = tuple(int(s) for s in args.stages.split(","))
+    tail_splits = tuple(int(s) for s in args.tail_splits.split(",") if s)
     say = B.results_log(args.out, f"bf16 out; self-heat {args.heat} s, best of {args.rounds}; "
                                   "'!' after a time: its output differed from the default plan's")
     for cell in args.cells.split(","):
@@ -76,10 +84,10 @@ def main() -> None:
                 fns["cublas"] = lambda: ops._cublas_gemm(aq, scales["cublas"], wq, ws, None, torch.bfloat16)
             differs = set()
             for bm in (int(b) for b in args.block_m.split(",")):
-                for name, p in cluster_candidates(bm, stages).items():
+                for name, p in cluster_candidates(bm, stages, tail_splits if bm == 128 else ()).items():
                     fns[name] = lambda p=p: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p)
                     got = fns[name]()
-                    same = (torch.equal(got, ref) if default.tail_split == 1
+                    same = (torch.equal(got, ref) if default.tail_split == p.tail_split == 1
                             else torch.allclose(got.float(), ref.float(), rtol=1e-2, atol=1e-2))
                     if not same:
                         differs.add(name)
