@@ -519,7 +519,18 @@ def _quantize_op(
     if backend == "reference":
         return reference.quantize(x, (group_m, block_k), dtype)
     with _on_device(x):
-        return _kernels()[1].quantize(x, group_m, block_k, dtype)
+        if group_m > 1:
+            return _kernels()[1].quantize(x, group_m, block_k, dtype)
+        # an activation: rows padded as the linear op pads them, for a gemm call to come
+        M = x.shape[0]
+        return _first_rows(M, *_kernels()[1].quantize(x, 1, block_k, dtype,
+                                                      rows_multiple_of=_kernels()[0].activation_rows(M)))
+
+
+def _first_rows(M: int, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first M rows of an activation quantized into padded rows (views: the storage keeps the
+    padding for the GEMM's TMA boxes, ``kernels.gemm_hopper.rows_view``); no view where none."""
+    return (q, scale) if q.shape[0] == M else (q[:M], scale[:M])
 
 
 @torch.library.register_fake(_quantize_op.op)
@@ -628,17 +639,20 @@ def _linear_op(
             # one launch, bit-identical to the two below
             return gemm_kernels.linear_fused(x, w_q, w_scale, bias, out_dtype)
         backend = _gemm_backend_for_call(backend, M, K, activation_dtype, w_q, out_dtype)
-        if _scales_m_major(backend, M, K, w_q):
+        if backend == "cublas":
             # M-major scales written so directly, into zero rows appended up to a multiple of 4:
-            # cuBLAS needs such M (see _rows_padded_to_4), and the ws kernel's ring loads scales
-            # whose column stride is a multiple of 16 bytes (gemm_hopper.scales_ride_the_ring)
+            # cuBLAS needs such M (see _rows_padded_to_4)
             a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype, scale_m_major=True,
                                           rows_multiple_of=4)
-            if backend == "cublas":
-                out = _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
-                return out[:M] if M % 4 else out
-            return gemm_kernels.gemm(a_q[:M], a_scale[:M], w_q, w_scale, bias, out_dtype)
-        a_q, a_scale = quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype)
+            out = _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+            return out[:M] if M % 4 else out
+        # Zero rows up to a multiple of activation_rows (its large-M kernels' TMA boxes then stay
+        # in bounds: gemm_hopper.rows_view), and of 4 for M-major scales: the ws kernel's ring
+        # loads scales whose column stride is a multiple of 16 bytes (scales_ride_the_ring)
+        m_major = _scales_m_major(backend, M, K, w_q)
+        rows = max(gemm_kernels.activation_rows(M), 4 if m_major else 1)
+        a_q, a_scale = _first_rows(M, *quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype,
+                                                      scale_m_major=m_major, rows_multiple_of=rows))
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
@@ -656,8 +670,13 @@ def _quantize_input_op(
     if backend == "reference":
         q, scale = reference.quantize(x, (1, GEMM_BLOCK_SIZE), dtype)
         return q, (scale.t().contiguous().t() if scale_m_major else scale)
+    M = x.shape[0]
     with _on_device(x):
-        return _kernels()[1].quantize(x, 1, GEMM_BLOCK_SIZE, dtype, scale_m_major=scale_m_major)
+        if scale_m_major:  # (for cuBLAS, which wants their stride M exactly; see `linear`)
+            return _kernels()[1].quantize(x, 1, GEMM_BLOCK_SIZE, dtype, scale_m_major=True)
+        # rows padded as the eager linear pads them for our GEMMs (see _linear_op)
+        return _first_rows(M, *_kernels()[1].quantize(x, 1, GEMM_BLOCK_SIZE, dtype,
+                                                      rows_multiple_of=_kernels()[0].activation_rows(M)))
 
 
 @torch.library.register_fake(_quantize_input_op.op)

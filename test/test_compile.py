@@ -182,11 +182,13 @@ def test_inductor_cpu_reference_backend():
     assert cnt.frame_count == 1 and _no_graph_breaks()
 
 
-def test_triton_backend_compiles(kernel_device):
+@pytest.mark.parametrize("compiler,M", [("aot_eager", 3), ("aot_eager", 67), ("inductor", 67)])
+def test_triton_backend_compiles(kernel_device, compiler, M):
+    # M = 67: quantize_input returns M rows of storage padded to 128 (gemm.activation_rows)
     model = nn.Sequential(nn.Linear(136, 144)).to(kernel_device, torch.bfloat16)
     quantize_(model, BlockwiseFP8Config(backend="triton"))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 136, dtype=torch.bfloat16, device=kernel_device)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    x = torch.randn(M, 136, dtype=torch.bfloat16, device=kernel_device)
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
     assert _no_graph_breaks()

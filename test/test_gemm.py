@@ -216,6 +216,92 @@ def test_ws_scales_in_the_ring_give_the_bits_of_scales_from_memory(M, K, split, 
         _check(from_ring, aq, as_, wq, ws, b, torch.bfloat16)
 
 
+def test_rows_view_reaches_only_rows_its_storage_holds():
+    """``gemm_hopper.rows_view``: a [:M] view of a padded buffer gets its rows back up to the number
+    asked (row-major and M-major), never past its storage or, M-major, into its next column; a
+    tensor with no rows past its own is returned as it is."""
+    buf = torch.arange(10 * 6, dtype=torch.float32).view(10, 6)
+    v = gemm_hopper.rows_view(buf[:3], 8)
+    assert v.shape == (8, 6) and v.stride() == (6, 1) and torch.equal(v, buf[:8])
+    assert gemm_hopper.rows_view(buf[:3], 16).shape == (10, 6)  # all the storage holds
+    assert gemm_hopper.rows_view(buf[2:5], 16).shape == (8, 6)  # from its offset
+    assert gemm_hopper.rows_view(buf[:3, :4], 16).shape == (10, 4)
+    assert gemm_hopper.rows_view(buf, 16) is buf and gemm_hopper.rows_view(buf[:3], 2).shape == (3, 6)
+    m_major = torch.arange(4 * 12, dtype=torch.float32).view(4, 12).t()  # (12, 4), strides (1, 12)
+    v = gemm_hopper.rows_view(m_major[:5], 8)
+    assert v.shape == (8, 4) and v.stride() == (1, 12) and torch.equal(v, m_major[:8])
+    assert gemm_hopper.rows_view(m_major[:5], 100).shape == (12, 4)  # not into the next column
+    tight = torch.zeros(5, 4).t().contiguous().t()  # M-major without padding
+    assert gemm_hopper.rows_view(tight, 8) is tight
+
+
+def test_activation_rows_padded_where_the_large_m_kernels_read_them():
+    """``linear``'s and ``quantize_activation``'s activation storage (kernel backend): rows padded
+    with zeros to ``gemm.ACTIVATION_ROWS`` from ``ACTIVATION_ROWS_FROM_M`` on, the returned tensors
+    of M rows; below, no padding."""
+    assert G.activation_rows(G.ACTIVATION_ROWS_FROM_M - 1) == 1 and G.activation_rows(G.ACTIVATION_ROWS_FROM_M) == 128
+    for M in (G.ACTIVATION_ROWS_FROM_M - 1, 67, 130):
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(KERNEL_DEVICE)
+        q, s = bf.quantize_activation(x, backend="triton")
+        rows = G.activation_rows(M) * -(-M // G.activation_rows(M))
+        assert q.shape == (M, 256) and s.shape == (M, 2)
+        assert q.untyped_storage().nbytes() == rows * 256 and s.untyped_storage().nbytes() == rows * 2 * 4
+        if rows > M:
+            padded = gemm_hopper.rows_view(q, rows)
+            assert padded.shape[0] == rows and not padded[M:].cpu().view(torch.uint8).any()
+        q_ref, s_ref = reference.quantize(x.cpu(), (1, 128), torch.float8_e4m3fn)
+        assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("plan", [G.Plan("ws", 128, 128, 4, 4), G.Plan("ws", 128, 128, 4, 3, tail_split=3, num_programs=4),
+                                  G.Plan("ws", 128, 128, 4, 6, scales_tma=True), G.Plan("ws", 192, 128, 4, 4),
+                                  G.Plan("ws", 192, 128, 4, 4, cluster=2)])
+def test_ws_reads_rows_past_m_in_storage_without_storing_them(plan):
+    """The ws kernel's boxes span the rows of the last tile where the activation's storage holds
+    them (``rows_view``): with NaN in every byte past row M (data, and scales where the ring carries
+    them), its output has the bits of the same call on tensors of exactly M rows, and is right;
+    what the padded rows give is never stored, nor reaches a row below M."""
+    M, N, K = 257, 600, 1152
+    x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=11)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
+    if plan.cluster == 2 and not gemm_hopper.MULTICAST:
+        pytest.skip("2-CTA clusters need Triton >= 3.9")
+    rows = 384
+    nan = torch.full((rows, K), 0x7F, dtype=torch.uint8, device="cuda").view(aq.dtype)  # NaN in e4m3
+    nan[:M] = aq
+    scales = torch.full((as_.shape[1], rows), float("nan"), device="cuda").t()  # M-major
+    scales[:M] = as_
+    view, s_view = nan[:M], scales[:M]
+    assert gemm_hopper.rows_view(view, rows).shape[0] == rows and gemm_hopper.rows_view(s_view, rows).shape[0] == rows
+    if plan.scales_tma:
+        assert gemm_hopper.scales_ride_the_ring(s_view, 2)
+    tight = G.gemm(aq.clone(), as_.contiguous(), wq, ws, b, torch.bfloat16, plan_override=plan)
+    got = G.gemm(view, s_view if plan.scales_tma else as_, wq, ws, b, torch.bfloat16, plan_override=plan)
+    assert got.shape == (M, N) and torch.equal(got, tight)
+    _check(got, aq, as_, wq, ws, b, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("M", [257, 300])
+def test_linear_at_ragged_m_quantizes_into_padded_rows(M):
+    """At a ragged M above the weight-streaming range, ``linear`` (kernel backend, eager and
+    through ``quantize_activation`` + ``gemm``) gives the bits of quantize + gemm on tensors of
+    exactly M rows, right against the reference."""
+    from blockwise_fp8.kernels import quant
+
+    x, _, _, wq, ws, b = _operands(M, 2048, 2048, torch.float8_e5m2, seed=M)
+    x = x.to(torch.bfloat16)
+    aq, as_ = quant.quantize(x, 1, 128, torch.float8_e5m2)
+    expected = G.gemm(aq, as_, wq, ws, b, torch.bfloat16)
+    got = bf.linear(x, wq, ws, b, activation_dtype=torch.float8_e5m2, backend="triton")
+    assert torch.equal(got, expected)
+    q, s = bf.quantize_activation(x, torch.float8_e5m2, backend="triton")
+    assert torch.equal(bf.gemm(q, s, wq, ws, bias=b, backend="triton"), expected)
+    _check(got, aq, as_, wq, ws, b, torch.bfloat16)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
 @pytest.mark.parametrize("M,N,K", [(512, 8192, 8192), (2048, 8192, 8192), (512, 2048, 28672)])
 def test_ws_ring_reuses_its_scale_stages_safely(M, N, K):

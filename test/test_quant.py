@@ -302,17 +302,25 @@ def test_block_scale_division_is_ieee_division(seed):
         assert same_bits(fast.to(fp8), ieee.to(fp8))
 
 
-@pytest.mark.parametrize("M, K", [(1, 128), (3, 200), (67, 384), (68, 256)])
-def test_quantize_pads_rows_for_cublas(M, K):
-    """``rows_multiple_of=4`` (the eager linear's cuBLAS path) appends zero rows and zero scales up
-    to a multiple of 4, M-major scales strided by the padded M; the first M rows are the
-    reference's bits."""
+@pytest.mark.parametrize("M, K, multiple, m_major", [(1, 128, 4, True), (3, 200, 4, True), (67, 384, 4, True),
+                                                   (68, 256, 4, True), (67, 384, 128, False), (200, 256, 128, True),
+                                                   (130, 130, 128, False)])
+def test_quantize_pads_rows_with_zeros(M, K, multiple, m_major):
+    """``rows_multiple_of`` (4: the eager linear's cuBLAS path; 128: ``gemm.activation_rows``, the
+    large-M GEMMs' TMA boxes) appends zero rows and zero scales up to that multiple, written by the
+    quantization's own launch; M-major scales strided by the padded M; the first M rows are the
+    reference's bits. (The memory is dirtied first, so rows left unwritten would show.)"""
     from blockwise_fp8.kernels import quant
 
+    rows = -(-M // multiple) * multiple
+    kb = -(-K // 128)
+    for shape, dtype in (((rows, K), torch.uint8), ((rows, kb), torch.float32), ((kb, rows), torch.float32)):
+        del_me = torch.full(shape, 0x7F if dtype == torch.uint8 else float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+        del del_me
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
-    q, s = quant.quantize(x.to(KERNEL_DEVICE), 1, 128, torch.float8_e4m3fn, scale_m_major=True, rows_multiple_of=4)
-    m4 = -(-M // 4) * 4
-    assert q.shape == (m4, K) and s.shape == (m4, -(-K // 128)) and s.stride() == (1, m4)
+    q, s = quant.quantize(x.to(KERNEL_DEVICE), 1, 128, torch.float8_e4m3fn, scale_m_major=m_major,
+                          rows_multiple_of=multiple)
+    assert q.shape == (rows, K) and s.shape == (rows, kb) and s.stride() == ((1, rows) if m_major else (kb, 1))
     q_ref, s_ref = bf.reference.quantize(x, (1, 128), torch.float8_e4m3fn)
     assert torch.equal(q[:M].cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s[:M].cpu(), s_ref)
-    assert not q[M:].cpu().float().any() and not s[M:].cpu().any()
+    assert not q[M:].cpu().view(torch.uint8).any() and not s[M:].cpu().any()

@@ -624,6 +624,29 @@ def _record_pairs_fit(compiled, key: tuple, cluster: int) -> None:
     _PAIRS_FIT[key] = fit if fit > 0 else None
 
 
+def rows_view(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """The 2-D ``t`` with up to ``rows`` rows, as many as its storage holds past its own without
+    reaching into its next column (an M-major tensor's); ``t`` itself where it holds none.
+
+    Why: a TMA box that reaches past the last row of its tensor is slow. H100, Triton 3.9, e4m3,
+    the ws kernel's 128-row tiles, one process (session 33, benchmarks/NOTES.md): M = 257, N = K =
+    8192, 69.5 us on the 257 rows against 52.6 on the same rows zero-padded to 384 (cuBLAS 59.4);
+    M = 257, K = 28672, 228.2 against 163.1; M = 513, 110.1 against 82.4; bit-identical outputs.
+    The rows past M are read and multiplied but never stored: a row of the product depends only on
+    its own row of A (and its scale), and the epilogue masks rows >= M. ``ops`` quantizes the
+    activation into zero rows up to a multiple of ``gemm.ACTIVATION_ROWS`` for that; a tensor
+    without them (a user's own) keeps its boxes as before."""
+    if rows <= t.shape[0]:
+        return t
+    s0, s1 = t.stride()
+    last_col = (t.shape[1] - 1) * s1
+    held = (t.untyped_storage().nbytes() // t.element_size() - t.storage_offset() - last_col - 1) // s0 + 1
+    if s0 < s1:
+        held = min(held, s1 // s0)
+    rows = min(rows, held)
+    return t if rows <= t.shape[0] else t.as_strided((rows, t.shape[1]), (s0, s1))
+
+
 def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 4,
             group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None,
             scales_tma: bool = False, cluster: int = 1) -> torch.Tensor:
@@ -647,12 +670,17 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
             f"got Triton multicast={MULTICAST}, tail_split={tail_split}, scales_tma={scales_tma}"
         )
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
-    a_desc = GluonDescriptor.from_tensor(a, [box, block], smem_layout(box, block, a.dtype, A_BOX_CGA[cluster]))
+    # The descriptors span the rows of the last tile where the storage holds them (see rows_view);
+    # M stays the true row count, which masks the output
+    tile_rows = -(-M // block_m) * block_m
+    a_desc = GluonDescriptor.from_tensor(rows_view(a, tile_rows), [box, block],
+                                         smem_layout(box, block, a.dtype, A_BOX_CGA[cluster]))
     w_desc = GluonDescriptor.from_tensor(w, [block * cluster, block],
                                          smem_layout(block * cluster, block, w.dtype, W_BOX_CGA[cluster]))
     scales_tma = scales_tma and scales_ride_the_ring(a_scale, consumers)
     if scales_tma:
-        s_desc = GluonDescriptor.from_tensor(a_scale.t(), [1, block], SCALE_SMEM)  # (K blocks, M), rows >= M zero
+        # (K blocks, M), rows >= M zero
+        s_desc = GluonDescriptor.from_tensor(rows_view(a_scale, tile_rows).t(), [1, block], SCALE_SMEM)
     else:
         s_desc = w_scale  # (unused)
     if tail_start is None:

@@ -147,8 +147,8 @@ def quantize_rows(
 def quantize_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr,
-    # sizes
-    M, K,
+    # sizes (x has M rows; q and scale ROWS >= M, those past M written as zeros)
+    M, ROWS, K,
     # strides
     stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sk,
     # meta-parameters
@@ -179,7 +179,9 @@ def quantize_kernel(
         FP8_MAX, MANTISSA_BITS, MIN_NORMAL, SUBNORMAL_SHIFTER, NAN_BITS, CVT_FP8,
     )
     q = tl.reshape(y, (BLOCK_M, GROUPS_K * BLOCK_K))
-    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=mask)
+    # rows M..ROWS (x's zeros, quantized as such) are the zero rows of a padded q
+    q_mask = (rows[:, None] < ROWS) & (cols[None, :] < K)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=q_mask)
 
     kblocks = pid_k * GROUPS_K + tl.arange(0, GROUPS_K)
     if GROUP_M > 1:
@@ -187,7 +189,8 @@ def quantize_kernel(
         smask = kblocks[None, :] * BLOCK_K < K
     else:
         srows = rows
-        smask = (rows[:, None] < M) & (kblocks[None, :] * BLOCK_K < K)
+        smask = (rows[:, None] < ROWS) & (kblocks[None, :] * BLOCK_K < K)
+        scale = tl.where(rows[:, None] < M, scale, 0.0)  # a zero row's scale: 0, not the floor
     tl.store(scale_ptr + srows[:, None] * stride_sm + kblocks[None, :] * stride_sk, scale, mask=smask)
 
 
@@ -285,7 +288,8 @@ def quantize(
     ``scale_m_major`` stores the (same-valued) scale with strides (1, rows): the layout cuBLAS's
     blockwise GEMM requires, and a contiguous vector per K block for our GEMM kernels.
     ``rows_multiple_of`` (group_m 1 only): q and scale get zero rows appended up to a multiple of
-    it, as cuBLAS needs (4) without a copy."""
+    it, written by the same launch: as cuBLAS needs (4) without a copy, and so that the large-M
+    GEMMs' TMA boxes over q's storage lie wholly in bounds (``gemm.activation_rows``)."""
     assert x.dim() == 2 and (rows_multiple_of == 1 or group_m == 1)
     M, K = x.shape
     device = x.device
@@ -296,18 +300,15 @@ def quantize(
         scale = torch.empty((s_cols, s_rows), dtype=torch.float32, device=device).t()
     else:
         scale = torch.empty((s_rows, s_cols), dtype=torch.float32, device=device)
-    if rows > M:
-        q[M:] = 0
-        scale[M:] = 0
-    if M == 0 or K == 0:
+    if rows == 0 or K == 0:
         return q, scale
     pdl = programmatic_launch(device)
     tiling = ACT_TILING if tiling is None else tuple(tiling)
-    grid, meta = _quantize_launch(M, K, group_m, block_k, dtype, tiling, pdl, pdl and QUANT_WAITS,
+    grid, meta = _quantize_launch(rows, K, group_m, block_k, dtype, tiling, pdl, pdl and QUANT_WAITS,
                                   hardware_fp8_cast(device))
     launch(quantize_kernel, grid, (
         x, q, scale,
-        M, K,
+        M, rows, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
     ), meta)
     return q, scale
@@ -316,8 +317,9 @@ def quantize(
 @functools.lru_cache(maxsize=1024)
 def _quantize_launch(M: int, K: int, group_m: int, block_k: int, dtype: torch.dtype, tiling: tuple, pdl: bool,
                      wait: bool, cvt: bool):
-    """(grid, constexprs and launch options) of one quantization, computed once per configuration
-    (the module's tunables, read by the caller, are part of it)."""
+    """(grid, constexprs and launch options) of one quantization of M rows (with padding: the
+    padded count), computed once per configuration (the module's tunables, read by the caller,
+    are part of it)."""
     block_m, groups_k, warps = _tiling(M, K, group_m, block_k, tiling)
     grid = (-(-M // block_m), -(-K // (block_k * groups_k)))
     meta = dict(
