@@ -11,9 +11,11 @@ ab-auto-decode-h100-2026-11-27-s20.txt, the H100's band at M = 8-32 and the one-
 times each side over weight copies (from memory, not L2); ``--mid-off`` adds our kernels without
 the skinny kernel's M = 33-64 range as a third side.
 
-Each side gets its activation scales as ``linear`` writes them for it, made outside the timing:
-cuBLAS M-major; ours row-major, or M-major in rows padded to 4 where the ws kernel's ring carries
-them (gemm.prefers_m_major_scales). Each round times both, the order alternating from round to
+Each side gets its activation as ``linear`` writes it for it, made outside the timing: cuBLAS
+M-major scales in rows padded to 4 (as many output rows); ours row-major scales, or M-major in rows
+padded to 4 where the ws kernel's ring carries them (gemm.prefers_m_major_scales), in storage of
+rows padded to ``gemm.activation_rows`` (session 33; before, exactly M rows for ours, and cuBLAS
+padded a copy inside its timing where M % 4). Each round times both, the order alternating from round to
 round (under sustained FP8 load an H100's clocks drift, and the side timed first can gain or lose
 a few percent; session 19 saw up to 20% in the GEMM grid's fixed order); the best median per
 side is kept. Medians of triton.testing.do_bench_cudagraph, microseconds.
@@ -79,11 +81,12 @@ def main() -> None:
         copies = fp8_copies(wq, ws, args.cold)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         ring = G.prefers_m_major_scales(M, N, K, wq)
-        aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=ring, rows_multiple_of=4 if ring else 1)
-        aq, as_ = aq[:M], as_[:M]  # (rows padded to 4 where the ring carries the scales)
-        _, as_m = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True)  # what linear hands cuBLAS
+        rows = max(G.activation_rows(M), 4 if ring else 1)
+        aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=ring, rows_multiple_of=rows)
+        aq, as_ = aq[:M], as_[:M]
+        aq4, as4 = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True, rows_multiple_of=4)  # linear's, for cuBLAS
         calls = {"triton": lambda: [ops.gemm(aq, as_, q, s, backend="triton") for q, s in copies],
-                 "cublas": lambda: [ops.gemm(aq, as_m, q, s, backend="cublas") for q, s in copies]}
+                 "cublas": lambda: [ops._cublas_gemm(aq4, as4, q, s, None, torch.bfloat16) for q, s in copies]}
         if args.mid_off:
             calls["mid_off"] = lambda: mid_off(lambda: [ops.gemm(aq, as_, q, s, backend="triton") for q, s in copies])
         best = {}
