@@ -81,7 +81,7 @@ def main() -> None:
         copies = fp8_copies(wq, ws, args.cold)
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         ring = G.prefers_m_major_scales(M, N, K, wq)
-        rows = max(G.activation_rows(M), 4 if ring else 1)
+        rows = G.activation_rows(M, ring)
         aq, as_ = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=ring, rows_multiple_of=rows)
         aq, as_ = aq[:M], as_[:M]
         aq4, as4 = Q.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True, rows_multiple_of=4)  # linear's, for cuBLAS

@@ -48,7 +48,7 @@ def main() -> None:
         w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
         wq, ws = ops.quantize_weight(w16, dt)
         m_major = G.prefers_m_major_scales(M, N, K, wq)
-        rows = max(G.activation_rows(M), 4 if m_major else 1)
+        rows = G.activation_rows(M, m_major)
         pad_q, pad_s = quant.quantize(x, 1, 128, dt, scale_m_major=m_major, rows_multiple_of=rows)
         pad_q, pad_s = pad_q[:M], pad_s[:M]
         # as linear wrote them before session 33: M-major scales in rows padded to 4 only, and the

@@ -434,17 +434,6 @@ def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w
     )
 
 
-def _scales_m_major(backend: str, M: int, K: int, w_q) -> bool:
-    """Whether an eager linear call's GEMM, on the resolved ``backend`` ("triton" or "cublas"),
-    reads its activation scales best M-major (strides (1, rows)): for cuBLAS, which requires it,
-    and for the ws kernel's plans whose ring carries the scales (short grids,
-    ``kernels.gemm.prefers_m_major_scales``); row-major for our other kernels and plans, which were
-    tuned with it (M-major scales measured slower in the skinny kernel)."""
-    if backend == "cublas":
-        return True
-    return backend == "triton" and _kernels()[0].prefers_m_major_scales(M, w_q.shape[0], K, w_q)
-
-
 _KERNEL_MODULES: list = []
 
 
@@ -521,15 +510,18 @@ def _quantize_op(
     with _on_device(x):
         if group_m > 1:
             return _kernels()[1].quantize(x, group_m, block_k, dtype)
-        # an activation: rows padded as the linear op pads them, for a gemm call to come
-        M = x.shape[0]
-        return _first_rows(M, *_kernels()[1].quantize(x, 1, block_k, dtype,
-                                                      rows_multiple_of=_kernels()[0].activation_rows(M)))
+        return _quantize_for_gemm(x, dtype, block_k=block_k)  # an activation, for a gemm call to come
 
 
-def _first_rows(M: int, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first M rows of an activation quantized into padded rows (views: the storage keeps the
-    padding for the GEMM's TMA boxes, ``kernels.gemm_hopper.rows_view``); no view where none."""
+def _quantize_for_gemm(x: torch.Tensor, dtype: torch.dtype, *, block_k: int = GEMM_BLOCK_SIZE,
+                       scale_m_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2-D activation ``x`` quantized in 1 x ``block_k`` blocks for our GEMM kernels: into
+    storage of rows padded with zeros to ``kernels.gemm.activation_rows`` (the large-M kernels' TMA
+    boxes then stay within it, ``kernels.gemm_hopper.rows_view``), handed on as views of its first
+    M rows (no view where nothing was padded)."""
+    M = x.shape[0]
+    rows = _kernels()[0].activation_rows(M, scale_m_major)
+    q, scale = _kernels()[1].quantize(x, 1, block_k, dtype, scale_m_major=scale_m_major, rows_multiple_of=rows)
     return (q, scale) if q.shape[0] == M else (q[:M], scale[:M])
 
 
@@ -646,13 +638,10 @@ def _linear_op(
                                           rows_multiple_of=4)
             out = _cublas_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
             return out[:M] if M % 4 else out
-        # Zero rows up to a multiple of activation_rows (its large-M kernels' TMA boxes then stay
-        # in bounds: gemm_hopper.rows_view), and of 4 for M-major scales: the ws kernel's ring
-        # loads scales whose column stride is a multiple of 16 bytes (scales_ride_the_ring)
-        m_major = _scales_m_major(backend, M, K, w_q)
-        rows = max(gemm_kernels.activation_rows(M), 4 if m_major else 1)
-        a_q, a_scale = _first_rows(M, *quant.quantize(x, 1, GEMM_BLOCK_SIZE, activation_dtype,
-                                                      scale_m_major=m_major, rows_multiple_of=rows))
+        # M-major scales where the ws kernel's ring carries them; row-major for our other kernels
+        # and plans, which were tuned with them (M-major measured slower in the skinny kernel)
+        m_major = gemm_kernels.prefers_m_major_scales(M, w_q.shape[0], K, w_q)
+        a_q, a_scale = _quantize_for_gemm(x, activation_dtype, scale_m_major=m_major)
         return gemm_kernels.gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
 
 
@@ -670,13 +659,10 @@ def _quantize_input_op(
     if backend == "reference":
         q, scale = reference.quantize(x, (1, GEMM_BLOCK_SIZE), dtype)
         return q, (scale.t().contiguous().t() if scale_m_major else scale)
-    M = x.shape[0]
     with _on_device(x):
         if scale_m_major:  # (for cuBLAS, which wants their stride M exactly; see `linear`)
             return _kernels()[1].quantize(x, 1, GEMM_BLOCK_SIZE, dtype, scale_m_major=True)
-        # rows padded as the eager linear pads them for our GEMMs (see _linear_op)
-        return _first_rows(M, *_kernels()[1].quantize(x, 1, GEMM_BLOCK_SIZE, dtype,
-                                                      rows_multiple_of=_kernels()[0].activation_rows(M)))
+        return _quantize_for_gemm(x, dtype)
 
 
 @torch.library.register_fake(_quantize_input_op.op)

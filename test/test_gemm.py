@@ -240,6 +240,8 @@ def test_activation_rows_padded_where_the_large_m_kernels_read_them():
     with zeros to ``gemm.ACTIVATION_ROWS`` from ``ACTIVATION_ROWS_FROM_M`` on, the returned tensors
     of M rows; below, no padding."""
     assert G.activation_rows(G.ACTIVATION_ROWS_FROM_M - 1) == 1 and G.activation_rows(G.ACTIVATION_ROWS_FROM_M) == 128
+    # M-major scales (the ws kernel's ring): a multiple of 4 at least
+    assert G.activation_rows(3, True) == 4 and G.activation_rows(G.ACTIVATION_ROWS_FROM_M, True) == 128
     for M in (G.ACTIVATION_ROWS_FROM_M - 1, 67, 130):
         x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(KERNEL_DEVICE)
         q, s = bf.quantize_activation(x, backend="triton")

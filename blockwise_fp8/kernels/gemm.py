@@ -670,23 +670,26 @@ def ws_usable(a: torch.Tensor, w: torch.Tensor) -> bool:
 # The multiple of rows to which ``ops`` pads the storage of an activation it quantizes for our
 # GEMMs from ACTIVATION_ROWS_FROM_M rows on (zero rows, written by the quantization's own launch):
 # the ws kernel's TMA boxes (128 rows, or 64 for 192-row tiles) then never reach past the last row
-# of their tensor, which measured slow (``gemm_hopper.rows_view``; up to 29% at M = 257). Below,
-# the weight-streaming kernels run (and the tma kernel's 64-row tiles, not measured ragged); there
-# the padding would only enlarge the quantization.
+# of their tensor, whose GEMM measured 1.25-1.49x slower than on padded rows at M = 257-513
+# (``gemm_hopper.rows_view``). Below, the weight-streaming kernels run (and the tma kernel's 64-row
+# tiles, not measured ragged); there the padding would only enlarge the quantization.
 ACTIVATION_ROWS = 128
 ACTIVATION_ROWS_FROM_M = 65
 
 
-def activation_rows(M: int) -> int:
-    """The multiple of rows for the storage of an (M, K) activation quantized for these kernels."""
-    return ACTIVATION_ROWS if M >= ACTIVATION_ROWS_FROM_M else 1
+def activation_rows(M: int, scale_m_major: bool = False) -> int:
+    """The multiple of rows for the storage of an (M, K) activation quantized for these kernels.
+    M-major scales (``prefers_m_major_scales``) take a multiple of 4 at least: the ws kernel's ring
+    loads scales whose column stride is a multiple of 16 bytes (``scales_ride_the_ring``)."""
+    rows = ACTIVATION_ROWS if M >= ACTIVATION_ROWS_FROM_M else 1
+    return max(rows, 4) if scale_m_major else rows  # (ACTIVATION_ROWS is a multiple of 4)
 
 
 def prefers_m_major_scales(M: int, N: int, K: int, w: torch.Tensor) -> bool:
     """Whether a GEMM of an (M, K) activation quantized now against ``w`` should get its scales
     M-major with rows padded to a multiple of 4 (``quant.quantize(scale_m_major=True,
-    rows_multiple_of=4)``, or of ``activation_rows``): where its plan is the ws kernel's 128-row tiles, whose ring then
-    carries the scales (``gemm_hopper.scales_ride_the_ring``) on the grids where that pays
+    rows_multiple_of=activation_rows(M, True))``): where its plan is the ws kernel's 128-row tiles,
+    whose ring then carries the scales (``gemm_hopper.scales_ride_the_ring``) on the grids where that pays
     (``ring_limits``); the other kernels were tuned with row-major scales, and the skinny kernel
     measured slower with M-major ones."""
     # (w's layout from its strides alone: under torch.compile it is a fake tensor with no address)

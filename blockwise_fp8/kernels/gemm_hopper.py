@@ -679,7 +679,7 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
                                          smem_layout(block * cluster, block, w.dtype, W_BOX_CGA[cluster]))
     scales_tma = scales_tma and scales_ride_the_ring(a_scale, consumers)
     if scales_tma:
-        # (K blocks, M), rows >= M zero
+        # (K blocks, rows of the last tile where held), rows >= M zero
         s_desc = GluonDescriptor.from_tensor(rows_view(a_scale, tile_rows).t(), [1, block], SCALE_SMEM)
     else:
         s_desc = w_scale  # (unused)
