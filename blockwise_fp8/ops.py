@@ -209,6 +209,10 @@ OURS_UP_TO_M256 = 2048  # M <= 256: ours for N <= 2048
 #              N >= 14336 0.94-1.02 (57344 x 8192 0.94-0.95); N = 7168-10240 1.03-1.28 (7168 x 2048 1.28)
 #   M = 80-128: N <= 2048 0.63-0.83; 4096 x 14336 0.92-0.93; 4096 x 4096 1.01-1.04, 6144 x 4096 1.09-1.11
 #   M = 160-256: N <= 2048 0.82-0.85; 4096 x 14336 1.15-1.18; every other shape 1.08-1.56
+# (ours then ran the tma kernel's 64-row tiles on most of these. Since session 34, M = 129-256 with
+# K >= 7168 runs the ws kernel's 128-row tiles, kernels/gemm.py. On an H200 those beat cuBLAS:
+# 43.6 against 55.6 us at M = 130, 10240 x 8192; 35.3 against 41.1 at M = 200, 4096 x 14336;
+# results/mid-m-h200-2026-11-28-s34/. The band waits for an H100 A/B.)
 # Since session 21 the skinny kernel serves M = 33-64 on weights of up to 8192 x 8192 (kernels/
 # gemm.py, plan()), so M = 40 and 64 were timed again, both sides over weights streamed from memory
 # (ab_auto.py --cold; results/ab-auto-mid-m-cold-h100-2026-11-27-s21.txt): 4096 x 4096 0.78-0.86,

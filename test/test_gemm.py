@@ -286,14 +286,15 @@ def test_ws_reads_rows_past_m_in_storage_without_storing_them(plan):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
-@pytest.mark.parametrize("M", [257, 300])
-def test_linear_at_ragged_m_quantizes_into_padded_rows(M):
+@pytest.mark.parametrize("M,N,K", [(257, 2048, 2048), (300, 2048, 2048), (130, 1024, 7168)])
+def test_linear_at_ragged_m_quantizes_into_padded_rows(M, N, K):
     """At a ragged M above the weight-streaming range, ``linear`` (kernel backend, eager and
     through ``quantize_activation`` + ``gemm``) gives the bits of quantize + gemm on tensors of
-    exactly M rows, right against the reference."""
+    exactly M rows, right against the reference (M = 130, K = 7168: the ws kernel's tiles, every
+    tile split over K)."""
     from blockwise_fp8.kernels import quant
 
-    x, _, _, wq, ws, b = _operands(M, 2048, 2048, torch.float8_e5m2, seed=M)
+    x, _, _, wq, ws, b = _operands(M, N, K, torch.float8_e5m2, seed=M)
     x = x.to(torch.bfloat16)
     aq, as_ = quant.quantize(x, 1, 128, torch.float8_e5m2)
     expected = G.gemm(aq, as_, wq, ws, b, torch.bfloat16)
@@ -723,6 +724,15 @@ def test_plan_heuristic_ranges():
     assert half(64, 10240, 8192)[:2] == ("tma", 64)  # M <= 64: not measured, unchanged
     assert half(160, 4096, 4096)[:2] == ("tma", 64)  # two rows of tiles
     assert half(128, 10240, 8192)[:2] == ("ws", 128) and half(128, 10240, 8192)[3] == 1  # 80 tiles: _wide_plan
+    # M = 129-256: the ws kernel's 128 x 128 tiles (_wide_plan) from K = 7168 (56 K blocks) whatever
+    # the waves; shorter K keeps the waves rule (64-row tma tiles where they cost fewer rounds)
+    wide = lambda M, N, K: G._wide_plan(M, N, -(-K // 128), ws=True, num_sms=132, ws192_cost=G.WS192_COST,  # noqa: E731
+                                        scales_in_ring=True, ring=G.RING_LIMITS["H100"])
+    for M, N, K in ((129, 10240, 8192), (160, 4096, 14336), (256, 4096, 7168), (200, 2048, 7168)):
+        assert G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=True) == wide(M, N, K)
+    assert half(160, 10240, 8192)[:4] == ("ws", 128, 6, 4)  # 160 tiles: the 28 of the tail split 4 ways
+    assert half(200, 4096, 7040)[:2] == half(129, 11008, 4096)[:2] == ("tma", 64)  # 55, 32 K blocks
+    assert G.plan(160, 4096, 14336, tma=True, ws=False, num_sms=132).block_m == 64  # no ws: the waves rule
     # other cards: within their ring limits (up to 64 K blocks)
     other = lambda M, N, K: G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=True,  # noqa: E731
                                    ring=G.RING_LIMITS["other"])

@@ -937,6 +937,9 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
     return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
 
 
+MID_M_WS_MIN_K_BLOCKS = 56  # K >= 7168: see _large_plan
+
+
 def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int,
                 ws192_cost: float, scales_in_ring: bool, ring: RingLimits, cluster: int = 1) -> Plan:
     if tma:
@@ -947,7 +950,17 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
         # M = 80..256, this rule picks the faster of the two or one within 3%). Where the ws
         # kernel runs, at M = 65-128 past 24 K blocks, its 128 x 128 tiles on about half the SMs
         # beat those 64 x 128 tiles (``_half_card_plan``).
-        if M <= 256:
+        # Where the ws kernel runs, M = 129-256 with K >= 7168 takes its 128 x 128 tiles whatever
+        # the waves (``_wide_plan``: the partial wave split over K). H200, e5m2, activation in
+        # padded storage, same process (results/mid-m-h200-2026-11-28-s34/probe-mid-m-ws.txt), against the
+        # 64-row tma tiles at M = 130-250: 10240 x 8192 64.0 -> 43.0 us at M = 130 (bf16 50.8),
+        # 4096 x 14336 54.1 -> 33.5, 4096 x 8192 31.6 -> 19.3, 2048 x 7168 15.8 -> 14.3; H100,
+        # Triton 3.6 (results/probe-mid-m-ws-h100-2026-11-27-s23.txt): 4096 x 14336 at M = 160
+        # 46.4 -> 37.3, 8192 x 28672 161.3 -> 153.9, 10240 x 8192 at M = 192 57.1 -> 53.8. Shorter
+        # K keeps the waves rule: there the H200 also gained (4096 x 4096 17.5 -> 13.7, 11008 x 4096
+        # 34.0 -> 26.8, 1024 x 4096 even), but the H100 lost 20% on 4096 x 4096 at M = 160 (14.5
+        # against 17.5 us, Triton 3.6), and no H100 has run it since.
+        if M <= 256 and not (ws and M > 128 and k_blocks >= MID_M_WS_MIN_K_BLOCKS):
             n_tiles = triton.cdiv(N, 128)
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
             if 2 * rounds(64) < 3 * rounds(128):
