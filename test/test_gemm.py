@@ -285,6 +285,55 @@ def test_ws_reads_rows_past_m_in_storage_without_storing_them(plan):
     _check(got, aq, as_, wq, ws, b, torch.bfloat16)
 
 
+@pytest.mark.parametrize("M,held,rows,block_m,N,copied", [
+    (257, 257, 384, 128, 4096, True),    # 127 rows past its storage
+    (288, 288, 384, 128, 4096, True),    # 96 past: PAD_COPY_MIN_ROWS_PAST
+    (289, 289, 384, 128, 4096, False),   # 95 past
+    (200, 200, 256, 128, 8192, False),   # 56 past
+    (257, 384, 384, 128, 4096, False),   # storage padded (ops'): a view, no copy
+    (257, 280, 384, 128, 4096, True),    # storage padded short of the tile
+    (257, 300, 384, 128, 4096, False),   # ... by fewer rows
+    (641, 641, 768, 128, 4096, False),   # past PAD_COPY_MAX_M
+    (257, 257, 384, 128, 4095, False),   # a weight under PAD_COPY_MIN_WEIGHT (N x 8192)
+    (257, 257, 384, 192, 4096, False),   # 192-row tiles (64-row boxes): not measured, no copy
+])
+def test_ws_copies_only_tight_activations_whose_boxes_would_reach_far_past_them(M, held, rows, block_m, N, copied):
+    """``gemm_hopper._rows_for_boxes``, the ws kernel's A tensor: a view of the rows its storage
+    holds, or a copy with zero rows up to the last tile where PAD_COPY_MAX_M, PAD_COPY_MIN_ROWS_PAST
+    and PAD_COPY_MIN_WEIGHT say so; the M rows unchanged either way."""
+    K = 8192
+    buf = torch.randint(-100, 100, (held, K), generator=torch.Generator().manual_seed(M), dtype=torch.int8)
+    a = buf.view(torch.float8_e4m3fn)[:M]
+    got = gemm_hopper._rows_for_boxes(a, rows, block_m, N)
+    assert torch.equal(got[:M].view(torch.int8), a.view(torch.int8))
+    if copied:
+        assert got.shape == (rows, K) and got.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+        assert not got[M:].view(torch.int8).any()
+    else:
+        assert got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        assert got.shape == (min(held, rows), K)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("M", [130, 257])
+def test_ws_gives_the_same_bits_whether_it_copies_a_tight_activation_or_not(M, monkeypatch):
+    """A tight activation (storage of exactly M rows) that ``_rows_for_boxes`` copies into padded
+    storage gives the bits of the same call without the copy, and is right."""
+    N, K = 384, 1024
+    x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e5m2, seed=M)
+    if not G.ws_usable(aq, wq):
+        pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
+    monkeypatch.setattr(gemm_hopper, "PAD_COPY_MIN_WEIGHT", N * K)  # (a small weight, to keep the test fast)
+    plan = G.Plan("ws", 128, 128, 4, 4, tail_split=2)
+    tight = aq.clone()
+    assert gemm_hopper._rows_for_boxes(tight, 384, 128, N).shape[0] == 384  # this call copies
+    copied = G.gemm(tight, as_, wq, ws, b, torch.bfloat16, plan_override=plan)
+    monkeypatch.setattr(gemm_hopper, "PAD_COPY_MAX_M", 0)
+    boxes_past = G.gemm(tight, as_, wq, ws, b, torch.bfloat16, plan_override=plan)
+    assert torch.equal(copied, boxes_past)
+    _check(copied, aq, as_, wq, ws, b, torch.bfloat16)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
 @pytest.mark.parametrize("M,N,K", [(257, 2048, 2048), (300, 2048, 2048), (130, 1024, 7168)])
 def test_linear_at_ragged_m_quantizes_into_padded_rows(M, N, K):

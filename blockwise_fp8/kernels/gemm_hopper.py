@@ -635,7 +635,7 @@ def rows_view(t: torch.Tensor, rows: int) -> torch.Tensor:
     The rows past M are read and multiplied but never stored: a row of the product depends only on
     its own row of A (and its scale), and the epilogue masks rows >= M. ``ops`` quantizes the
     activation into zero rows up to a multiple of ``gemm.ACTIVATION_ROWS`` for that; a tensor
-    without them (a user's own) keeps its boxes as before."""
+    without them (a user's own) is copied into such storage where that pays (``_rows_for_boxes``)."""
     if rows <= t.shape[0]:
         return t
     s0, s1 = t.stride()
@@ -645,6 +645,42 @@ def rows_view(t: torch.Tensor, rows: int) -> torch.Tensor:
         held = min(held, s1 // s0)
     rows = min(rows, held)
     return t if rows <= t.shape[0] else t.as_strided((rows, t.shape[1]), (s0, s1))
+
+
+# Where ``gemm_ws`` copies an activation whose storage ends inside its last 128-row tile into storage
+# that holds the tile (``_rows_for_boxes``): at most PAD_COPY_MAX_M rows (0: never, for A/B runs),
+# at least PAD_COPY_MIN_ROWS_PAST of the tile's rows past the storage, and a weight of at least
+# PAD_COPY_MIN_WEIGHT elements. The boxes past the storage cost about in proportion to the weight
+# (the last row of tiles spans N and K), the copy in proportion to M x K. H200, Triton 3.9, e5m2
+# unless named, us, tight storage / copied in the call / already padded, bit-identical (session 35,
+# benchmarks/results/mid-m-tight-rows-h200-2026-11-28-s35/pad-copy*.txt):
+# - gained: M = 130, 10240 x 8192 62.9 / 46.4 / 44.2; M = 257, 8192 x 8192 63.3 / 52.6 / 49.7;
+#   M = 513 91.9 / 86.0 / 82.1; e4m3 M = 257, 8192 x 28672 210.4 / 182.0 / 176.2; e4m3 M = 130,
+#   4096 x 14336 43.6 / 38.1 / 34.6 (all 127 rows past);
+# - lost: 64 or fewer rows past (M = 320, 8192 x 8192 53.2 / 54.5 / 48.1; M = 200, 56 past, 47.7 /
+#   49.4 / 46.5); M = 897 (127 past) 133.5 / 135.3 / 130.4, M = 4097 542.9 / 559.7 / 537.4; a small
+#   weight (M = 257, 2048 x 2048 10.6 / 12.6 / 10.2).
+# H100 (session 33, results/ragged-m-h100-2026-11-28-s33/padded-rows-probe.txt): 96 rows past cost
+# 1.25x (M = 288, 8192 x 8192: 66.4 against 53.3 padded), 64 past 1.08-1.14x. 65-95 not measured.
+PAD_COPY_MAX_M = 640
+PAD_COPY_MIN_ROWS_PAST = 96
+PAD_COPY_MIN_WEIGHT = 1 << 25  # elements: 4096 x 8192
+
+
+def _rows_for_boxes(a: torch.Tensor, rows: int, block_m: int, n: int) -> torch.Tensor:
+    """``a`` (M rows) as the A descriptor's tensor for tiles of ``block_m`` rows up to ``rows``, of
+    a GEMM against an (``n``, K) weight: its ``rows_view``, or (where PAD_COPY_MAX_M and the
+    constants beside it say so) a copy with zero rows up to ``rows``. ``ops`` quantizes into padded
+    storage; this is for a user's own tight activation."""
+    view = rows_view(a, rows)
+    M, K = a.shape
+    if (block_m != 128 or M > PAD_COPY_MAX_M or rows - view.shape[0] < PAD_COPY_MIN_ROWS_PAST
+            or n * K < PAD_COPY_MIN_WEIGHT):
+        return view
+    padded = a.new_empty((rows, K))
+    padded[:M].copy_(a)
+    padded[M:].zero_()
+    return padded
 
 
 def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 4,
@@ -673,7 +709,7 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
     # The descriptors span the rows of the last tile where the storage holds them (see rows_view);
     # M stays the true row count, which masks the output
     tile_rows = -(-M // block_m) * block_m
-    a_desc = GluonDescriptor.from_tensor(rows_view(a, tile_rows), [box, block],
+    a_desc = GluonDescriptor.from_tensor(_rows_for_boxes(a, tile_rows, block_m, N), [box, block],
                                          smem_layout(box, block, a.dtype, A_BOX_CGA[cluster]))
     w_desc = GluonDescriptor.from_tensor(w, [block * cluster, block],
                                          smem_layout(block * cluster, block, w.dtype, W_BOX_CGA[cluster]))
