@@ -95,7 +95,7 @@ def main() -> None:
                 t = triton.testing.do_bench_cudagraph(calls[side], rep=60, return_mode="median") * 1e3 / len(copies)
                 best[side] = min(t, best.get(side, float("inf")))
         pick = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16, cublas_available=True,
-                                       num_sms=ops.gemm_card(wq.device)[1])
+                                       num_sms=ops.gemm_card(wq.device)[1], card=ops.gemm_card(wq.device)[0])
         say(f"{N},{K},{M},{best['triton']:.1f},{best['cublas']:.1f},{pick},{best['triton'] / best['cublas']:.3f}"
             + (f",{best['mid_off']:.1f}" if args.mid_off else ""))
 

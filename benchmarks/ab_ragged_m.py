@@ -64,7 +64,7 @@ def main() -> None:
             cs = B.operand_scales(aq, as_, wq, dt)["cublas"]
             fns["cublas"] = lambda: ops._cublas_gemm(aq, cs, wq, ws, None, torch.bfloat16)
         same = torch.equal(fns["tight"](), fns["padded"]())
-        p = G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), ring=G.ring_limits(0),
+        p = G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), card=G.card_plans(0),
                    scales_in_ring=m_major, multicast=True)
         best = B.time_contenders(fns, 100, args.rounds, settle=B.self_heat(args.heat))
         say(f"{cell} plan={p.kind}{p.block_m} split={p.tail_split} ring={p.scales_tma} cluster={p.cluster}: " +

@@ -76,7 +76,7 @@ def main() -> None:
             wq, ws = ops.quantize_weight(w16, dt)
             scales = B.operand_scales(aq, as_, wq, dt)
             ours = scales["ours_triton"]
-            default = G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), ring=G.ring_limits(0),
+            default = G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), card=G.card_plans(0),
                              scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), multicast=True)
             ref = G.gemm(aq, ours, wq, ws, None, torch.bfloat16)
             fns = {"bf16": lambda: F.linear(x, w16), "plan": lambda: G.gemm(aq, ours, wq, ws, None, torch.bfloat16)}

@@ -49,7 +49,7 @@ def main() -> None:
                 _, in_ring = quant.quantize(x, 1, 128, dt, scale_m_major=True, rows_multiple_of=4)
                 in_ring = in_ring[:M]
                 mem_plan = G.plan(M, N, K, tma=True, ws=True)
-                ring_plan = G.plan(M, N, K, tma=True, ws=True, scales_in_ring=True, ring=G.ring_limits(0))
+                ring_plan = G.plan(M, N, K, tma=True, ws=True, scales_in_ring=True, card=G.card_plans(0))
                 if (mem_plan.kind, mem_plan.block_m) != ("ws", 128):  # 192-row tiles carry no scales
                     continue
                 base = G.gemm(aq, as_, wq, ws, None, torch.bfloat16)

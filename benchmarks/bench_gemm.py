@@ -387,7 +387,7 @@ def main():
                 r.update({f"{c}_us": t for c, t in times.items()})
                 ws_ok = G.ws_usable(aq, wq)
                 p = G.plan(M, N, K, tma=G.tma_usable(aq, wq), ws=ws_ok,
-                           scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), ring=G.ring_limits(wq.device.index or 0),
+                           scales_in_ring=G.prefers_m_major_scales(M, N, K, wq), card=G.card_plans(wq.device.index or 0),
                            multicast=ws_ok and G.gemm_hopper.MULTICAST)
                 # ws tiles: "ws128" / "ws192", "ws128ring" where the ring carries the scales (session 18),
                 # "ws192pair" on 2-CTA clusters (session 28); session 15's 128 x 256 tiles (since
@@ -397,7 +397,7 @@ def main():
                     "pair" if p.cluster == 2 else "")
                 r["ours_auto_backend"] = ops.choose_gemm_backend(
                     M, N, K, dt, dt, torch.bfloat16, cublas_available=ops.cublas_blockwise_available(x16.device),
-                    num_sms=ops.gemm_card(x16.device)[1])
+                    num_sms=ops.gemm_card(x16.device)[1], card=ops.gemm_card(x16.device)[0])
                 # accuracy against the float64 product of the original operands (first 256 rows)
                 rr = min(M, 256)
                 ref = x16[:rr].double() @ w16.double().T

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         aq, as_ = ops.quantize_activation(x)
         path = ops.choose_gemm_backend(M, N, K, aq.dtype, wq.dtype, torch.bfloat16,
                                        cublas_available=ops.cublas_blockwise_available(x.device),
-                                       num_sms=ops.gemm_card(x.device)[1])
+                                       num_sms=ops.gemm_card(x.device)[1], card=ops.gemm_card(x.device)[0])
         aq_m, as_m = quant.quantize(x, 1, 128, torch.float8_e4m3fn, scale_m_major=True)  # cuBLAS's layout
         kind = gemm_kernels.plan(M, N, K, tma=gemm_kernels.tma_usable(aq, wq), ws=gemm_kernels.ws_usable(aq, wq)).kind
         fns = {

@@ -40,7 +40,7 @@ def sides(M: int, N: int, K: int, dname: str, x16, w16, wq, ws, *, splits: bool 
     aq, as_ = Q.quantize(x16, 1, 128, dt)
     ring_s = Q.quantize(x16, 1, 128, dt, scale_m_major=True, rows_multiple_of=4)[1][:M]  # as linear writes them for the ring
     cur = G.plan(M, N, K, tma=True, ws=True, num_sms=sms, scales_in_ring=G.prefers_m_major_scales(M, N, K, wq),
-                 ring=G.ring_limits(0))
+                 card=G.card_plans(0))
     cur_s = ring_s if cur.scales_tma else as_
     ts64 = G._tail_split(triton.cdiv(M, 64) * triton.cdiv(N, 128), triton.cdiv(K, 128), sms)
     tma64 = G.Plan("tma", 64, 128, 4, 4, flatten=True, tail_split=ts64)

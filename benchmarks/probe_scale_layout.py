@@ -34,7 +34,7 @@ def label(M: int, N: int, K: int, a_scale: torch.Tensor) -> str:
     from blockwise_fp8.kernels import gemm_hopper
 
     p = G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0),
-               scales_in_ring=gemm_hopper.scales_ride_the_ring(a_scale, 2), ring=G.ring_limits(0))
+               scales_in_ring=gemm_hopper.scales_ride_the_ring(a_scale, 2), card=G.card_plans(0))
     return f"{p.kind}{p.block_m}/ts{p.tail_split}{'r' if p.scales_tma else ''}"
 
 

@@ -305,22 +305,37 @@ def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch
     )
 
 
+# Other cards than the H100 (``gemm_card``'s "other": the H200's measurements, as for the plans'
+# CARD_PLANS, where M = 65-256 runs the ws kernel's 128 x 128 tiles, kernels/gemm.py). H200, e4m3,
+# our plans of session 35 against cuBLAS, best of 2 alternating rounds, ours / cuBLAS
+# (results/mid-m-tight-rows-h200-2026-11-28-s35/ab-auto-mid-m.txt):
+#   M = 80-128: 4096 x 14336 0.63-0.64, 8192 x 28672 0.86-0.88, 4096 x 4096 0.87-0.88, 6144 x 4096
+#     0.94, 10240 x 8192 0.97-0.99; 8192 x 8192 1.01-1.02. So ours at every M = 65-128 there.
+#   M = 130-250: 4096 x 14336 (64 tiles, K = 14336) 0.82 (and in session 34's probe 4096 x 8192
+#     19.3-20.1 us against cuBLAS 24.7-29.9); 4096 x 4096 1.00-1.01, 6144 x 4096 1.04-1.13, 8192 x
+#     28672 1.03-1.05 at M >= 160, 8192 x 8192 0.95-0.98. So ours where the tiles fill at most half
+#     the SMs at K >= ONE_WAVE_MIN_K, the other bands as on an H100.
+
+
 def choose_gemm_backend(
     M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype, *,
-    cublas_available: bool, num_sms: int = 132,
+    cublas_available: bool, num_sms: int = 132, card: str = "H100",
 ) -> str:
     """The "auto" table: "cublas" where cuBLAS runs the call and was measured faster, else "triton".
-    ``num_sms``: the card's SM count (``gemm_card``; the default is the H100's)."""
+    ``num_sms`` and ``card``: the card's SM count and family (``gemm_card``; the defaults are the
+    H100's; "other" is measured on an H200)."""
     if not (cublas_available and M >= CUBLAS_MIN_M and cublas_supports(M, N, K, a_dtype, w_dtype, out_dtype)):
         return "triton"
+    h100 = card == "H100"
     if M <= 64:
         ours = N <= OURS_UP_TO_M64[0] or N >= OURS_UP_TO_M64[1]
     elif M <= 128:
-        ours = N <= OURS_UP_TO_M256 or (N <= OURS_UP_TO_M128 and K >= 2 * N)
+        ours = not h100 or N <= OURS_UP_TO_M256 or (N <= OURS_UP_TO_M128 and K >= 2 * N)
     else:
         tiles = _cdiv(M, 128) * _cdiv(N, 128)
         just_over_one_wave = K >= ONE_WAVE_MIN_K and num_sms < tiles <= num_sms * ONE_WAVE_MARGIN
-        ours = (M <= 256 and N <= OURS_UP_TO_M256) or just_over_one_wave
+        half_card_long_k = not h100 and M <= 256 and 2 * tiles <= num_sms and K >= ONE_WAVE_MIN_K
+        ours = (M <= 256 and N <= OURS_UP_TO_M256) or just_over_one_wave or half_card_long_k
     return "triton" if ours else "cublas"
 
 
@@ -432,9 +447,10 @@ def _gemm_backend_for_call(backend: str, M: int, K: int, a_dtype: torch.dtype, w
     """Resolve "auto" for one gemm/linear call on CUDA (explicit backends pass through)."""
     if backend != "auto":
         return backend
+    family, num_sms = gemm_card(w_q.device)
     return choose_gemm_backend(
         M, w_q.shape[0], K, a_dtype, w_q.dtype, out_dtype, cublas_available=cublas_blockwise_available(w_q.device),
-        num_sms=gemm_card(w_q.device)[1],
+        num_sms=num_sms, card=family,
     )
 
 

@@ -159,3 +159,27 @@ def test_cublas_row_padding(M, Kb):
         assert pq.shape == (m4, 128 * Kb) and ps.shape == (m4, Kb) and ps.stride() == (1, m4)
         assert torch.equal(pq[:M].view(torch.uint8), q.view(torch.uint8)) and torch.equal(ps[:M], s)
         assert not pq[M:].float().any() and not ps[M:].any()
+
+
+# (M, N, K, auto's choice on an "other" card, the H200's measurements): ours at every M = 65-128,
+# and at M = 129-256 where the 128 x 128 tiles fill at most half the SMs at K >= 7168; elsewhere
+# the H100's bands (benchmarks/results/mid-m-tight-rows-h200-2026-11-28-s35/ab-auto-mid-m.txt)
+@pytest.mark.parametrize(
+    "M, N, K, h100, other",
+    [
+        (64, 8192, 8192, "cublas", "cublas"),  # M <= 64: the H100's bands
+        (65, 8192, 8192, "cublas", "triton"), (128, 6144, 4096, "cublas", "triton"),
+        (128, 57344, 8192, "cublas", "triton"), (96, 4096, 4096, "cublas", "triton"),
+        (130, 4096, 14336, "cublas", "triton"), (256, 4096, 7168, "cublas", "triton"),  # 64 tiles
+        (256, 4224, 7168, "cublas", "triton"),  # 66 tiles: half of 132 SMs
+        (256, 4352, 7168, "cublas", "cublas"),  # 68 tiles: more than half
+        (200, 4096, 7040, "cublas", "cublas"),  # K < 7168
+        (160, 8192, 28672, "cublas", "cublas"), (160, 6144, 4096, "cublas", "cublas"),
+        (256, 10240, 8192, "triton", "triton"),  # just over one wave, on both
+        (257, 4096, 14336, "cublas", "cublas"),  # M > 256
+    ],
+)
+def test_choice_table_other_cards(M, N, K, h100, other):
+    pick = lambda card: ops.choose_gemm_backend(M, N, K, E4, E4, BF16, cublas_available=True, card=card)  # noqa: E731
+    assert (pick("H100"), pick("other")) == (h100, other)
+    assert ops.choose_gemm_backend(M, N, K, E5, E5, BF16, cublas_available=True, card="other") == "triton"

@@ -392,7 +392,7 @@ def test_linear_quantizes_for_the_ws_ring_where_its_plan_is_ws(monkeypatch, M):
     if not G.ws_usable(wq, wq):
         pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
     assert G.plan(M, N, K, tma=True, ws=True, num_sms=G._num_sms(0), scales_in_ring=True,
-                  ring=G.ring_limits(0)).scales_tma
+                  card=G.card_plans(0)).scales_tma
     assert G.prefers_m_major_scales(M, N, K, wq)
     x = x.to(torch.bfloat16)
     aq, as_ = quant.quantize(x, 1, 128, torch.float8_e4m3fn)
@@ -409,20 +409,24 @@ def test_linear_quantizes_for_the_ws_ring_where_its_plan_is_ws(monkeypatch, M):
 @pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
 @pytest.mark.parametrize("M,N,K,split,ring", [(96, 1024, 4096, 4, False), (100, 4096, 4096, 2, False),
                                               (128, 8448, 3200, 1, False), (96, 8192, 4480, 1, True)])
-def test_linear_at_m_65_128_runs_the_half_card_ws_plan(monkeypatch, M, N, K, split, ring):
-    """At M = 65-128, where the 128 x 128 tiles fill at most half the SMs, ``linear`` runs
-    ``_half_card_plan`` (tiles split over K within half the SMs), quantizing for the ws kernel's
-    ring where each program runs more than 32 K blocks: correct against the float64 reference, the
-    scales taken through the ring or from memory as planned."""
+def test_linear_at_m_65_128_runs_the_ws_plan_of_its_card(monkeypatch, M, N, K, split, ring):
+    """At M = 65-128, where the 128 x 128 tiles fill at most half the SMs, ``linear`` runs on an
+    H100 ``_half_card_plan`` (tiles split over K within half the SMs), quantizing for the ws
+    kernel's ring where each program runs more than 32 K blocks, and elsewhere ``_wide_plan``
+    (CARD_PLANS): correct against the float64 reference, the scales taken through the ring or from
+    memory as planned."""
     x, _, _, wq, ws, b = _operands(M, N, K, torch.float8_e5m2, seed=M)
     if not G.ws_usable(wq, wq):
         pytest.skip("the ws kernel needs an sm_90 GPU and Triton's Gluon")
-    sms = G._num_sms(0)
-    p = G.plan(M, N, K, tma=True, ws=True, num_sms=sms, scales_in_ring=True, ring=G.ring_limits(0))
+    sms, card = G._num_sms(0), G.card_plans(0)
+    p = G.plan(M, N, K, tma=True, ws=True, num_sms=sms, scales_in_ring=True, card=card)
     assert (p.kind, p.block_m) == ("ws", 128)
-    if sms == 132:
+    if card != G.CARD_PLANS["H100"]:
+        assert p == G._wide_plan(M, N, -(-K // 128), ws=True, num_sms=sms, ws192_cost=G.WS192_COST,
+                                 scales_in_ring=True, card=card)
+    elif sms == 132:
         assert (p.tail_split, p.scales_tma) == (split, ring)
-        assert G.prefers_m_major_scales(M, N, K, wq) == ring
+    assert G.prefers_m_major_scales(M, N, K, wq) == p.scales_tma
     seen = []
     meta = gemm_hopper._ws_meta
     monkeypatch.setattr(gemm_hopper, "_ws_meta", lambda *args: seen.append(args[6]) or meta(*args))  # scales_tma
@@ -776,16 +780,26 @@ def test_plan_heuristic_ranges():
     # M = 129-256: the ws kernel's 128 x 128 tiles (_wide_plan) from K = 7168 (56 K blocks) whatever
     # the waves; shorter K keeps the waves rule (64-row tma tiles where they cost fewer rounds)
     wide = lambda M, N, K: G._wide_plan(M, N, -(-K // 128), ws=True, num_sms=132, ws192_cost=G.WS192_COST,  # noqa: E731
-                                        scales_in_ring=True, ring=G.RING_LIMITS["H100"])
+                                        scales_in_ring=True, card=G.CARD_PLANS["H100"])
     for M, N, K in ((129, 10240, 8192), (160, 4096, 14336), (256, 4096, 7168), (200, 2048, 7168)):
         assert G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=True) == wide(M, N, K)
     assert half(160, 10240, 8192)[:4] == ("ws", 128, 6, 4)  # 160 tiles: the 28 of the tail split 4 ways
     assert half(200, 4096, 7040)[:2] == half(129, 11008, 4096)[:2] == ("tma", 64)  # 55, 32 K blocks
     assert G.plan(160, 4096, 14336, tma=True, ws=False, num_sms=132).block_m == 64  # no ws: the waves rule
-    # other cards: within their ring limits (up to 64 K blocks)
-    other = lambda M, N, K: G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=True,  # noqa: E731
-                                   ring=G.RING_LIMITS["other"])
-    assert other(128, 8192, 8192).kind == "ws" and other(96, 8192, 28672).kind == "tma"
+    # other cards (the H200's measurements): _wide_plan at every M = 65-256 where the ws kernel
+    # runs, whatever K and the waves, with the ring within their limits (up to 3 waves, 64 K blocks)
+    other_card = G.CARD_PLANS["other"]
+    other = lambda M, N, K, ws=True: G.plan(M, N, K, tma=True, ws=ws, num_sms=132, scales_in_ring=True,  # noqa: E731
+                                            card=other_card)
+    other_wide = lambda M, N, K: G._wide_plan(M, N, -(-K // 128), ws=True, num_sms=132,  # noqa: E731
+                                              ws192_cost=G.WS192_COST, scales_in_ring=True, card=other_card)
+    for M, N, K in ((65, 4096, 14336), (96, 8192, 28672), (128, 8192, 8192), (128, 4096, 4096), (80, 3072, 3072),
+                    (160, 4096, 4096), (200, 11008, 4096), (256, 1024, 4096)):
+        assert other(M, N, K) == other_wide(M, N, K)
+    assert other(96, 8192, 28672).scales_tma is False and other(128, 4096, 8192).scales_tma is True  # 224, 64 K blocks
+    assert other(128, 4096, 8192).tail_split == 4 and half(128, 4096, 8192)[3] == 2  # H100: within half the SMs
+    assert (other(64, 10240, 8192).kind, other(64, 10240, 8192).block_m) == half(64, 10240, 8192)[:2] == ("tma", 64)  # M <= 64
+    assert (other(96, 8192, 28672, ws=False).kind, other(96, 8192, 28672, ws=False).block_m) == ("tma", 64)  # no ws: waves
     assert G.plan(16, 8192, 8192, tma=True, ws=True).kind == "skinny"
     assert G.plan(1, 8192, 8192, tma=True, ws=True).kind == "gemv"
     assert G.plan(4096, 8192, 8192, tma=False, ws=False).kind == "tiled"
@@ -829,7 +843,7 @@ def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
     for M, N, K in ((2048, 8192, 8192), (512, 57344, 8192), (8192, 8192, 8192)):  # 7.8, 13.6 waves; 192 rows
         assert G.plan(M, N, K, **ring) == G.plan(M, N, K, tma=True, ws=True, num_sms=132)
     # other cards (the H200's measurements): up to 3 waves and 64 K blocks
-    other = dict(ring, ring=G.RING_LIMITS["other"])
+    other = dict(ring, card=G.CARD_PLANS["other"])
     for M, N, K in ringed[:4]:
         assert G.plan(M, N, K, **other).scales_tma
     for M, N, K in ringed[4:]:
@@ -846,7 +860,7 @@ def test_ws_plan_takes_192_row_tiles_where_they_need_no_more_waves():
 def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     """``prefers_m_major_scales`` (what eager ``linear`` asks before quantizing) is true exactly
     where the plan puts the scales in the ws kernel's ring: an sm_90 CUDA device with Gluon,
-    K % 16 == 0, a TMA-able weight, a ws plan of 128-row tiles within the card's ``ring_limits``
+    K % 16 == 0, a TMA-able weight, a ws plan of 128-row tiles within the card's ``card_plans``
     (waves, K blocks). Checked by its logic on a stand-in weight (no GPU here)."""
     class Weight:  # what prefers_m_major_scales reads of w
         device = torch.device("cuda", 0)
@@ -860,17 +874,17 @@ def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     monkeypatch.setattr(gemm_hopper, "AVAILABLE", True)
     monkeypatch.setattr(G, "_sm90", lambda index: True)
     monkeypatch.setattr(G, "_num_sms", lambda index: 132)
-    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["other"])
+    monkeypatch.setattr(G, "card_plans", lambda index: G.CARD_PLANS["other"])
     w = Weight((8192, 1))
     assert G.prefers_m_major_scales(256, 8192, 8192, w) and G.prefers_m_major_scales(512, 10240, 8192, w)
     assert not G.prefers_m_major_scales(1024, 8192, 8192, w)  # 3.9 waves
     assert not G.prefers_m_major_scales(512, 8192, 28672, w)  # 224 K blocks
-    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["H100"])
+    monkeypatch.setattr(G, "card_plans", lambda index: G.CARD_PLANS["H100"])
     assert G.prefers_m_major_scales(1024, 8192, 8192, w) and G.prefers_m_major_scales(512, 8192, 28672, w)
     assert not G.prefers_m_major_scales(2048, 8192, 8192, w)  # 7.8 waves
     assert G.prefers_m_major_scales(128, 8192, 8192, w)  # the half-card plan: 64 K blocks a program
     assert not G.prefers_m_major_scales(128, 1024, 4096, Weight((4096, 1)))  # 8 K blocks a program
-    monkeypatch.setattr(G, "ring_limits", lambda index: G.RING_LIMITS["other"])
+    monkeypatch.setattr(G, "card_plans", lambda index: G.CARD_PLANS["other"])
     assert not G.prefers_m_major_scales(16, 8192, 8192, w)  # skinny kernel
     assert not G.prefers_m_major_scales(8192, 8192, 8192, w)  # 192-row tiles
     assert not G.prefers_m_major_scales(256, 8192, 8200, Weight((8200, 1)))  # K % 16
@@ -892,7 +906,7 @@ def test_the_card_and_its_tables_follow_the_device_name(monkeypatch, name, famil
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(C, "card", C.card.__wrapped__)  # no cached answer from the real device
     monkeypatch.setattr(G, "device_card", C.card)
-    assert G.ring_limits(0) == G.RING_LIMITS[family]
+    assert G.card_plans(0) == G.CARD_PLANS[family]
     assert G._num_sms(0) == 114
     monkeypatch.setattr(ops, "card", C.card)
     monkeypatch.setattr(ops, "_GEMM_CARD", {})
@@ -1309,9 +1323,10 @@ def test_cublas_pads_m_to_a_multiple_of_4(M):
     out = bf.gemm(aq, as_, wq, ws, bias=b, backend="cublas")
     assert out.shape == (M, N) and out.is_contiguous()
     _check(out, aq, as_, wq, ws, b, torch.bfloat16, acc_rel=2.0**-9)
-    if M >= ops.CUBLAS_MIN_M:
+    family, sms = ops.gemm_card(wq.device)
+    if M >= ops.CUBLAS_MIN_M and (family == "H100" or M > 128):  # (other cards: ours at M = 65-128)
         assert ops.choose_gemm_backend(M, N, K, *(torch.float8_e4m3fn,) * 2, torch.bfloat16,
-                                       cublas_available=True, num_sms=ops.gemm_card(wq.device)[1]) == "cublas"
+                                       cublas_available=True, num_sms=sms, card=family) == "cublas"
         xb, bb = x.to(torch.bfloat16), b.to(torch.bfloat16)
         explicit = bf.gemm(*bf.quantize_activation(xb), wq, ws, bias=bb, backend="cublas")
         assert torch.equal(bf.linear(xb, wq, ws, bias=bb).view(torch.int16), explicit.view(torch.int16))

@@ -1,5 +1,5 @@
 """Which card a CUDA device is, for the tables measured per card: the kernels' plans
-(``gemm.plan``'s SM count, ``gemm.ring_limits``) and ``ops.choose_gemm_backend``. Torch only, so
+(``gemm.plan``'s SM count, ``gemm.card_plans``) and ``ops.choose_gemm_backend``. Torch only, so
 that ``ops`` imports it without Triton."""
 
 from __future__ import annotations

@@ -691,7 +691,7 @@ def prefers_m_major_scales(M: int, N: int, K: int, w: torch.Tensor) -> bool:
     M-major with rows padded to a multiple of 4 (``quant.quantize(scale_m_major=True,
     rows_multiple_of=activation_rows(M, True))``): where its plan is the ws kernel's 128-row tiles,
     whose ring then carries the scales (``gemm_hopper.scales_ride_the_ring``) on the grids where that pays
-    (``ring_limits``); the other kernels were tuned with row-major scales, and the skinny kernel
+    (``card_plans``); the other kernels were tuned with row-major scales, and the skinny kernel
     measured slower with M-major ones."""
     # (w's layout from its strides alone: under torch.compile it is a fake tensor with no address)
     if not gemm_hopper.AVAILABLE or w.device.type != "cuda" or K % 16 or w.stride(1) != 1 or w.stride(0) % 16:
@@ -700,7 +700,7 @@ def prefers_m_major_scales(M: int, N: int, K: int, w: torch.Tensor) -> bool:
     if not _sm90(dev):
         return False
     return plan(M, N, K, tma=True, ws=True, num_sms=_num_sms(dev), scales_in_ring=True,
-                ring=ring_limits(dev)).scales_tma
+                card=card_plans(dev)).scales_tma
 
 
 def _gemv_split_k(n_tiles: int, k_blocks: int, groups_k: int, num_sms: int) -> int:
@@ -799,10 +799,12 @@ WS192_COST = 1.0
 MULTICAST_CLUSTER = 2
 
 
-# Where the ws kernel's ring carries the activation scales (``gemm_hopper.scales_ride_the_ring``),
-# with 6 stages: L1 then holds nothing the K loop needs, so the sixth stage costs nothing there.
-# The limits differ by card (``ring_limits``), each measured in one process against the plan with
-# the scales read from memory, bit-identical outputs (benchmarks/ab_ws_ring.py):
+# What the plans read per card family (``card.card``; ``card_plans``), each measured on that card.
+#
+# The ring (``ring_max_waves``, ``ring_max_k_blocks``): where the ws kernel's ring carries the
+# activation scales (``gemm_hopper.scales_ride_the_ring``), with 6 stages: L1 then holds nothing the
+# K loop needs, so the sixth stage costs nothing there. Each measured in one process against the
+# plan with the scales read from memory, bit-identical outputs (benchmarks/ab_ws_ring.py):
 # - H100 (80 GB HBM3, results/ws-scales-ring-h100-2026-11-27-s19.txt): the ring was 2-10% faster on
 #   every grid of up to 7 waves, at K = 8192 and 28672 alike (M = 1024, N = 10240, 4.8 waves:
 #   161.8 -> 153.8 us, e4m3; M = 256, N = 8192, K = 28672: 128.4 -> 112.9), within noise at 14 and
@@ -811,30 +813,48 @@ MULTICAST_CLUSTER = 2
 #   waves at K = 8192 (M = 256, N = 8192: 41.4 -> 36.4 us, e5m2), 0-5% slower on longer grids
 #   (4-14 waves), even at K = 28672 and 1 wave, 3-5% slower at 2. The default for other cards.
 # Elsewhere the scales stay in memory.
-class RingLimits(NamedTuple):
-    max_waves: int  # of 128 x 128 tiles over the persistent grid
-    max_k_blocks: int
+#
+# Mid M (``wide_from_m``, ``wide_from_k_blocks``): from which M (above 64), and from how many K
+# blocks, the ws kernel's 128 x 128 tiles (``_wide_plan``) serve M <= 256 whatever the waves, where
+# below them the tma kernel's 64-row tiles or ``_half_card_plan`` run (see ``_large_plan``).
+# - H100: M = 129-256 from K = 7168 (session 34, from the H200's probe and session 23's H100 one;
+#   at M = 160 on 4096 x 4096 the H100 had lost 20% on these tiles, Triton 3.6). M = 65-128 keeps
+#   ``_half_card_plan``, measured on the H100 only.
+# - H200 (session 35; e5m2, activation in padded storage, same process, us, plan before / these
+#   tiles; results/mid-m-h200-2026-11-28-s34/probe-mid-m-ws.txt and
+#   results/mid-m-tight-rows-h200-2026-11-28-s35/half-card-*.txt): at M = 72-128 faster or even on all
+#   39 cells timed, most where K > 8192, which took the 64-row tiles (8192 x 28672 at M = 72 110.8
+#   -> 75.9, cuBLAS e4m3 86.4; 7168 x 16384 63.3 -> 43.1; 4096 x 14336 31.2 -> 26.3; 4096 x 8192
+#   17.9 -> 14.8; 6144 x 4096 at M = 128 15.5 -> 13.2; 8192 x 8192 and 1024 x 4096 within 3%),
+#   and at M = 130-250 on 30 of 32 cells at every K (4096 x 4096 17.5 -> 13.7; 1024 x 4096 even).
+#   So every M = 65-256. The default for other cards.
+class CardPlans(NamedTuple):
+    ring_max_waves: int  # of 128 x 128 tiles over the persistent grid
+    ring_max_k_blocks: int
+    wide_from_m: int
+    wide_from_k_blocks: int
 
 
-RING_LIMITS = {"H100": RingLimits(max_waves=7, max_k_blocks=1 << 30),  # no K limit measured
-               "other": RingLimits(max_waves=3, max_k_blocks=64)}
+CARD_PLANS = {"H100": CardPlans(ring_max_waves=7, ring_max_k_blocks=1 << 30,  # no K limit measured
+                                wide_from_m=129, wide_from_k_blocks=56),
+              "other": CardPlans(ring_max_waves=3, ring_max_k_blocks=64, wide_from_m=65, wide_from_k_blocks=1)}
 
 
-def ring_limits(device_index: int) -> RingLimits:
-    """The ring's limits for a card's family (``card.card``): the H100's, or the H200's elsewhere."""
-    return RING_LIMITS[device_card(device_index)[0]]
+def card_plans(device_index: int) -> CardPlans:
+    """The plans' per-card table for a card's family (``card.card``): the H100's, or the H200's elsewhere."""
+    return CARD_PLANS[device_card(device_index)[0]]
 
 
 def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_cost: float,
-               scales_in_ring: bool, ring: RingLimits, cluster: int = 1) -> Plan:
+               scales_in_ring: bool, card: CardPlans, cluster: int = 1) -> Plan:
     """128 x 128 tiles, the last partial wave's tiles split over K where ``_tail_split`` says so:
     the ws kernel, or the tma kernel where Gluon's cannot run. The ws kernel takes 192 x 128
     tiles (unsplit) from 8 waves of 128-row tiles up where, counted in waves of the persistent
     grid, they cost no more: 1.5 x their waves x WS192_COST at most the 128-row tiles' waves
     (M = 8192, N = K = 8192: 21 waves against 32, 0-5% faster in two runs; M = 4096,
     N = 57344: 75 against 109, 7% slower, so 128 x 128). ``scales_in_ring``: the activation
-    scales' layout lets the ring carry them, which pays on the grids ``ring`` describes (see
-    RING_LIMITS). ``cluster``: CTAs per cluster for the 192-row tiles (``MULTICAST_CLUSTER`` where
+    scales' layout lets the ring carry them, which pays on the grids ``card`` describes (see
+    CARD_PLANS). ``cluster``: CTAs per cluster for the 192-row tiles (``MULTICAST_CLUSTER`` where
     Triton has multicast TMA, else 1)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     split = _tail_split(tiles, k_blocks, num_sms)
@@ -848,32 +868,33 @@ def _wide_plan(M: int, N: int, k_blocks: int, *, ws: bool, num_sms: int, ws192_c
     # With the K blocks in pairs, 5 stages were 0-6% faster than 4 on grids of up to 4 waves
     # (M = 256, N = K = 8192: 40.2 -> 38.0 us) and 4 stages 0-3% faster on longer ones; 6 slower
     # still (less L1 for the scales; benchmarks/NOTES.md, sixteenth session).
-    if scales_in_ring and waves <= ring.max_waves and k_blocks <= ring.max_k_blocks:
+    if scales_in_ring and waves <= card.ring_max_waves and k_blocks <= card.ring_max_k_blocks:
         return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
     return Plan("ws", 128, 128, num_warps=4, num_stages=5 if waves <= 4 else 4, tail_split=split)
 
 
 def plan(M: int, N: int, K: int, *, tma: bool, ws: bool = False, num_sms: int = 132,
-         scales_in_ring: bool = False, ring: RingLimits = RING_LIMITS["H100"], multicast: bool = False) -> Plan:
+         scales_in_ring: bool = False, card: CardPlans = CARD_PLANS["H100"], multicast: bool = False) -> Plan:
     """The shape heuristic: a small, fixed set of configs (no autotuning, so a new shape costs one
     compile of at most a few configs, not a sweep). ``tma``: tensor descriptors usable;
     ``ws``: the warp-specialised Gluon kernel usable (it then replaces the 128 x 128 ``tma``
     tiles, 10-22% faster on every measured shape, M = 256..8192, except where the tma kernel's
     tail split saves more, see ``_wide_plan``); ``scales_in_ring``: the ws kernel's ring can carry
     the activation scales (their layout allows it, ``gemm_hopper.scales_ride_the_ring``), which
-    changes its stages where the grid is within ``ring``, the card's ``ring_limits`` (default: the
-    H100's, like ``num_sms``); ``multicast``: Triton can run the ws kernel on 2-CTA clusters
+    changes its stages where the grid is within the ring's limits in ``card``, the card's
+    ``card_plans`` (default: the H100's, like ``num_sms``), which also says where mid M takes the
+    ws kernel's tiles; ``multicast``: Triton can run the ws kernel on 2-CTA clusters
     (``gemm_hopper.MULTICAST``), which its 192-row tiles then use (``MULTICAST_CLUSTER``).
     Worked out once per shape (host time per call); the module's tunables are read here, so A/B
     runs that change them get fresh plans."""
     return _plan(M, N, K, tma, ws, num_sms, GEMV_MAX_M, SKINNY_MAX_M, SKINNY_MID_MAX_M, SKINNY_MID_MAX_NK,
-                 WS192_COST, scales_in_ring, ring, MULTICAST_CLUSTER if multicast else 1)
+                 WS192_COST, scales_in_ring, card, MULTICAST_CLUSTER if multicast else 1)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m: int, skinny_max_m: int,
           skinny_mid_max_m: int, skinny_mid_max_nk: tuple, ws192_cost: float, scales_in_ring: bool,
-          ring: RingLimits, cluster: int = 1) -> Plan:
+          card: CardPlans, cluster: int = 1) -> Plan:
     k_blocks = triton.cdiv(K, SCALE_BLOCK)
     if M <= gemv_max_m:
         # 16 KB of weights per step, 4 warps: 8 rows x 16 K blocks up to K = 16384, 16 x 8 above.
@@ -898,7 +919,7 @@ def _plan(M: int, N: int, K: int, tma: bool, ws: bool, num_sms: int, gemv_max_m:
     if M <= skinny_max_m or (M <= skinny_mid_max_m and N <= skinny_mid_max_nk[0] and K <= skinny_mid_max_nk[1]):
         return _skinny_plan(M, N, K, k_blocks, num_sms)
     return _large_plan(M, N, K, k_blocks, tma=tma, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
-                       scales_in_ring=scales_in_ring, ring=ring, cluster=cluster)
+                       scales_in_ring=scales_in_ring, card=card, cluster=cluster)
 
 
 def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
@@ -938,11 +959,8 @@ def _skinny_plan(M: int, N: int, K: int, k_blocks: int, num_sms: int) -> Plan:
     return Plan("skinny", block_m, block_n, num_warps=4, num_stages=stages, split_k=split)
 
 
-MID_M_WS_MIN_K_BLOCKS = 56  # K >= 7168: see _large_plan
-
-
 def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, num_sms: int,
-                ws192_cost: float, scales_in_ring: bool, ring: RingLimits, cluster: int = 1) -> Plan:
+                ws192_cost: float, scales_in_ring: bool, card: CardPlans, cluster: int = 1) -> Plan:
     if tma:
         # 128x128 / 8 warps (two consumer warpgroups), 4 stages, un-flattened loop above M = 256
         # (H100 sweeps, benchmarks/NOTES.md). Up to M = 256 the grid is often one or two waves
@@ -951,29 +969,28 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
         # M = 80..256, this rule picks the faster of the two or one within 3%). Where the ws
         # kernel runs, at M = 65-128 past 24 K blocks, its 128 x 128 tiles on about half the SMs
         # beat those 64 x 128 tiles (``_half_card_plan``).
-        # Where the ws kernel runs, M = 129-256 with K >= 7168 takes its 128 x 128 tiles whatever
-        # the waves (``_wide_plan``: the partial wave split over K). H200, e5m2, activation in
-        # padded storage, same process (results/mid-m-h200-2026-11-28-s34/probe-mid-m-ws.txt), against the
-        # 64-row tma tiles at M = 130-250: 10240 x 8192 64.0 -> 43.0 us at M = 130 (bf16 50.8),
-        # 4096 x 14336 54.1 -> 33.5, 4096 x 8192 31.6 -> 19.3, 2048 x 7168 15.8 -> 14.3; H100,
-        # Triton 3.6 (results/probe-mid-m-ws-h100-2026-11-27-s23.txt): 4096 x 14336 at M = 160
-        # 46.4 -> 37.3, 8192 x 28672 161.3 -> 153.9, 10240 x 8192 at M = 192 57.1 -> 53.8. Shorter
-        # K keeps the waves rule: there the H200 also gained (4096 x 4096 17.5 -> 13.7, 11008 x 4096
-        # 34.0 -> 26.8, 1024 x 4096 even), but the H100 lost 20% on 4096 x 4096 at M = 160 (14.5
-        # against 17.5 us, Triton 3.6), and no H100 has run it since.
-        if M <= 256 and not (ws and M > 128 and k_blocks >= MID_M_WS_MIN_K_BLOCKS):
+        # Where the ws kernel runs, from the card's ``wide_from_m`` and ``wide_from_k_blocks``
+        # (CARD_PLANS: on an H100 M = 129-256 from K = 7168, elsewhere M = 65-256) these M take its
+        # 128 x 128 tiles whatever the waves (``_wide_plan``: the partial wave split over K).
+        # H200, e5m2, activation in padded storage, same process, against the 64-row tma tiles at
+        # M = 130-250 (results/mid-m-h200-2026-11-28-s34/probe-mid-m-ws.txt): 10240 x 8192 64.0 ->
+        # 43.0 us at M = 130 (bf16 50.8), 4096 x 14336 54.1 -> 33.5, 4096 x 8192 31.6 -> 19.3,
+        # 2048 x 7168 15.8 -> 14.3; H100, Triton 3.6 (results/probe-mid-m-ws-h100-2026-11-27-s23.txt):
+        # 4096 x 14336 at M = 160 46.4 -> 37.3, 8192 x 28672 161.3 -> 153.9, 10240 x 8192 at M = 192
+        # 57.1 -> 53.8. Shorter K keeps the waves rule on an H100: there the H200 also gained
+        # (4096 x 4096 17.5 -> 13.7, 11008 x 4096 34.0 -> 26.8, 1024 x 4096 even), but the H100 lost
+        # 20% on 4096 x 4096 at M = 160 (14.5 against 17.5 us, Triton 3.6), and no H100 has run it since.
+        if M <= 256 and not (ws and M >= card.wide_from_m and k_blocks >= card.wide_from_k_blocks):
             n_tiles = triton.cdiv(N, 128)
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
             if 2 * rounds(64) < 3 * rounds(128):
-                # (64 < M <= 128 here means n_tiles <= num_sms / 2; on cards other than the H100
-                # only within the card's ring limits, as measured there: K blocks up to
-                # ring.max_k_blocks)
-                if ws and 64 < M <= 128 and 24 < k_blocks <= ring.max_k_blocks:
+                # (64 < M <= 128 here means n_tiles <= num_sms / 2)
+                if ws and 64 < M <= 128 and k_blocks > 24:
                     return _half_card_plan(n_tiles, k_blocks, num_sms, scales_in_ring)
                 split = _tail_split(triton.cdiv(M, 64) * n_tiles, k_blocks, num_sms)
                 return Plan("tma", 64, 128, num_warps=4, num_stages=4, flatten=True, tail_split=split)
         return _wide_plan(M, N, k_blocks, ws=ws, num_sms=num_sms, ws192_cost=ws192_cost,
-                          scales_in_ring=scales_in_ring, ring=ring, cluster=cluster)
+                          scales_in_ring=scales_in_ring, card=card, cluster=cluster)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
 
@@ -1004,8 +1021,8 @@ def _half_card_plan(n_tiles: int, k_blocks: int, num_sms: int, scales_in_ring: b
     tie), and at 28-32 neither by more than a few percent (4096 x 8192, 3072 x 8192, 2048 x 14336,
     6144 x 4096). From memory these tiles beat the tma tiles on 13 of the 16 weights at every M
     timed (not 6144 x 4096 and 7168 x 4096 at M = 128, 4096 x 8192 at M = 80: 3-5% slower). Measured
-    on an H100 only; other cards take the plan within their ring limits (``RING_LIMITS``: up to 64
-    K blocks)."""
+    on an H100 only; other cards take ``_wide_plan`` at these M (``CARD_PLANS``: on an H200 it was
+    faster or even on every weight timed)."""
     split = max(1, min(4, k_blocks // 8, num_sms // (2 * n_tiles)))
     if scales_in_ring and k_blocks > 32 * split:
         return Plan("ws", 128, 128, num_warps=4, num_stages=6, tail_split=split, scales_tma=True)
@@ -1241,7 +1258,7 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         tma = tma_usable(a, w)  # checked once per call: ws_usable would repeat it
         ws = tma and gemm_hopper.AVAILABLE and _sm90(dev)
         p = plan(M, N, K, tma=tma, ws=ws, num_sms=num_sms,
-                 scales_in_ring=ws and gemm_hopper.scales_ride_the_ring(a_scale, 2), ring=ring_limits(dev),
+                 scales_in_ring=ws and gemm_hopper.scales_ride_the_ring(a_scale, 2), card=card_plans(dev),
                  multicast=ws and gemm_hopper.MULTICAST)
     if fuse_quant and p.kind not in STREAMING_KINDS:
         raise ValueError(f"the fused activation quantization runs only in the gemv and skinny kernels, not {p.kind!r}")

@@ -39,7 +39,7 @@ come from ``cluster_layouts``).
 Where the plan says so (``scales_tma``) and the activation scales are M-major with a column
 stride TMA accepts, the producer also loads each K block's 128 scales of the tile rows into the
 stage, and the consumers read them from shared memory (``_staged_scale``) instead of global
-memory (``_block_scale``); see ``scales_ride_the_ring`` and ``gemm.RING_LIMITS``.
+memory (``_block_scale``); see ``scales_ride_the_ring`` and ``gemm.CARD_PLANS``.
 
 Where the grid ends in a partial wave, its tiles can be split over K (``TAIL_SPLIT``): both roles
 walk the whole tiles, then the tail's (tile, split) units, and each consumer finishes its own 64
