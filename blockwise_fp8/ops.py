@@ -315,6 +315,8 @@ def cublas_supports(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch
 #     19.3-20.1 us against cuBLAS 24.7-29.9); 4096 x 4096 1.00-1.01, 6144 x 4096 1.04-1.13, 8192 x
 #     28672 1.03-1.05 at M >= 160, 8192 x 8192 0.95-0.98. So ours where the tiles fill at most half
 #     the SMs at K >= ONE_WAVE_MIN_K, the other bands as on an H100.
+# (Like the H100's M = 65-128 bands, these assume the ws kernel runs: Gluon, kernels/gemm_hopper.py
+# AVAILABLE. Without it our mid-M tiles are the tma kernel's, and no band was measured that way.)
 
 
 def choose_gemm_backend(
