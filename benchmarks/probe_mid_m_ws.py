@@ -2,11 +2,14 @@
 with the activation scales in its ring (6 stages) and 1-4 K splits of each tile of a partial wave,
 and the tma kernel's 64 x 128 tiles; cuBLAS beside for e4m3. ``--memory``: also the half-card
 plan's tiles and split with the scales in the ring (``half``) and read row-major from memory
-(``mem4``, ``mem5``: 4 and 5 stages), whatever the plan picks. The data behind
+(``mem4``, ``mem5``: 4 and 5 stages), whatever the plan picks. ``--wide``: also ``_wide_plan``'s
+tiles as the card's table gives them (``wide``: what other cards than the H100 run at M = 65-256
+since session 35; the question for an H100 is whether it should too). The data behind
 ``kernels/gemm.py::_half_card_plan`` (results/probe-mid-m-ws-h100-2026-11-27-s23.txt; ``--memory``:
-results/probe-half-card-memory-h100-2026-11-27-s24.txt).
+results/probe-half-card-memory-h100-2026-11-27-s24.txt). The activation is quantized into padded
+storage, as ``linear`` writes it (since session 35; before, exactly M rows).
 
-    PYTHONPATH=. python benchmarks/probe_mid_m_ws.py --ms 96,128 --shapes 8192x8192,4096x14336 [--dtypes e5m2]
+    PYTHONPATH=. python benchmarks/probe_mid_m_ws.py --ms 96,128 --shapes 8192x8192,4096x14336 [--dtypes e5m2] [--wide]
 
 Warm CUDA-graph medians (as the GEMM grid times), best of 2 rounds, the order rotated; every side's
 output is compared with the plan's (a mismatch is printed)."""
@@ -33,12 +36,13 @@ def us(fn) -> float:
 
 
 def sides(M: int, N: int, K: int, dname: str, x16, w16, wq, ws, *, splits: bool = True,
-          memory: bool = False) -> tuple[dict, str]:
+          memory: bool = False, wide: bool = False) -> tuple[dict, str]:
     """The timed calls of one cell, and the current plan's label."""
     dt = DTYPES[dname]
     sms = G._num_sms(0)
-    aq, as_ = Q.quantize(x16, 1, 128, dt)
-    ring_s = Q.quantize(x16, 1, 128, dt, scale_m_major=True, rows_multiple_of=4)[1][:M]  # as linear writes them for the ring
+    rows = G.activation_rows(M, True)  # storage padded as linear writes it
+    aq, as_ = (t[:M] for t in Q.quantize(x16, 1, 128, dt, rows_multiple_of=rows))
+    ring_s = Q.quantize(x16, 1, 128, dt, scale_m_major=True, rows_multiple_of=rows)[1][:M]  # as linear writes them for the ring
     cur = G.plan(M, N, K, tma=True, ws=True, num_sms=sms, scales_in_ring=G.prefers_m_major_scales(M, N, K, wq),
                  card=G.card_plans(0))
     cur_s = ring_s if cur.scales_tma else as_
@@ -61,6 +65,10 @@ def sides(M: int, N: int, K: int, dname: str, x16, w16, wq, ws, *, splits: bool 
         for st in (4, 5):
             p = G.Plan("ws", 128, 128, 4, st, tail_split=split)
             fns[f"mem{st}"] = (lambda p: lambda: G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=p))(p)
+    if wide:
+        wp = G._wide_plan(M, N, triton.cdiv(K, 128), ws=True, num_sms=sms, ws192_cost=G.WS192_COST,
+                          scales_in_ring=True, card=G.card_plans(0))
+        fns["wide"] = lambda: G.gemm(aq, ring_s if wp.scales_tma else as_, wq, ws, None, torch.bfloat16, plan_override=wp)
     if dname == "e4m3":
         mm = ops._m_major(as_)
         fns["cublas"] = lambda: bf.gemm(aq, mm, wq, ws, backend="cublas")
@@ -74,6 +82,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="8192x8192,4096x4096,8192x28672,6144x4096,4096x14336,8192x3072,2048x8192")
     ap.add_argument("--dtypes", default="e5m2")
     ap.add_argument("--no-splits", dest="splits", action="store_false", help="leave out the ring's 1-4 split sides")
+    ap.add_argument("--wide", action="store_true", help="add _wide_plan's tiles as the card's table gives them")
     ap.add_argument("--memory", action="store_true",
                     help="add the half-card plan, and its tiles and split with row-major scales from memory, 4 and 5 stages")
     args = ap.parse_args()
@@ -85,7 +94,8 @@ def main() -> None:
             wq, ws = bf.quantize_weight(w16, DTYPES[dname])
             for M in (int(m) for m in args.ms.split(",")):
                 x16 = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-                fns, label = sides(M, N, K, dname, x16, w16, wq, ws, splits=args.splits, memory=args.memory)
+                fns, label = sides(M, N, K, dname, x16, w16, wq, ws, splits=args.splits, memory=args.memory,
+                                  wide=args.wide)
                 ref = fns["plan"]().float()
                 bad = [k for k, f in fns.items() if k != "bf16" and not torch.allclose(f().float(), ref, rtol=1e-2, atol=1e-2)]
                 names, best = list(fns), {}
