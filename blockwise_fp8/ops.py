@@ -743,7 +743,8 @@ def quantize_activation(
     ``(*x.shape[:-1], ceil(K / block_size))`` with ``x ~= q.float() * scale`` per block.
     With the kernel backends and 65 or more rows (``x`` flattened to 2-D), both are views of the
     first rows of storage padded with zero rows to a multiple of 128, which ``gemm`` reads to keep
-    its TMA boxes within the tensor (faster at a ragged M); ``.clone()`` gives tight copies.
+    its TMA boxes within the tensor (faster at a ragged M); ``.clone()`` gives tight copies (which
+    ``gemm`` copies back into padded rows at the M and weights where that measured faster).
     """
     _check_input_dtype(x, "x")
     _check_fp8_dtype(dtype)
