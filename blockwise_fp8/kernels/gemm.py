@@ -822,8 +822,8 @@ MULTICAST_CLUSTER = 2
 #   ``_half_card_plan``, measured on the H100 only.
 # - H200 (session 35; e5m2, activation in padded storage, same process, us, plan before / these
 #   tiles; results/mid-m-h200-2026-11-28-s34/probe-mid-m-ws.txt and
-#   results/mid-m-tight-rows-h200-2026-11-28-s35/half-card-*.txt): at M = 72-128 faster or even on all
-#   39 cells timed, most where K > 8192, which took the 64-row tiles (8192 x 28672 at M = 72 110.8
+#   results/mid-m-tight-rows-h200-2026-11-28-s35/half-card-*.txt): at M = 72-128 faster, or within
+#   3%, on all 31 cells timed, most where K > 8192, which took the 64-row tiles (8192 x 28672 at M = 72 110.8
 #   -> 75.9, cuBLAS e4m3 86.4; 7168 x 16384 63.3 -> 43.1; 4096 x 14336 31.2 -> 26.3; 4096 x 8192
 #   17.9 -> 14.8; 6144 x 4096 at M = 128 15.5 -> 13.2; 8192 x 8192 and 1024 x 4096 within 3%),
 #   and at M = 130-250 on 30 of 32 cells at every K (4096 x 4096 17.5 -> 13.7; 1024 x 4096 even).
