@@ -468,6 +468,19 @@ def test_skinny_pairs_keep_the_bits_of_single_steps(K, split):
         G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("skinny", 16, 64, 4, 3, groups_k=4))
 
 
+def test_skinny_refuses_more_tokens_than_its_tile():
+    """The skinny kernel computes one tile of block_m tokens: an override with fewer rows than M is
+    refused, not run with the rows past the tile left unwritten (session 36 found such a probe
+    side reading whatever the output's memory held)."""
+    x, aq, as_, wq, ws, b = _operands(20, 64, 256, torch.float8_e4m3fn, seed=3)
+    with pytest.raises(ValueError, match=r"M <= block_m; got M = 20"):
+        G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=G.Plan("skinny", 16, 64, 4, 3))
+    with pytest.raises(ValueError, match=r"M <= block_m; got M = 20"):
+        G.linear_fused(x.to(torch.bfloat16), wq, ws, b, torch.bfloat16, plan_override=G.Plan("skinny", 16, 64, 4, 3))
+    out = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("skinny", 32, 64, 4, 3))
+    _check(out, aq, as_, wq, ws, b, torch.float32)
+
+
 @pytest.mark.parametrize("N,K,bn,groups_k,split", [(256, 1024, 8, 4, 2), (128, 2048, 16, 8, 1), (64, 512, 32, 2, 1)])
 def test_gemv_unmasked_keeps_the_bits_of_masked_loads(monkeypatch, N, K, bn, groups_k, split):
     """GEMV_UNMASKED drops the gemv kernel's masks where every load is in range (one row, whole

@@ -1338,6 +1338,9 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     M, K = a.shape
     if p.kind == "gemv" and (M > p.block_m or p.block_n > SCALE_BLOCK or SCALE_BLOCK % p.block_n or p.groups_k < 1):
         raise ValueError(f"the 'gemv' plan needs M <= its block_m and a BLOCK_N dividing 128, got M = {M} and {p}")
+    if p.kind == "skinny" and M > p.block_m:
+        # one token tile per launch: rows past it would be left unwritten, not computed
+        raise ValueError(f"the 'skinny' plan computes one tile of block_m tokens, so M <= block_m; got M = {M} and {p}")
     if p.kind == "skinny" and p.groups_k not in (1, 2):
         raise ValueError(f"the 'skinny' plan takes 1 or 2 K blocks per step (groups_k), got {p.groups_k}")
     w, w_scale, bias, out = members[0]
