@@ -407,7 +407,7 @@ def test_linear_quantizes_for_the_ws_ring_where_its_plan_is_ws(monkeypatch, M):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the ws kernel runs on an sm_90 GPU only")
-@pytest.mark.parametrize("M,N,K,split,ring", [(96, 1024, 4096, 4, False), (100, 4096, 4096, 2, False),
+@pytest.mark.parametrize("M,N,K,split,ring", [(96, 3072, 4096, 2, False), (100, 4096, 4096, 2, False),
                                               (128, 8448, 3200, 1, False), (96, 8192, 4480, 1, True)])
 def test_linear_at_m_65_128_runs_the_ws_plan_of_its_card(monkeypatch, M, N, K, split, ring):
     """At M = 65-128, where the 128 x 128 tiles fill at most half the SMs, ``linear`` runs on an
@@ -433,6 +433,39 @@ def test_linear_at_m_65_128_runs_the_ws_plan_of_its_card(monkeypatch, M, N, K, s
     x = x.to(torch.bfloat16)
     got = bf.linear(x, wq, ws, b, activation_dtype=torch.float8_e5m2, backend="triton")
     assert seen == [p.scales_tma]
+    from blockwise_fp8.kernels import quant
+
+    aq, as_ = quant.quantize(x, 1, 128, torch.float8_e5m2)
+    _check(got, aq, as_, wq, ws, b, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the plan's card reading and its kernels need a GPU")
+@pytest.mark.parametrize("M,N,K,split", [(80, 1024, 4096, 4), (200, 1024, 4096, 0), (128, 2048, 2048, 2),
+                                         (100, 1000, 2176, 2), (65, 512, 8192, 4)])
+def test_linear_on_a_narrow_weight_runs_the_plan_of_its_card(monkeypatch, M, N, K, split):
+    """At M = 65-256 on narrow weights, where the ws plan would run at most one program per 4 SMs,
+    ``linear`` runs the tma kernel's 64 x 64 tiles split over K (``_narrow_plan``; ``split``: its
+    pieces on the H200's table, 0: the ws plan stays) on cards whose ``CardPlans`` says so
+    (measured on an H200; off on an H100): correct against the float64 reference, with ragged N
+    and K, the bias, and the activation in ``linear``'s padded storage."""
+    x, _, _, wq, ws, b = _operands(M, N, K, torch.float8_e5m2, seed=M + N)
+    if not G.ws_usable(wq, wq):
+        pytest.skip("the narrow plan replaces the ws kernel's plans: it needs an sm_90 GPU and Triton's Gluon")
+    sms, card = G._num_sms(0), G.card_plans(0)
+    p = G.plan(M, N, K, tma=True, ws=True, num_sms=sms, scales_in_ring=True, card=card)
+    narrow = p.block_n == 64
+    if card.narrow_sms_per_program == 0:
+        assert not narrow
+    elif sms == 132:  # the H200's table on its SM count: the cells it measured
+        assert (p.kind, p.block_m, p.tail_split) == ("tma", 64, split) if split else not narrow
+    assert not G.prefers_m_major_scales(M, N, K, wq) or not narrow
+    seen = []
+    meta = G._tma_meta
+    monkeypatch.setattr(G, "_tma_meta", lambda *args: seen.append(args[0].block_n) or meta(*args))
+    x = x.to(torch.bfloat16)
+    got = bf.linear(x, wq, ws, b, activation_dtype=torch.float8_e5m2, backend="triton")
+    if narrow:
+        assert seen == [64]  # one launch, of the 64-column tiles
     from blockwise_fp8.kernels import quant
 
     aq, as_ = quant.quantize(x, 1, 128, torch.float8_e5m2)
@@ -807,8 +840,26 @@ def test_plan_heuristic_ranges():
     other_wide = lambda M, N, K: G._wide_plan(M, N, -(-K // 128), ws=True, num_sms=132,  # noqa: E731
                                               ws192_cost=G.WS192_COST, scales_in_ring=True, card=other_card)
     for M, N, K in ((65, 4096, 14336), (96, 8192, 28672), (128, 8192, 8192), (128, 4096, 4096), (80, 3072, 3072),
-                    (160, 4096, 4096), (200, 11008, 4096), (256, 1024, 4096)):
+                    (160, 4096, 4096), (200, 11008, 4096), (256, 2048, 4096), (80, 1024, 1920)):
         assert other(M, N, K) == other_wide(M, N, K)
+    # ... except narrow weights (CardPlans.narrow_sms_per_program): where that ws plan would run at
+    # most one program per 4 SMs (its tiles times _tail_split's pieces), from 16 K blocks, the tma
+    # kernel's 64 x 64 tiles, split over K into the most of 4 or 2 programs that stays within one
+    # program per SM with >= 8 K blocks a program
+    narrow = lambda M, N, K: (lambda p: (p.kind, p.block_m, p.block_n, p.tail_split))(other(M, N, K))  # noqa: E731
+    assert narrow(80, 1024, 4096) == narrow(128, 1024, 8192) == narrow(65, 512, 4096) == ("tma", 64, 64, 4)
+    assert narrow(96, 1024, 14336) == ("tma", 64, 64, 4)  # 8 tiles x 4 pieces: 32 ws programs
+    assert narrow(128, 2048, 2048) == ("tma", 64, 64, 2)  # 16 tiles x 2 pieces (16 K blocks); 64 of 64 x 64
+    assert narrow(80, 1024, 2304)[1:] == narrow(80, 1024, 3968)[1:] == (64, 64, 2)  # 18, 31 K blocks
+    for M, N, K in ((200, 1024, 4096), (256, 1024, 4096), (80, 2048, 7168), (128, 2048, 3072)):
+        assert other(M, N, K) == other_wide(M, N, K)  # 64, 64, 64, 48 ws programs
+    assert other(80, 1024, 1920) == other_wide(80, 1024, 1920)  # 15 K blocks
+    assert other(64, 1024, 14336).block_n == 128  # M <= 64: not measured on these tiles
+    assert other(96, 1024, 4096, ws=False).block_n == 128  # no ws: as before
+    for M, N, K in ((80, 1024, 4096), (128, 2048, 2048)):  # the H100: not measured, off
+        assert G.plan(M, N, K, tma=True, ws=True, num_sms=132, scales_in_ring=True).block_n == 128
+    assert G.plan(80, 1024, 4096, tma=True, ws=True, num_sms=127, scales_in_ring=True,
+                  card=other_card).kind == "ws"  # 32 ws programs on 127 SMs: fewer than 4 SMs each
     assert other(96, 8192, 28672).scales_tma is False and other(128, 4096, 8192).scales_tma is True  # 224, 64 K blocks
     assert other(128, 4096, 8192).tail_split == 4 and half(128, 4096, 8192)[3] == 2  # H100: within half the SMs
     assert (other(64, 10240, 8192).kind, other(64, 10240, 8192).block_m) == half(64, 10240, 8192)[:2] == ("tma", 64)  # M <= 64

@@ -828,16 +828,36 @@ MULTICAST_CLUSTER = 2
 #   17.9 -> 14.8; 6144 x 4096 at M = 128 15.5 -> 13.2; 8192 x 8192 and 1024 x 4096 within 3%),
 #   and at M = 130-250 on 30 of 32 cells at every K (4096 x 4096 17.5 -> 13.7; 1024 x 4096 even).
 #   So every M = 65-256. The default for other cards.
+#
+# Narrow weights at mid M (``narrow_sms_per_program``): at M = 65-256, from 16 K blocks, where the
+# ws kernel's plan (``_wide_plan``: 128 x 128 tiles, split over K by ``_tail_split``) would run at
+# most one program per this many SMs (0: never), the tma kernel's 64 x 64 tiles run instead
+# (``_narrow_plan``). So few 128-wide tiles split over K reach few SMs, and each split's last
+# arrival reads 32 KB of partials per split and consumer; 64 x 64 tiles are four times as many and
+# their partials a quarter the size.
+# - H200 (session 36; e5m2, CUDA graphs, same process, us, before / after): `linear` (quantize +
+#   GEMM; results/small-weights-mid-m-h200-2026-11-28-s36/ab-narrow.txt) 1024 x 4096 at M = 80
+#   12.6 -> 10.7 (bf16 7.0), at M = 128 12.6 -> 10.4; 1024 x 8192 at M = 128 15.6 -> 12.9; 1024 x
+#   14336 at M = 96 20.2 -> 16.8; 2048 x 2048 at M = 128 11.6 -> 9.7; 512 x 4096 at M = 128 12.3 ->
+#   10.1; 1000 x 2176 at M = 100 12.9 -> 10.4 (16-32 ws programs on 132 SMs: 0.81-0.85x).
+#   Where the ws plan ran 64 programs the gain was small or a loss: 1024 x 4096 at M = 200 and 256
+#   0.93-0.95x, 2048 x 7168 at M = 80 1.06x (GEMM alone 12.3 -> 12.5, narrow.txt); wider weights
+#   lost more (GEMM alone: 3072 x 3072 at M = 200 11.4 against 17.4-19.7 on 64 x 64 tiles;
+#   4096 x 4096 at M = 80 11.7 against 12.8). So 4 SMs a
+#   program: up to 33 programs on 132 SMs. The default for other cards.
+# - H100: not measured; off.
 class CardPlans(NamedTuple):
     ring_max_waves: int  # of 128 x 128 tiles over the persistent grid
     ring_max_k_blocks: int
     wide_from_m: int
     wide_from_k_blocks: int
+    narrow_sms_per_program: int
 
 
 CARD_PLANS = {"H100": CardPlans(ring_max_waves=7, ring_max_k_blocks=1 << 30,  # no K limit measured
-                                wide_from_m=129, wide_from_k_blocks=56),
-              "other": CardPlans(ring_max_waves=3, ring_max_k_blocks=64, wide_from_m=65, wide_from_k_blocks=1)}
+                                wide_from_m=129, wide_from_k_blocks=56, narrow_sms_per_program=0),
+              "other": CardPlans(ring_max_waves=3, ring_max_k_blocks=64, wide_from_m=65, wide_from_k_blocks=1,
+                                 narrow_sms_per_program=4)}
 
 
 def card_plans(device_index: int) -> CardPlans:
@@ -980,6 +1000,11 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
         # 57.1 -> 53.8. Shorter K keeps the waves rule on an H100: there the H200 also gained
         # (4096 x 4096 17.5 -> 13.7, 11008 x 4096 34.0 -> 26.8, 1024 x 4096 even), but the H100 lost
         # 20% on 4096 x 4096 at M = 160 (14.5 against 17.5 us, Triton 3.6), and no H100 has run it since.
+        # Narrow weights go first to the 64 x 64 tiles where the card's table says (``_narrow_plan``).
+        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+        if (ws and card.narrow_sms_per_program and NARROW_MIN_M <= M <= 256 and k_blocks >= NARROW_MIN_K_BLOCKS
+                and tiles * _tail_split(tiles, k_blocks, num_sms) * card.narrow_sms_per_program <= num_sms):
+            return _narrow_plan(M, N, k_blocks, num_sms)
         if M <= 256 and not (ws and M >= card.wide_from_m and k_blocks >= card.wide_from_k_blocks):
             n_tiles = triton.cdiv(N, 128)
             rounds = lambda bm: triton.cdiv(triton.cdiv(M, bm) * n_tiles, num_sms)  # noqa: E731
@@ -993,6 +1018,25 @@ def _large_plan(M: int, N: int, K: int, k_blocks: int, *, tma: bool, ws: bool, n
                           scales_in_ring=scales_in_ring, card=card, cluster=cluster)
     block_m = 64 if M <= 128 else 128
     return Plan("tiled", block_m, 128, num_warps=4 if block_m == 64 else 8, num_stages=3)
+
+
+# The range ``CardPlans.narrow_sms_per_program`` covers: the M and K blocks it was measured at (below
+# M = 65 the skinny kernel or the 64 x 128 tma tiles run; K = 2048-8192 timed).
+NARROW_MIN_M = 65
+NARROW_MIN_K_BLOCKS = 16
+
+
+def _narrow_plan(M: int, N: int, k_blocks: int, num_sms: int) -> Plan:
+    """The tma kernel's 64 x 64 tiles for a narrow weight at mid M (see ``CardPlans``), each split
+    over K into the most of 4 or 2 programs that keeps the grid within one program per SM and
+    >= 8 K blocks a program. H200, GEMM alone (session 36, narrow.txt): 1024 x 4096 at M = 80 in 4
+    splits 8.1 us, in 2 9.0, unsplit 12.2; 1024 x 8192 at M = 128 in 4 10.2, in 2 12.9; at M = 200
+    (64 tiles) in 2 9.6, in 4 (two rounds of programs) 14.7; 2048 x 2048 at M = 128 (64 tiles, 16 K
+    blocks) in 2 7.5, unsplit 7.1. 64 x 32 tiles were slower (1024 x 4096: 9.1-12.0), and 6 stages
+    0.4-0.7 us slower than 4."""
+    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
+    split = next((t for t in (4, 2) if tiles * t <= num_sms and k_blocks >= 8 * t), 1)
+    return Plan("tma", 64, 64, num_warps=4, num_stages=4, flatten=True, tail_split=split)
 
 
 def _half_card_plan(n_tiles: int, k_blocks: int, num_sms: int, scales_in_ring: bool) -> Plan:
