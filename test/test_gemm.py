@@ -171,6 +171,20 @@ def test_tma_tail_split_matches_reference_and_is_deterministic(programs, split, 
     assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
 
 
+@pytest.mark.parametrize("M,N,K,split", [(80, 192, 4096, 4), (100, 200, 2176, 2), (65, 130, 1024, 1)])
+def test_narrow_plan_matches_reference_and_is_deterministic(M, N, K, split):
+    """``_narrow_plan`` as a card's table runs it (64 x 64 tma tiles, every tile split over K into
+    4 or 2 programs where the SMs and K allow, else unsplit): right against the float64 reference,
+    with ragged M, N and K and the bias, the same bits on every run, the counters left at zero."""
+    x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M + K)
+    p = G._narrow_plan(M, N, -(-K // 128), num_sms=132)
+    assert (p.kind, p.block_m, p.block_n, p.tail_split) == ("tma", 64, 64, split)
+    first = G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p)
+    _check(first, aq, as_, wq, ws, b, torch.bfloat16)
+    assert torch.equal(first.view(torch.int16), G.gemm(aq, as_, wq, ws, b, torch.bfloat16, plan_override=p).view(torch.int16))
+    assert int(G._arrival_counters(aq.device, 1).count_nonzero()) == 0
+
+
 @pytest.mark.parametrize("programs,split", [(4, 3), (7, 2), (6, 4), (40, 2)])
 def test_ws_tail_split_matches_reference_and_is_deterministic(programs, split):
     """The ws kernel's split tail (GPU only): each consumer's 64 rows of a tail tile summed by
