@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The open H100 questions of sessions 34-36 (each measured on an H200 only), as one device call
+# per PART (each about 5-8 minutes cold), writing to ${OUT:-/tmp}:
+#   PART=1  mid M on the ws tiles: should the H100 take the "other" table's M = 65-256 rule
+#           (probe_mid_m_ws.py --wide), and auto's M = 65-256 bands with today's plans (ab_auto.py)
+#   PART=2  the tight-activation copy (ab_ragged_m.py, its `past` side: copy off) and the narrow
+#           64 x 64 tiles switched on at 4 SMs a program (ab_narrow.py), both through the library
+# Carry .whl (torchao) and, for Triton 3.9, .t39 (benchmarks/slim_triton.sh).
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp}"
+ls .whl/torchao-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile .whl/torchao-*.whl >/dev/null 2>&1
+[ -d .t39 ] && source benchmarks/use_slim_triton.sh
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+step() {  # seconds, log name, command...
+    local limit=$1 name=$2; shift 2
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    echo "$name rc=$?"
+}
+case "${PART:-1}" in
+1)
+    step 280 probe-mid-m-ws python3 benchmarks/probe_mid_m_ws.py --wide --memory --no-splits --ms 80,96,128,160,200 \
+        --shapes 8192x28672,4096x14336,4096x8192,6144x4096,4096x4096,8192x8192,1024x4096
+    step 280 ab-auto-mid-m python3 benchmarks/ab_auto.py "$out/ab-auto-mid-m.txt" --ms 80,128,130,160,200,250 \
+        --shapes 10240x8192,4096x14336,8192x8192,8192x28672,6144x4096,4096x4096
+    grep -v -i "leak\|nanobind" "$out/probe-mid-m-ws.log" | tail -40 ;;
+2)
+    step 250 ab-ragged-m python3 benchmarks/ab_ragged_m.py "$out/ab-ragged-m.txt" \
+        --cells e5m2:130x10240x8192,e5m2:257x8192x8192,e5m2:513x8192x8192,e5m2:897x8192x8192
+    step 250 ab-narrow python3 benchmarks/ab_narrow.py "$out/ab-narrow.txt" --per-program 4 \
+        --cells 80x1024x4096,128x1024x4096,128x1024x8192,96x1024x14336,128x2048x2048,128x512x4096,100x1000x2176,200x1024x4096,80x2048x7168
+    cat "$out/ab-ragged-m.txt" "$out/ab-narrow.txt" ;;
+*)
+    echo "PART is 1 or 2, got ${PART}" >&2; exit 2 ;;
+esac
