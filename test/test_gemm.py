@@ -964,6 +964,8 @@ def test_m_major_scales_preferred_only_for_ring_plans(monkeypatch):
     assert not G.prefers_m_major_scales(128, 1024, 4096, Weight((4096, 1)))  # 8 K blocks a program
     monkeypatch.setattr(G, "card_plans", lambda index: G.CARD_PLANS["other"])
     assert not G.prefers_m_major_scales(16, 8192, 8192, w)  # skinny kernel
+    assert not G.prefers_m_major_scales(128, 1024, 4096, Weight((4096, 1)))  # narrow: the tma kernel's 64 x 64 tiles
+    assert G.prefers_m_major_scales(200, 1024, 4096, Weight((4096, 1)))  # 64 ws programs: the ws plan, its ring
     assert not G.prefers_m_major_scales(8192, 8192, 8192, w)  # 192-row tiles
     assert not G.prefers_m_major_scales(256, 8192, 8200, Weight((8200, 1)))  # K % 16
     assert not G.prefers_m_major_scales(256, 8192, 8192, Weight((1, 8192)))  # a transposed weight
