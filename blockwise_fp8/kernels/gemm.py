@@ -833,8 +833,8 @@ MULTICAST_CLUSTER = 2
 # ws kernel's plan (``_wide_plan``: 128 x 128 tiles, split over K by ``_tail_split``) would run at
 # most one program per this many SMs (0: never), the tma kernel's 64 x 64 tiles run instead
 # (``_narrow_plan``). So few 128-wide tiles split over K reach few SMs, and each split's last
-# arrival reads 32 KB of partials per split and consumer; 64 x 64 tiles are four times as many and
-# their partials a quarter the size.
+# arrival reads 32 KB of partials per split and consumer; 64 x 64 tiles are four times as many, and
+# the last arrival of each reads 16 KB per split.
 # - H200 (session 36; e5m2, CUDA graphs, same process, us, before / after): `linear` (quantize +
 #   GEMM; results/small-weights-mid-m-h200-2026-11-28-s36/ab-narrow.txt) 1024 x 4096 at M = 80
 #   12.6 -> 10.7 (bf16 7.0), at M = 128 12.6 -> 10.4; 1024 x 8192 at M = 128 15.6 -> 12.9; 1024 x
@@ -843,8 +843,8 @@ MULTICAST_CLUSTER = 2
 #   Where the ws plan ran 64 programs the gain was small or a loss: 1024 x 4096 at M = 200 and 256
 #   0.93-0.95x, 2048 x 7168 at M = 80 1.06x (GEMM alone 12.3 -> 12.5, narrow.txt); wider weights
 #   lost more (GEMM alone: 3072 x 3072 at M = 200 11.4 against 17.4-19.7 on 64 x 64 tiles;
-#   4096 x 4096 at M = 80 11.7 against 12.8). So 4 SMs a
-#   program: up to 33 programs on 132 SMs. The default for other cards.
+#   4096 x 4096 at M = 80 11.7 against 12.8). So 4 SMs a program: up to 33 programs on 132 SMs.
+#   The default for other cards.
 # - H100: not measured; off.
 class CardPlans(NamedTuple):
     ring_max_waves: int  # of 128 x 128 tiles over the persistent grid
