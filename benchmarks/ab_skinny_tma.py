@@ -1,7 +1,8 @@
 """The skinny kernel (M = 2-64) with its tiles loaded by pointer (cp.async) or by tensor descriptor
-(TMA, ``gemm.SKINNY_TMA``), each with and without its scales loaded a step ahead
-(``gemm.SKINNY_SCALES_AHEAD``), in one process on one card, beside bf16 ``F.linear``:
-microseconds and weight GB/s.
+(TMA, ``gemm.SKINNY_TMA``; the descriptors made in the kernel or, ``tma_host``, on the host:
+``gemm.SKINNY_TMA_HOST``), each with and without its scales loaded a step ahead
+(``gemm.SKINNY_SCALES_AHEAD``), in one process on one card, beside bf16 ``F.linear`` (and
+cuBLAS's blockwise ``scaled_mm`` where it takes the cell): microseconds and weight GB/s.
 
 Why: under Triton 3.9 the skinny kernel ran 0-9% slower than under 3.6 (the thirtieth session's
 grids), and its SASS has a proxy fence (MEMBAR.ALL.CTA) before every wgmma that reads cp.async
@@ -30,22 +31,44 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ab_gemv_layout import ab_parser, ab_start, cell_line, time_cell, weights  # noqa: E402
 
 
-def contenders(aq, a_scale, wq, w_scale) -> dict:
-    """name -> a call of the library's GEMM (its own plan) with the tiles by pointer or by
-    descriptor, the scales a step ahead or not; the module's settings are put back after each."""
+def contenders(aq, a_scale, wq, w_scale, sides: tuple) -> dict:
+    """name -> a call of the library's GEMM (its own plan) with the tiles by pointer, by descriptors
+    made in the kernel (``tma``: ``gemm.SKINNY_TMA``) or, in a CUDA graph, made on the host
+    (``tma_host``: ``gemm.SKINNY_TMA_CAPTURED``; its eager calls after the first take the pointer
+    path), the scales a step ahead or, with the suffix ``_at_use``, where used; the module's
+    settings are put back after each."""
 
-    def with_settings(tma: bool, ahead: bool):
+    def with_settings(eager_from, captured_from, ahead: bool):
         def run():
-            kept = G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD
-            G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD = (1 if tma else None), ahead  # 1: every block_m
+            kept = G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD
+            G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD = eager_from, captured_from, ahead
             try:
                 return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16)
             finally:
-                G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD = kept
+                G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD = kept
         return run
 
-    return {f"{'tma' if tma else 'pointer'}{'' if ahead else '_at_use'}": with_settings(tma, ahead)
-            for tma in (False, True) for ahead in (True, False)}
+    known = {"pointer": (None, None), "tma": (1, None), "tma_host": (None, 1)}  # 1: every block_m
+    fns = {}
+    for side in sides:
+        base = side.removesuffix("_at_use")
+        if base not in known:
+            raise SystemExit(f"--sides: expected {sorted(known)}, each optionally with _at_use, got {side!r}")
+        fns[side] = with_settings(*known[base], ahead=not side.endswith("_at_use"))
+    return fns
+
+
+def replayed(fn):
+    """``fn``'s output as a CUDA graph of it computes it (the timings' way: descriptors made on the
+    host only there), after one eager call that loads its kernels."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
 
 
 def relative_errors(outs: dict, aq, a_scale, w64) -> dict:
@@ -59,6 +82,8 @@ def relative_errors(outs: dict, aq, a_scale, w64) -> dict:
 def main(argv=None) -> None:
     parser = ab_parser(__doc__)
     parser.add_argument("--ms", default="2,8,16,32,64", help="comma-separated M (the skinny kernel's range)")
+    parser.add_argument("--sides", default="pointer,tma,tma_host,pointer_at_use,tma_at_use",
+                        help="contenders: pointer, tma, tma_host, each optionally with _at_use")
     args = parser.parse_args(argv)
     say = ab_start(args, "ab_skinny_tma", "")
     for dname, dt, N, K, g, w16 in weights(args):
@@ -71,8 +96,12 @@ def main(argv=None) -> None:
             if p.kind != "skinny":
                 say(f"{dname} M={M} {N}x{K}: the plan is {p.kind}, not the skinny kernel; skipped")
                 continue
-            fns = contenders(aq, as_, wq, ws)
-            errors = relative_errors({name: fn() for name, fn in fns.items()}, aq, as_, w64)
+            fns = contenders(aq, as_, wq, ws, tuple(args.sides.split(",")))
+            if ops.cublas_supports(M, N, K, dt, dt, torch.bfloat16) and ops.cublas_blockwise_available(x.device):
+                m_major = ops._m_major(as_)  # the layout a scaled_mm user hands cuBLAS, made outside the timing
+                fns["cublas"] = lambda aq=aq, m_major=m_major, wq=wq, ws=ws: ops._cublas_gemm(aq, m_major, wq, ws, None,
+                                                                                              torch.bfloat16)
+            errors = relative_errors({name: replayed(fn) for name, fn in fns.items()}, aq, as_, w64)
             best = time_cell(args, lambda: F.linear(x, w16), fns)
             say(cell_line(f"{dname} M={M} {N}x{K} bn{p.block_n} groups_k{p.groups_k} split{p.split_k} "
                           f"st{p.num_stages}", N, K, best, errors))

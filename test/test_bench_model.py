@@ -363,10 +363,11 @@ def test_ab_cell_line_reports_time_weight_bandwidth_and_error():
     assert line == "e5m2 1000x500: bf16 2.0 (500)  ours 0.2 (2000) [1.5e-03]"
 
 
-def test_ab_skinny_tma_times_the_four_ways_of_loading_the_skinny_kernel(monkeypatch):
-    """benchmarks/ab_skinny_tma.py: four contenders, the library's own skinny plan with its tiles by
-    pointer or by descriptor and its scales a step ahead or at use, each right against the float64
-    product, the module's settings put back after each call; without a GPU it stops and says so."""
+def test_ab_skinny_tma_times_the_ways_of_loading_the_skinny_kernel(monkeypatch):
+    """benchmarks/ab_skinny_tma.py: its contenders, the library's own skinny plan with its tiles by
+    pointer or by descriptor (made in the kernel, or on the host where a graph is captured) and its scales a step ahead or at
+    use, each right against the float64 product, the module's settings put back after each call;
+    an unknown side is refused; without a GPU it stops and says so."""
     from blockwise_fp8 import reference
     from blockwise_fp8.kernels import gemm as G
 
@@ -376,16 +377,20 @@ def test_ab_skinny_tma_times_the_four_ways_of_loading_the_skinny_kernel(monkeypa
     aq, as_, wq, ws = _quantized_operands(5, 130, 384, torch.float8_e4m3fn, seed=6)
     assert G.plan(5, 130, 384, tma=False).kind == "skinny"
     seen = []
-    real_gemm, default = G.gemm, (G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD)
-    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append((G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD)),
-                                                    real_gemm(*a, **k))[1])
-    fns = ab.contenders(aq, as_, wq, ws)
-    assert list(fns) == ["pointer", "pointer_at_use", "tma", "tma_at_use"]
+    settings = lambda: (G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD)  # noqa: E731
+    real_gemm, default = G.gemm, settings()
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append(settings()), real_gemm(*a, **k))[1])
+    sides = ("pointer", "pointer_at_use", "tma", "tma_at_use", "tma_host", "tma_host_at_use")
+    fns = ab.contenders(aq, as_, wq, ws, sides)
+    assert tuple(fns) == sides
     outs = {}
     for name, fn in fns.items():
         outs[name] = fn()
-        assert (G.SKINNY_TMA, G.SKINNY_SCALES_AHEAD) == default
-    assert seen == [(None, True), (None, False), (1, True), (1, False)]
+        assert settings() == default
+    assert seen == [(None, None, True), (None, None, False), (1, None, True), (1, None, False),
+                    (None, 1, True), (None, 1, False)]
+    with pytest.raises(SystemExit, match="--sides: expected .* got 'tma_device'"):
+        ab.contenders(aq, as_, wq, ws, ("tma_device",))
     w64 = reference.dequantize(wq, ws, (128, 128), torch.float64)
     errors = ab.relative_errors(outs, aq, as_, w64)
     assert set(errors) == set(fns) and all(0 < e < 2.0 ** -7 for e in errors.values())  # bf16 output

@@ -544,7 +544,7 @@ def test_gemv_unmasked_keeps_the_bits_of_masked_loads(monkeypatch, N, K, bn, gro
     expected_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
     seen = []
     real = G._streaming_meta
-    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-2]), real(*a))[1])
+    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-3]), real(*a))[1])  # unmasked
     monkeypatch.setattr(G, "GEMV_UNMASKED", True)
     assert torch.equal(G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p), expected)
     assert torch.equal(G.linear_fused(x16, wq, ws, b, torch.bfloat16, plan_override=p).view(torch.int16),
@@ -565,13 +565,17 @@ def test_gemv_unmasked_keeps_the_bits_of_masked_loads(monkeypatch, N, K, bn, gro
 
 @pytest.mark.parametrize("M,N,K,split,groups_k", [(1, 200, 1024, 2, 2), (5, 130, 640, 1, 2), (16, 64, 1000 + 8, 1, 1),
                                                    (33, 129, 2048, 3, 2)])
-def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, split, groups_k):
-    """SKINNY_TMA changes how the skinny kernel's tiles reach shared memory (tensor descriptors,
-    zeros past N, M and K), not what it adds: bit for bit the pointer path's output, and right
-    against the reference, with ragged N, M and K, split-K, single and paired K steps and group
-    members (one weight ragged). Where TMA cannot load an operand (a row stride or base address
-    not a multiple of 16 bytes) the pointer path serves the call."""
+@pytest.mark.parametrize("host", [False, True], ids=["kernel_descriptors", "host_descriptors"])
+def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, split, groups_k, host):
+    """SKINNY_TMA changes how the skinny kernel's tiles reach shared memory (tensor descriptors made
+    in the kernel, zeros past N, M and K), and so does SKINNY_TMA_CAPTURED while a CUDA graph is
+    captured (descriptors made on the host; a capture is stood in for here), not what it adds: bit
+    for bit the pointer path's output, and right against the reference, with ragged N, M and K,
+    split-K, single and paired K steps and group members (one weight ragged, each member its own
+    descriptor). Where TMA cannot load an operand (a row stride or base address not a multiple of
+    16 bytes) the pointer path serves the call."""
     monkeypatch.setattr(G, "SKINNY_TMA", None)
+    monkeypatch.setattr(G, "SKINNY_TMA_CAPTURED", None)
     x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M + N + K)
     p = G.Plan("skinny", max(16, 1 << (M - 1).bit_length()), 64, 4, 3, split_k=split, groups_k=groups_k)
     w2q, w2s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(70, K), (128, 128), torch.float8_e4m3fn))
@@ -579,12 +583,17 @@ def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, s
     expected_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)  # the planner's plan
     seen = []
     real = G._streaming_meta
-    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-1]), real(*a))[1])
-    monkeypatch.setattr(G, "SKINNY_TMA", 1)  # every block_m
+    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-2:]), real(*a))[1])  # (tma, host_tma)
+    if host:
+        monkeypatch.setattr(G, "SKINNY_TMA_CAPTURED", 1)  # every block_m
+        monkeypatch.setattr(G, "_capturing", lambda a: True)
+    else:
+        monkeypatch.setattr(G, "SKINNY_TMA", 1)
     got = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
     got_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
     group_skinny = G.plan(M, N, K, tma=False).kind == "skinny"  # else the gemv, which has no descriptors
-    assert seen[0] is True and len(seen) > 1 and all(t == group_skinny for t in seen[1:])
+    assert seen[0] == (True, host) and len(seen) > 1
+    assert all(t == (group_skinny, host and group_skinny) for t in seen[1:])
     assert torch.equal(got, expected)
     for g, e in zip(got_group, expected_group):
         assert torch.equal(g, e)
@@ -594,7 +603,71 @@ def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, s
     wide[:, :K] = aq
     seen.clear()
     assert torch.equal(G.gemm(wide[:, :K], as_, wq, ws, b, torch.float32, plan_override=p), expected)
-    assert seen == [False]
+    assert seen == [(False, False)]
+
+
+def test_skinny_first_eager_call_loads_the_kernel_a_capture_replays(monkeypatch):
+    """A capture can only replay kernels an eager call has loaded, so the first eager call of a
+    skinny launch that SKINNY_TMA_CAPTURED covers runs the host-descriptor kernel a capture of it
+    will replay; later eager calls of it run the eager kind (here the pointer path), a new M or
+    weight is a new launch; same bits throughout."""
+    monkeypatch.setattr(G, "SKINNY_TMA", None)
+    monkeypatch.setattr(G, "SKINNY_TMA_CAPTURED", 16)
+    monkeypatch.setattr(G, "_HOST_DESCRIPTORS_LOADED", set())
+    seen = []
+    real = G._streaming_meta
+    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-2:]), real(*a))[1])  # (tma, host_tma)
+    x, aq, as_, wq, ws, b = _operands(5, 130, 640, torch.float8_e5m2, seed=3)
+    p = G.Plan("skinny", 16, 64, 4, 3, split_k=2, groups_k=2)
+    outs = [G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p) for _ in range(2)]
+    assert seen == [(True, True), (False, False)] and torch.equal(outs[0], outs[1])
+    _check(outs[0], aq, as_, wq, ws, b, torch.float32)
+    seen.clear()
+    G.gemm(aq[:3], as_[:3], wq, ws, b, torch.float32, plan_override=p)
+    G.gemm(aq, as_, wq[:129], ws, b[:129], torch.float32, plan_override=p)
+    assert seen == [(True, True), (True, True)]
+    seen.clear()  # a plan under SKINNY_TMA_CAPTURED's block_m: the eager kind at once
+    G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=G.Plan("skinny", 8, 64, 4, 3))
+    assert seen == [(False, False)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="captures a CUDA graph")
+@pytest.mark.parametrize("M", [2, 16, 40])
+def test_skinny_host_descriptors_in_a_captured_graph(monkeypatch, M):
+    """While a CUDA graph is captured, skinny launches from SKINNY_TMA_CAPTURED's block_m load their
+    tiles by host-made descriptors (one per group member): replayed on new inputs, the outputs
+    equal eager pointer-path launches bit for bit."""
+    monkeypatch.setattr(G, "SKINNY_TMA_CAPTURED", 16)
+    g = torch.Generator().manual_seed(M)
+    ws_ = [bf.ops.quantize_weight((torch.randn(n, 1024, generator=g) * 0.05).to("cuda", torch.bfloat16))
+           for n in (1024, 200, 264)]
+    x = torch.randn(M, 1024, generator=g).to("cuda", torch.bfloat16)
+    a_q, a_s = bf.ops.quantize_activation(x)
+    static_q, static_s = a_q.clone(), a_s.clone()
+
+    def calls(q, s):
+        return [G.gemm(q, s, *ws_[0], None, torch.bfloat16),
+                *G.gemm_group(q, s, [w for w, _ in ws_], [t for _, t in ws_], [None] * 3, torch.bfloat16)]
+
+    assert G.plan(M, 1024, 1024, tma=False).kind == "skinny"
+    calls(static_q, static_s)  # loads the kernels the capture replays
+    torch.cuda.synchronize()
+    seen = []
+    real = G._streaming_meta
+    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-2:]), real(*a))[1])  # (tma, host_tma)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = calls(static_q, static_s)
+    assert seen == [(True, True)] * 2
+    a_q2, a_s2 = bf.ops.quantize_activation(x * 2)
+    static_q.copy_(a_q2)
+    static_s.copy_(a_s2)
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(G, "SKINNY_TMA", None)
+    monkeypatch.setattr(G, "SKINNY_TMA_CAPTURED", None)
+    for got, want in zip(static_out, calls(a_q2, a_s2)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA streams")
@@ -1282,7 +1355,7 @@ for i in (1, 2):  # the other members' slots (three weights in one launch)
 streaming = dict(HAS_BIAS=False, **output_format_constexprs(torch.bfloat16), FUSE_QUANT=False, FP8_MAX=448.0,
                  **format_constexprs(torch.float8_e4m3fn), CVT_FP8=True, SPLIT_K=4, PDL=True, TRIGGER_AFTER_LOOP=True,
                  PREFETCH_BLOCKS=G.SKINNY_PREFETCH_BLOCKS, MEMBERS=3, BLOCK_K=128, K_BLOCKS_OUTER=G.GEMV_K_BLOCKS_OUTER,
-                 UNMASKED=False, stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
+                 UNMASKED=False, HOST_TMA=False, stride_ak=1, stride_wk=1, stride_on=1, stride_wsk=1)  # what Triton specializes for contiguous operands
 
 
 def before_wait(kernel, consts, num_stages):

@@ -370,6 +370,7 @@ def _skinny_block_tma(acc, w_desc, a_desc, n0, kb, w_s, a_s, BLOCK_K: tl.constex
 def gemm_skinny_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     w1_ptr, w1_scale_ptr, bias1_ptr, out1_ptr, w2_ptr, w2_scale_ptr, bias2_ptr, out2_ptr,
+    a_tma, w_tma, w1_tma, w2_tma,
     M, N, K, KB_PER_SPLIT, N1, N2, PARTIAL_N,
     stride_am, stride_ak, stride_asm, stride_ask,
     stride_wn, stride_wk, stride_wsn, stride_wsk,
@@ -383,7 +384,7 @@ def gemm_skinny_kernel(
     SPLIT_K: tl.constexpr, PDL: tl.constexpr, SCALES_AHEAD: tl.constexpr, TRIGGER_AFTER_LOOP: tl.constexpr,
     PREFETCH_BLOCKS: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS_K: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, HOST_TMA: tl.constexpr,
 ):
     """out.T tile (BLOCK_N x BLOCK_M) = w tile @ a.T over one K range. With FUSE_QUANT, a_ptr is
     the high-precision activation and a_scale_ptr is unused. With SPLIT_K > 1 each program
@@ -427,7 +428,16 @@ def gemm_skinny_kernel(
         _prefetch_then_wait(w_ptr, rn, n_size, kb_start, kb_end, stride_wn, stride_wk, PREFETCH_BLOCKS, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (kb_start * BLOCK_K + rk)[None, :] * stride_wk
     a_ptrs = a_ptr + rm[:, None] * stride_am + (kb_start * BLOCK_K + rk)[None, :] * stride_ak
-    if TMA:
+    if TMA and HOST_TMA:
+        a_desc = a_tma
+        w_desc = w_tma
+        if MEMBERS > 1:
+            if pid_n >= tl.cdiv(N, BLOCK_N):
+                w_desc = w1_tma
+                if MEMBERS > 2:
+                    if pid_n >= tl.cdiv(N, BLOCK_N) + tl.cdiv(N1, BLOCK_N):
+                        w_desc = w2_tma
+    elif TMA:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[n_size, K], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
@@ -1266,7 +1276,19 @@ SKINNY_SCALES_AHEAD = True
 # M = 64 32.6-32.7 -> 31.7; N = 10240: M = 2 31.4-31.8 -> 32.7-33.1, M = 32 34.8-35.1 -> 34.0-34.3;
 # under 3.6 TMA lost at every M (N = 8192: 25.7 / 27.0 / 31.1 -> 27.5 / 28.7 / 32.4 at M = 2 /
 # 32 / 64). So TMA from block_m = 32 under Triton 3.7 on (3.7 and 3.8 untimed), never before.
+# These descriptors are made in the kernel (each program writes two to scratch memory after its PDL
+# wait, then fences them): an eager launch then costs no more host time than the pointer path's.
 SKINNY_TMA = 32 if TRITON_3_7 else None
+# The smallest block_m for which a skinny launch being captured into a CUDA graph loads its tiles
+# by descriptors made on the host (kernel parameters, encoded by Triton's launcher); None: as an
+# eager launch. Why only under capture: the host pays for the encoding once, at capture, and the
+# kernel starts without making its own. Eager, each launch would pay it: 45 -> 72 us of host
+# time a call (H200, M = 16-32, four descriptors), on calls that are host-bound already. Timed
+# (session 37, H200, CUDA-graph medians, us, pointer / kernel-made / host-made descriptors;
+# benchmarks/results/skinny-host-descriptors-h200-2026-11-28-s37/): K = 512, M = 16: 2.5 / 3.6 /
+# 2.4 (a program spends about 1.2 us making its descriptors); 8192 x 8192, M = 2 and 16: 21.6-22.0
+# / 20.9-21.0 / 19.6-19.9; M = 32: 24.6 / 21.9 / 21.2.
+SKINNY_TMA_CAPTURED = 16 if TRITON_3_7 else None
 # Under PDL, whether the skinny kernel lets the next grid (the GEMM of the next Linear on the
 # same input) launch once its K loop is done, so that launch overlaps this kernel's split-K sum
 # and epilogue: the Linears of a Llama layer 108.1 -> 106.4 us at M = 1, 117.1 -> 116.6 at M = 16
@@ -1396,18 +1418,23 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
     extra = [t if t is not None else w_scale for m in padded[1:] for t in m]
     pdl = programmatic_launch(a.device)
-    tma = (SKINNY_TMA is not None and p.kind == "skinny" and p.block_m >= SKINNY_TMA and not fuse_quant
-           and _skinny_tma_fits(a, members))
+    tma, host_tma = _skinny_descriptors(p, a, members, out, fuse_quant)
     unmasked = GEMV_UNMASKED and p.kind == "gemv" and _gemv_unmasked(p, M, K, sizes)
-    if tma:
+    if tma and not host_tma:
         _set_tma_allocator()
+    descriptors = ()  # the skinny kernel's a_tma, w_tma, w1_tma, w2_tma; placeholders where unread
+    if host_tma:
+        descriptors = (TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK]),
+                       *(TensorDescriptor.from_tensor(m[0], [p.block_n, SCALE_BLOCK]) for m in members))
+    if p.kind == "skinny":
+        descriptors += (w_scale,) * (4 - len(descriptors))
     meta = _streaming_meta(
         p, split, bias is not None, out.dtype, fuse_quant, w.dtype, hardware_fp8_cast(a.device), pdl, len(members),
         SKINNY_SCALES_AHEAD, SKINNY_TRIGGER_AFTER_LOOP, SKINNY_PREFETCH_BLOCKS, GEMV_K_BLOCKS_OUTER, GEMV_MAXNREG,
-        unmasked, tma,
+        unmasked, tma, host_tma,
     )
     launch(gemm_gemv_kernel if p.kind == "gemv" else gemm_skinny_kernel, (n_tiles, split), (
-        a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra,
+        a, s_arg, w, w_scale, bias if bias is not None else w_scale, out, partial, arrivals, *extra, *descriptors,
         M, sizes[0], K, kb_per, padded[1][0].shape[0], padded[2][0].shape[0], partial_n,
         a.stride(0), a.stride(1),
         s_arg.stride(0) if a_scale is not None else 0, s_arg.stride(1) if a_scale is not None else 0,
@@ -1420,6 +1447,36 @@ def _gemv_unmasked(p: Plan, M: int, K: int, sizes: tuple) -> bool:
     """Whether every load of a gemv launch is in range: its BLOCK_M rows all real, every member's
     N whole tiles, and K whole steps of GROUPS_K blocks (then every split is whole steps too)."""
     return M == p.block_m and all(n % p.block_n == 0 for n in sizes) and K % (SCALE_BLOCK * p.groups_k) == 0
+
+
+# (device, plan, M, K, N of each member, dtypes, bias?) of skinny launches whose host-descriptor
+# kernel an eager call has run once: a capture can only replay kernels an eager call has loaded
+# (Triton cannot load one while a stream captures; see ops._quantize_inside).
+_HOST_DESCRIPTORS_LOADED: set = set()
+
+
+def _capturing(a: torch.Tensor) -> bool:
+    """Whether ``a``'s device is capturing a CUDA graph on its current stream."""
+    return a.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _skinny_descriptors(p: Plan, a: torch.Tensor, members: list, out: torch.Tensor, fuse_quant: bool) -> tuple:
+    """(whether a streaming launch loads its tiles by tensor descriptor, whether the host makes
+    them): the skinny kernel's, where TMA can load the operands, from SKINNY_TMA_CAPTURED's block_m
+    with host-made descriptors while a CUDA graph is being captured on the current stream (and on
+    the first eager call of the launch, which loads that kernel for a later capture), else from
+    SKINNY_TMA's block_m with descriptors made in the kernel."""
+    if p.kind != "skinny" or fuse_quant or not _skinny_tma_fits(a, members):
+        return False, False
+    if SKINNY_TMA_CAPTURED is not None and p.block_m >= SKINNY_TMA_CAPTURED:
+        if _capturing(a):
+            return True, True
+        key = (a.device.index, p, a.shape, a.stride(0), tuple(m[0].shape for m in members), a.dtype, out.dtype,
+               tuple(m[2] is None for m in members))
+        if key not in _HOST_DESCRIPTORS_LOADED:
+            _HOST_DESCRIPTORS_LOADED.add(key)
+            return True, True
+    return SKINNY_TMA is not None and p.block_m >= SKINNY_TMA, False
 
 
 def _skinny_tma_fits(a: torch.Tensor, members: list) -> bool:
@@ -1448,9 +1505,9 @@ def _streaming_grid(p: Plan, M: int, K: int, sizes: tuple) -> tuple[int, int, in
 def _streaming_meta(p: Plan, split: int, has_bias: bool, out_dtype: torch.dtype, fuse_quant: bool,
                     w_dtype: torch.dtype, cvt: bool, pdl: bool, members: int,
                     scales_ahead: bool, trigger_after_loop: bool, prefetch_blocks: int, k_blocks_outer: bool,
-                    gemv_maxnreg, unmasked: bool, tma: bool) -> tuple:
+                    gemv_maxnreg, unmasked: bool, tma: bool, host_tma: bool) -> tuple:
     kind_meta = (dict(GROUPS_K=p.groups_k, K_BLOCKS_OUTER=k_blocks_outer, UNMASKED=unmasked) if p.kind == "gemv"
-                 else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k, TMA=tma))
+                 else dict(SCALES_AHEAD=scales_ahead, GROUPS_K=p.groups_k, TMA=tma, HOST_TMA=host_tma))
     if p.kind == "gemv" and gemv_maxnreg is not None:
         kind_meta["maxnreg"] = gemv_maxnreg
     return tuple(dict(
