@@ -2,7 +2,9 @@
 (TMA, ``gemm.SKINNY_TMA``; the descriptors made in the kernel or, ``tma_host``, on the host:
 ``gemm.SKINNY_TMA_HOST``), each with and without its scales loaded a step ahead
 (``gemm.SKINNY_SCALES_AHEAD``), in one process on one card, beside bf16 ``F.linear`` (and
-cuBLAS's blockwise ``scaled_mm`` where it takes the cell): microseconds and weight GB/s.
+cuBLAS's blockwise ``scaled_mm`` where it takes the cell): microseconds and weight GB/s. At M = 1
+the library's own plan is the gemv kernel: it is timed as ``gemv`` beside the sides run on the
+M = 2 skinny plan (session 37: on an H200 that plan with host-made descriptors beat the gemv).
 
 Why: under Triton 3.9 the skinny kernel ran 0-9% slower than under 3.6 (the thirtieth session's
 grids), and its SASS has a proxy fence (MEMBAR.ALL.CTA) before every wgmma that reads cp.async
@@ -31,19 +33,20 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ab_gemv_layout import ab_parser, ab_start, cell_line, time_cell, weights  # noqa: E402
 
 
-def contenders(aq, a_scale, wq, w_scale, sides: tuple) -> dict:
+def contenders(aq, a_scale, wq, w_scale, sides: tuple, plan_override=None) -> dict:
     """name -> a call of the library's GEMM (its own plan) with the tiles by pointer, by descriptors
     made in the kernel (``tma``: ``gemm.SKINNY_TMA``) or, in a CUDA graph, made on the host
     (``tma_host``: ``gemm.SKINNY_TMA_CAPTURED``; its eager calls after the first take the pointer
     path), the scales a step ahead or, with the suffix ``_at_use``, where used; the module's
-    settings are put back after each."""
+    settings are put back after each. ``plan_override``: a skinny plan to run instead of the
+    library's own (M = 1, whose own plan is the gemv)."""
 
     def with_settings(eager_from, captured_from, ahead: bool):
         def run():
             kept = G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD
             G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD = eager_from, captured_from, ahead
             try:
-                return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16)
+                return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16, plan_override=plan_override)
             finally:
                 G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD = kept
         return run
@@ -81,7 +84,9 @@ def relative_errors(outs: dict, aq, a_scale, w64) -> dict:
 
 def main(argv=None) -> None:
     parser = ab_parser(__doc__)
-    parser.add_argument("--ms", default="2,8,16,32,64", help="comma-separated M (the skinny kernel's range)")
+    parser.add_argument("--ms", default="2,8,16,32,64",
+                        help="comma-separated M (the skinny kernel's range; M = 1 times the gemv plan beside the "
+                             "sides on the M = 2 skinny plan)")
     parser.add_argument("--sides", default="pointer,tma,tma_host,pointer_at_use,tma_at_use",
                         help="contenders: pointer, tma, tma_host, each optionally with _at_use")
     args = parser.parse_args(argv)
@@ -93,10 +98,14 @@ def main(argv=None) -> None:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
             aq, as_ = ops.quantize_activation(x, dt)
             p = G.plan(M, N, K, tma=False, num_sms=G._num_sms(0))
+            own = {}
+            if p.kind == "gemv":  # M = 1: the sides run the M = 2 skinny plan beside the gemv
+                own = {"gemv": lambda aq=aq, as_=as_, wq=wq, ws=ws: G.gemm(aq, as_, wq, ws, None, torch.bfloat16)}
+                p = G.plan(2, N, K, tma=False, num_sms=G._num_sms(0))
             if p.kind != "skinny":
                 say(f"{dname} M={M} {N}x{K}: the plan is {p.kind}, not the skinny kernel; skipped")
                 continue
-            fns = contenders(aq, as_, wq, ws, tuple(args.sides.split(",")))
+            fns = {**own, **contenders(aq, as_, wq, ws, tuple(args.sides.split(",")), p if own else None)}
             if ops.cublas_supports(M, N, K, dt, dt, torch.bfloat16) and ops.cublas_blockwise_available(x.device):
                 m_major = ops._m_major(as_)  # the layout a scaled_mm user hands cuBLAS, made outside the timing
                 fns["cublas"] = lambda aq=aq, m_major=m_major, wq=wq, ws=ws: ops._cublas_gemm(aq, m_major, wq, ws, None,

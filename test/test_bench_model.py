@@ -365,9 +365,10 @@ def test_ab_cell_line_reports_time_weight_bandwidth_and_error():
 
 def test_ab_skinny_tma_times_the_ways_of_loading_the_skinny_kernel(monkeypatch):
     """benchmarks/ab_skinny_tma.py: its contenders, the library's own skinny plan with its tiles by
-    pointer or by descriptor (made in the kernel, or on the host where a graph is captured) and its scales a step ahead or at
-    use, each right against the float64 product, the module's settings put back after each call;
-    an unknown side is refused; without a GPU it stops and says so."""
+    pointer or by descriptor (made in the kernel, or on the host where a graph is captured) and its
+    scales a step ahead or at use, each right against the float64 product, the module's settings
+    put back after each call; at M = 1 the sides run the plan they are given (the M = 2 skinny
+    plan, beside the gemv); an unknown side is refused; without a GPU it stops and says so."""
     from blockwise_fp8 import reference
     from blockwise_fp8.kernels import gemm as G
 
@@ -379,7 +380,8 @@ def test_ab_skinny_tma_times_the_ways_of_loading_the_skinny_kernel(monkeypatch):
     seen = []
     settings = lambda: (G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD)  # noqa: E731
     real_gemm, default = G.gemm, settings()
-    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append(settings()), real_gemm(*a, **k))[1])
+    monkeypatch.setattr(G, "gemm", lambda *a, **k: (seen.append(settings() + (k.get("plan_override"),)),
+                                                    real_gemm(*a, **k))[1])
     sides = ("pointer", "pointer_at_use", "tma", "tma_at_use", "tma_host", "tma_host_at_use")
     fns = ab.contenders(aq, as_, wq, ws, sides)
     assert tuple(fns) == sides
@@ -387,13 +389,21 @@ def test_ab_skinny_tma_times_the_ways_of_loading_the_skinny_kernel(monkeypatch):
     for name, fn in fns.items():
         outs[name] = fn()
         assert settings() == default
-    assert seen == [(None, None, True), (None, None, False), (1, None, True), (1, None, False),
-                    (None, 1, True), (None, 1, False)]
+    assert seen == [(None, None, True, None), (None, None, False, None), (1, None, True, None), (1, None, False, None),
+                    (None, 1, True, None), (None, 1, False, None)]
     with pytest.raises(SystemExit, match="--sides: expected .* got 'tma_device'"):
         ab.contenders(aq, as_, wq, ws, ("tma_device",))
     w64 = reference.dequantize(wq, ws, (128, 128), torch.float64)
     errors = ab.relative_errors(outs, aq, as_, w64)
     assert set(errors) == set(fns) and all(0 < e < 2.0 ** -7 for e in errors.values())  # bf16 output
+    seen.clear()
+    aq1, as1, _, _ = _quantized_operands(1, 130, 384, torch.float8_e4m3fn, seed=7)
+    p2 = G.plan(2, 130, 384, tma=False)
+    assert G.plan(1, 130, 384, tma=False).kind == "gemv" and p2.kind == "skinny"
+    one = ab.contenders(aq1, as1, wq, ws, ("tma_host",), p2)["tma_host"]()
+    assert seen == [(None, 1, True, p2)]
+    errors = ab.relative_errors({"tma_host": one}, aq1, as1, w64)
+    assert 0 < errors["tma_host"] < 2.0 ** -7
     if KERNEL_DEVICE == "cpu":
         with pytest.raises(SystemExit, match="ab_skinny_tma times a GPU: no CUDA device here"):
             ab.main(["/dev/null"])
