@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The open H100 questions of sessions 34-36 (each measured on an H200 only), as one device call
+# The open H100 questions of sessions 34-37 (each measured on an H200 only), as one device call
 # per PART (each about 5-8 minutes cold), writing to ${OUT:-/tmp}:
 #   PART=1  mid M on the ws tiles: should the H100 take the "other" table's M = 65-256 rule
 #           (probe_mid_m_ws.py --wide), and auto's M = 65-256 bands with today's plans (ab_auto.py)
 #   PART=2  the tight-activation copy (ab_ragged_m.py, its `past` side: copy off) and the narrow
 #           64 x 64 tiles switched on at 4 SMs a program (ab_narrow.py), both through the library
+#   PART=3  the skinny kernel's host-made descriptors in graphs (session 37, SKINNY_TMA_CAPTURED):
+#           pointer / kernel-made / host-made on the grid's four weights, M = 1-64, e5m2
+#           (ab_skinny_tma.py; M = 1: the gemv plan beside the M = 2 skinny plan), then the GPU
+#           tests that session could not run in their final form (test_launch's replay test)
 # Carry .whl (torchao) and, for Triton 3.9, .t39 (benchmarks/slim_triton.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -31,6 +35,13 @@ case "${PART:-1}" in
     step 250 ab-narrow python3 benchmarks/ab_narrow.py "$out/ab-narrow.txt" --per-program 4 \
         --cells 80x1024x4096,128x1024x4096,128x1024x8192,96x1024x14336,128x2048x2048,128x512x4096,100x1000x2176,200x1024x4096,80x2048x7168
     cat "$out/ab-ragged-m.txt" "$out/ab-narrow.txt" ;;
+3)
+    step 330 ab-skinny-tma python3 benchmarks/ab_skinny_tma.py "$out/ab-skinny-tma.txt" --dtypes e5m2 \
+        --cells 8192x8192,10240x8192,57344x8192,8192x28672 --ms 1,2,16,32,64 --sides pointer,tma,tma_host --heat 0.4
+    step 150 gpu-tests python3 -m pytest -q -p no:cacheprovider test/test_launch.py \
+        test/test_gemm.py -k "replayed or skinny or capture or graph"
+    grep -E "passed|failed" "$out/gpu-tests.log"
+    cat "$out/ab-skinny-tma.txt" ;;
 *)
-    echo "PART is 1 or 2, got ${PART}" >&2; exit 2 ;;
+    echo "PART is 1, 2 or 3, got ${PART}" >&2; exit 2 ;;
 esac
