@@ -1418,7 +1418,7 @@ def _launch_streaming(a, a_scale, members, p: Plan, *, fuse_quant: bool = False)
     padded = members + [members[0]] * (3 - len(members))  # unused pointer slots
     extra = [t if t is not None else w_scale for m in padded[1:] for t in m]
     pdl = programmatic_launch(a.device)
-    tma, host_tma = _skinny_descriptors(p, a, members, out, fuse_quant)
+    tma, host_tma = _skinny_descriptors(p, a, members, sizes, out, fuse_quant)
     unmasked = GEMV_UNMASKED and p.kind == "gemv" and _gemv_unmasked(p, M, K, sizes)
     if tma and not host_tma:
         _set_tma_allocator()
@@ -1449,7 +1449,7 @@ def _gemv_unmasked(p: Plan, M: int, K: int, sizes: tuple) -> bool:
     return M == p.block_m and all(n % p.block_n == 0 for n in sizes) and K % (SCALE_BLOCK * p.groups_k) == 0
 
 
-# (device, plan, M, K, N of each member, dtypes, bias?) of skinny launches whose host-descriptor
+# (device, plan, M and K, N of each member, dtypes, bias?) of skinny launches whose host-descriptor
 # kernel an eager call has run once: a capture can only replay kernels an eager call has loaded
 # (Triton cannot load one while a stream captures; see ops._quantize_inside).
 _HOST_DESCRIPTORS_LOADED: set = set()
@@ -1460,23 +1460,27 @@ def _capturing(a: torch.Tensor) -> bool:
     return a.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _skinny_descriptors(p: Plan, a: torch.Tensor, members: list, out: torch.Tensor, fuse_quant: bool) -> tuple:
+def _skinny_descriptors(p: Plan, a: torch.Tensor, members: list, sizes: tuple, out: torch.Tensor,
+                        fuse_quant: bool) -> tuple:
     """(whether a streaming launch loads its tiles by tensor descriptor, whether the host makes
     them): the skinny kernel's, where TMA can load the operands, from SKINNY_TMA_CAPTURED's block_m
     with host-made descriptors while a CUDA graph is being captured on the current stream (and on
     the first eager call of the launch, which loads that kernel for a later capture), else from
     SKINNY_TMA's block_m with descriptors made in the kernel."""
-    if p.kind != "skinny" or fuse_quant or not _skinny_tma_fits(a, members):
+    if p.kind != "skinny" or fuse_quant:
         return False, False
-    if SKINNY_TMA_CAPTURED is not None and p.block_m >= SKINNY_TMA_CAPTURED:
+    captured = SKINNY_TMA_CAPTURED is not None and p.block_m >= SKINNY_TMA_CAPTURED
+    eager = SKINNY_TMA is not None and p.block_m >= SKINNY_TMA
+    if not (captured or eager) or not _skinny_tma_fits(a, members):
+        return False, False
+    if captured:
         if _capturing(a):
             return True, True
-        key = (a.device.index, p, a.shape, a.stride(0), tuple(m[0].shape for m in members), a.dtype, out.dtype,
-               tuple(m[2] is None for m in members))
+        key = (a.device, p, a.shape, sizes, a.dtype, out.dtype, members[0][2] is None)  # what the kernel specializes on
         if key not in _HOST_DESCRIPTORS_LOADED:
             _HOST_DESCRIPTORS_LOADED.add(key)
             return True, True
-    return SKINNY_TMA is not None and p.block_m >= SKINNY_TMA, False
+    return eager, False
 
 
 def _skinny_tma_fits(a: torch.Tensor, members: list) -> bool:
