@@ -411,7 +411,10 @@ def gemm_skinny_kernel(
     same zeros past N, M and K, so the same sums. Why: tiles written to shared memory by cp.async
     are generic-proxy writes, and from Triton 3.9 on each wgmma that reads them gets a proxy fence
     before it (MEMBAR.ALL.CTA in the SASS, two per paired K step; Triton 3.6 put none); TMA writes
-    through the async proxy and needs none (``SKINNY_TMA``)."""
+    through the async proxy and needs none (``SKINNY_TMA``). With HOST_TMA the descriptors come
+    made on the host instead (a_tma for the activation, w_tma / w1_tma / w2_tma one per member,
+    picked by the program's N tile as its pointers are): in a CUDA graph the kernel then starts
+    without making its own (``SKINNY_TMA_CAPTURED``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     tile, n_size, out_row, w_ptr, w_scale_ptr, bias_ptr, out_ptr = _weight_member(
