@@ -34,22 +34,30 @@ CELLS = "8192x8192,10240x8192,57344x8192,8192x28672"  # the grid's (N, K)
 DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
+def gemm_under(settings: dict, aq, a_scale, wq, w_scale, plan=None):
+    """A call of our GEMM (bf16 out, no bias) with the tunables of ``blockwise_fp8.kernels.gemm``
+    named in ``settings`` set to their values, put back after each call; with ``plan`` or, where
+    None, the library's own."""
+
+    def run():
+        kept = {name: getattr(G, name) for name in settings}
+        for name, value in settings.items():
+            setattr(G, name, value)
+        try:
+            return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16, plan_override=plan)
+        finally:
+            for name, value in kept.items():
+                setattr(G, name, value)
+    return run
+
+
 def slab_orders(aq, a_scale, wq, w_scale, plan=None, maxnreg=None, unmasked=False) -> dict:
     """name -> a call of our GEMM with the gemv slab in that order, ``gemm.GEMV_MAXNREG`` set to
     ``maxnreg`` and ``gemm.GEMV_UNMASKED`` to ``unmasked`` (the module's settings are put back
     after each call), with ``plan`` or, where None, the library's own (at M = 1 the gemv)."""
-
-    def in_order(outer: bool):
-        def run():
-            kept = G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG, G.GEMV_UNMASKED
-            G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG, G.GEMV_UNMASKED = outer, maxnreg, unmasked
-            try:
-                return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16, plan_override=plan)
-            finally:
-                G.GEMV_K_BLOCKS_OUTER, G.GEMV_MAXNREG, G.GEMV_UNMASKED = kept
-        return run
-
-    return {"rows_outer": in_order(False), "k_blocks_outer": in_order(True)}
+    return {name: gemm_under(dict(GEMV_K_BLOCKS_OUTER=outer, GEMV_MAXNREG=maxnreg, GEMV_UNMASKED=unmasked),
+                             aq, a_scale, wq, w_scale, plan)
+            for name, outer in (("rows_outer", False), ("k_blocks_outer", True))}
 
 
 def contenders(aq, a_scale, wq, w_scale, groups_k: tuple, maxnregs: tuple = (None,),

@@ -30,7 +30,7 @@ from blockwise_fp8 import ops, reference
 from blockwise_fp8.kernels import gemm as G
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ab_gemv_layout import ab_parser, ab_start, cell_line, time_cell, weights  # noqa: E402
+from ab_gemv_layout import ab_parser, ab_start, cell_line, gemm_under, time_cell, weights  # noqa: E402
 
 
 def contenders(aq, a_scale, wq, w_scale, sides: tuple, plan_override=None) -> dict:
@@ -42,14 +42,8 @@ def contenders(aq, a_scale, wq, w_scale, sides: tuple, plan_override=None) -> di
     library's own (M = 1, whose own plan is the gemv)."""
 
     def with_settings(eager_from, captured_from, ahead: bool):
-        def run():
-            kept = G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD
-            G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD = eager_from, captured_from, ahead
-            try:
-                return G.gemm(aq, a_scale, wq, w_scale, None, torch.bfloat16, plan_override=plan_override)
-            finally:
-                G.SKINNY_TMA, G.SKINNY_TMA_CAPTURED, G.SKINNY_SCALES_AHEAD = kept
-        return run
+        return gemm_under(dict(SKINNY_TMA=eager_from, SKINNY_TMA_CAPTURED=captured_from, SKINNY_SCALES_AHEAD=ahead),
+                          aq, a_scale, wq, w_scale, plan_override)
 
     known = {"pointer": (None, None), "tma": (1, None), "tma_host": (None, 1)}  # 1: every block_m
     fns = {}
