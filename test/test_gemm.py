@@ -571,29 +571,32 @@ def test_skinny_tma_loads_keep_the_bits_of_pointer_loads(monkeypatch, M, N, K, s
     in the kernel, zeros past N, M and K), and so does SKINNY_TMA_CAPTURED while a CUDA graph is
     captured (descriptors made on the host; a capture is stood in for here), not what it adds: bit
     for bit the pointer path's output, and right against the reference, with ragged N, M and K,
-    split-K, single and paired K steps and group members (one weight ragged, each member its own
-    descriptor). Where TMA cannot load an operand (a row stride or base address not a multiple of
+    split-K, single and paired K steps and three group members in one launch (ragged weights, each
+    member its own descriptor). Where TMA cannot load an operand (a row stride or base address not a multiple of
     16 bytes) the pointer path serves the call."""
     monkeypatch.setattr(G, "SKINNY_TMA", None)
     monkeypatch.setattr(G, "SKINNY_TMA_CAPTURED", None)
     x, aq, as_, wq, ws, b = _operands(M, N, K, torch.float8_e4m3fn, seed=M + N + K)
     p = G.Plan("skinny", max(16, 1 << (M - 1).bit_length()), 64, 4, 3, split_k=split, groups_k=groups_k)
     w2q, w2s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(70, K), (128, 128), torch.float8_e4m3fn))
+    w3q, w3s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(40, K), (128, 128), torch.float8_e4m3fn))
+    b2, b3 = torch.randn(70).to(KERNEL_DEVICE), torch.randn(40).to(KERNEL_DEVICE)  # all members biased: one launch
+    group = ([wq, w2q, w3q], [ws, w2s, w3s], [b, b2, b3])
     expected = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
-    expected_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)  # the planner's plan
-    seen = []
+    expected_group = G.gemm_group(aq, as_, *group, torch.float32)  # the planner's plan
+    seen, members = [], []
     real = G._streaming_meta
-    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-2:]), real(*a))[1])  # (tma, host_tma)
+    monkeypatch.setattr(G, "_streaming_meta",
+                        lambda *a: (seen.append(a[-2:]), members.append(a[8]), real(*a))[2])  # (tma, host_tma)
     if host:
         monkeypatch.setattr(G, "SKINNY_TMA_CAPTURED", 1)  # every block_m
         monkeypatch.setattr(G, "_capturing", lambda a: True)
     else:
         monkeypatch.setattr(G, "SKINNY_TMA", 1)
     got = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
-    got_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    got_group = G.gemm_group(aq, as_, *group, torch.float32)
     group_skinny = G.plan(M, N, K, tma=False).kind == "skinny"  # else the gemv, which has no descriptors
-    assert seen[0] == (True, host) and len(seen) > 1
-    assert all(t == (group_skinny, host and group_skinny) for t in seen[1:])
+    assert seen == [(True, host), (group_skinny, host and group_skinny)] and members == [1, 3]
     assert torch.equal(got, expected)
     for g, e in zip(got_group, expected_group):
         assert torch.equal(g, e)
