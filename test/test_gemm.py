@@ -150,9 +150,9 @@ def test_gemv_slab_in_either_axis_order_matches_reference(monkeypatch, M, N, K, 
     fused = G.linear_fused(x16, wq, ws, b, torch.bfloat16, plan_override=p)
     assert torch.equal(fused.view(torch.int16), G.gemm(xq, xs, wq, ws, b, torch.bfloat16, plan_override=p).view(torch.int16))
     w2q, w2s = wq[:67], ws[:1]  # a second member of N = 67 in the same launch
-    outs = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    outs = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, b[:67]], torch.float32)
     _check(outs[0], aq, as_, wq, ws, b, torch.float32)
-    _check(outs[1], aq, as_, w2q, w2s, None, torch.float32)
+    _check(outs[1], aq, as_, w2q, w2s, b[:67], torch.float32)
 
 
 @pytest.mark.parametrize("programs,split,flatten", [(5, 3, False), (8, 2, True), (7, 4, False), (16, 2, True)])
@@ -538,29 +538,30 @@ def test_gemv_unmasked_keeps_the_bits_of_masked_loads(monkeypatch, N, K, bn, gro
     x, aq, as_, wq, ws, b = _operands(1, N, K, torch.float8_e5m2, seed=N + K)
     p = G.Plan("gemv", 1, bn, 4, 1, split_k=split, groups_k=groups_k)
     w2q, w2s = (t.to(KERNEL_DEVICE) for t in reference.quantize(torch.randn(2 * bn, K), (128, 128), torch.float8_e5m2))
+    b2 = torch.randn(2 * bn).to(KERNEL_DEVICE)  # both members biased: one grouped launch
     x16 = x.to(torch.bfloat16)
     expected = G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p)
     expected_fused = G.linear_fused(x16, wq, ws, b, torch.bfloat16, plan_override=p)
-    expected_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    expected_group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, b2], torch.float32)
     seen = []
     real = G._streaming_meta
-    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append(a[-3]), real(*a))[1])  # unmasked
+    monkeypatch.setattr(G, "_streaming_meta", lambda *a: (seen.append((a[-3], a[8])), real(*a))[1])  # (unmasked, members)
     monkeypatch.setattr(G, "GEMV_UNMASKED", True)
     assert torch.equal(G.gemm(aq, as_, wq, ws, b, torch.float32, plan_override=p), expected)
     assert torch.equal(G.linear_fused(x16, wq, ws, b, torch.bfloat16, plan_override=p).view(torch.int16),
                        expected_fused.view(torch.int16))
-    group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, None], torch.float32)
+    group = G.gemm_group(aq, as_, [wq, w2q], [ws, w2s], [b, b2], torch.float32)
     assert all(torch.equal(g, e) for g, e in zip(group, expected_group))
     own = G.plan(1, N, K, tma=False)
-    assert seen[:2] == [True, True] and seen[2:] == [G._gemv_unmasked(own, 1, K, (N, 2 * bn))] * len(seen[2:])
+    assert seen == [(True, 1), (True, 1), (G._gemv_unmasked(own, 1, K, (N, 2 * bn)), 2)]
     _check(expected, aq, as_, wq, ws, b, torch.float32)
     seen.clear()  # ragged N, then ragged K: the masked kernel
     ragged = G.gemm(aq, as_, wq[: N - 1], ws, b[: N - 1], torch.float32, plan_override=p)
-    assert seen == [False] and torch.equal(ragged, expected[:, : N - 1])
+    assert seen == [(False, 1)] and torch.equal(ragged, expected[:, : N - 1])
     x2, aq2, as2, wq2, ws2, b2 = _operands(1, N, K - 3, torch.float8_e5m2, seed=N)
     seen.clear()
     _check(G.gemm(aq2, as2, wq2, ws2, b2, torch.float32, plan_override=p), aq2, as2, wq2, ws2, b2, torch.float32)
-    assert seen == [False]
+    assert seen == [(False, 1)]
 
 
 @pytest.mark.parametrize("M,N,K,split,groups_k", [(1, 200, 1024, 2, 2), (5, 130, 640, 1, 2), (16, 64, 1000 + 8, 1, 1),
