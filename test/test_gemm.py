@@ -486,6 +486,23 @@ def test_linear_on_a_narrow_weight_runs_the_plan_of_its_card(monkeypatch, M, N, 
     _check(got, aq, as_, wq, ws, b, torch.bfloat16)
 
 
+@pytest.mark.parametrize("M,cluster,programmatic,under_pdl", [
+    (80, 1, True, True), (256, 1, True, True), (257, 1, True, False), (1024, 1, True, False),
+    (256, 2, True, False), (128, 1, False, False)])
+def test_ws_launch_is_programmatic_up_to_ws_pdl_max_m(monkeypatch, M, cluster, programmatic, under_pdl):
+    """The ws kernel launches under PDL (behind the activation quantization, which lets it launch
+    at its start) at M <= gemm.WS_PDL_MAX_M on one CTA, where ``programmatic_launch`` allows PDL
+    (not in the interpreter, nor with BLOCKWISE_FP8_PDL=0); larger M and 2-CTA clusters launch as
+    before. The rule's logic, with the launch itself stubbed (the GPU suite runs the kernel)."""
+    seen = []
+    monkeypatch.setattr(G, "ws_usable", lambda a, w: True)
+    monkeypatch.setattr(G, "programmatic_launch", lambda device: programmatic)
+    monkeypatch.setattr(gemm_hopper, "gemm_ws", lambda *args, **kw: seen.append(kw["pdl"]) or args[5])
+    _, aq, as_, wq, ws, _ = _operands(M, 512, 256, torch.float8_e5m2, seed=M)
+    G.gemm(aq, as_, wq, ws, None, torch.bfloat16, plan_override=G.Plan("ws", 128, 128, 4, 4, cluster=cluster))
+    assert seen == [under_pdl]
+
+
 def test_split_k_is_deterministic_and_leaves_counters_zero():
     """The last program of a tile adds the partials in split order: the same bits every call,
     equal to the float32 sum of the per-split products; the arrival counters end at zero."""
@@ -1245,7 +1262,7 @@ mma, barriers, pair_barriers = H.cluster_layouts(cluster)
 consts = dict(HAS_BIAS=True, CONSUMERS=consumers, GROUP_M=8, NUM_PROGRAMS=132 // cluster,
               STAGES=6 if scales_tma else 4, TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=H.CONSUMER_REGS[consumers],
               PRODUCER_REGS=H.PRODUCER_REGS[consumers], CLUSTER=cluster, MMA=mma, BARRIERS=barriers,
-              PAIR_BARRIERS=pair_barriers)
+              PAIR_BARRIERS=pair_barriers, PDL=cluster == 1)
 s_desc = f"tensordesc<fp32[1, 128],{H.SCALE_SMEM!r}>" if scales_tma else "*fp32"
 pointers = dict(a_desc=desc(128 if consumers == 2 else 64, H.A_BOX_CGA[cluster]),
                 w_desc=desc(128 * cluster, H.W_BOX_CGA[cluster]), s_desc=s_desc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
@@ -1256,6 +1273,11 @@ types = [pointers.get(n, "constexpr" if n in consts else "i32") for n in names]
 aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers if n.endswith("_ptr")}
 src = GluonASTSource(H.gemm_ws_kernel, dict(zip(names, types)), {(names.index(k),): v for k, v in consts.items()}, aligned)
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_ctas": cluster})
+ptx = kernel.asm["ptx"].splitlines()
+wait = next((i for i, l in enumerate(ptx) if "griddepcontrol.wait" in l), len(ptx))
+pdl = {"pdl_waits": sum("griddepcontrol.wait" in l for l in ptx),
+       "memory_before_wait": sum(any(k in l for k in ("ld.global", "st.global", "cp.async", "atom.", "red.", "prefetch"))
+                                 for l in ptx[:wait])}
 try:  # TRITON_NVDISASM_PATH where set (a slim Triton on the GPU machines ships none), else Triton's own
     nvdisasm = triton.knobs.nvidia.nvdisasm.path
 except Exception:
@@ -1281,7 +1303,7 @@ print(json.dumps({"gmma": sass.count("GMMA"), "depbar": sass.count("WARPGROUP.DE
                   "depbar1": sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1"), "k_loops": len(inner),
                   "spills": sass.count("STL") + sass.count("LDL"), "loop_spills": loop_spills,
                   "loop_fences": loop_fences,
-                  "ldg128": sass.count("LDG.E.128"), "multicast": sass.count("UTMALDG.2D.MULTICAST")}))
+                  "ldg128": sass.count("LDG.E.128"), "multicast": sass.count("UTMALDG.2D.MULTICAST"), **pdl}))
 """
 
 
@@ -1295,7 +1317,9 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
     loop one wait that leaves the second product in flight (``DEPBAR.LE gsb0, 0x1``), one for
     it, one for the odd last block; three take one block per step. The split tail has a second
     K loop. The same with the activation scales carried by the ring (``scales_tma``: 6 stages, as
-    the plan gives it). In a fresh process, without TRITON_INTERPRET and with an empty kernel cache: after
+    the plan gives it). On one CTA it is compiled as launched under PDL (``gemm.WS_PDL_MAX_M``):
+    its PTX must hold the wait and no global access before it. In a fresh process, without
+    TRITON_INTERPRET and with an empty kernel cache: after
     this suite's interpreted kernels, Triton's Gluon front end mis-typed the descriptor
     arguments."""
     import json
@@ -1341,6 +1365,12 @@ def test_ws_kernel_compiles_for_sm90_without_serialised_wgmma(tmp_path, consumer
     # with 2-CTA clusters the lead CTA multicasts each K step's A boxes to the pair (three 64-row
     # ones, or one of 128 rows); the W box stays a plain copy (each CTA its half)
     assert counts["multicast"] == ((3 if consumers == 3 else 1) if cluster == 2 else 0)
+    # compiled as launched under PDL (gemm.WS_PDL_MAX_M; one CTA only): one griddepcontrol.wait
+    # per thread of the default partition, and no global access (nor TMA copy) before it
+    if cluster == 1:
+        assert counts["pdl_waits"] == 1 and counts["memory_before_wait"] == 0
+    else:
+        assert counts["pdl_waits"] == 0
 
 
 _PDL_PROBE = """
@@ -1382,7 +1412,8 @@ def count(lines, *keys):
 
 def gemm_counts(lines):
     return {"trigger": count(lines, "griddepcontrol.launch_dependents"), "prefetch": count(lines, "prefetch.global.L2"),
-            "memory": count(lines, "ld.", "st.", "cp.async.ca", "cp.async.cg", "atom.", "red.") - count(lines, "ld.param")}
+            "memory": count(lines, "ld.", "st.", "cp.async.ca", "cp.async.cg", "cp.async.bulk", "atom.", "red.")
+                      - count(lines, "ld.param")}
 
 
 skinny = gemm_counts(before_wait(G.gemm_skinny_kernel, dict(streaming, SCALES_AHEAD=True, BLOCK_M=16, BLOCK_N=64,

@@ -1307,6 +1307,20 @@ SKINNY_TRIGGER_AFTER_LOOP = True
 SKINNY_PREFETCH_BLOCKS = 2
 
 
+# Up to which M the ws kernel (on one CTA) launches under programmatic dependent launch, where
+# ``quant.programmatic_launch`` allows it (0: never). The activation quantization lets the next
+# grid launch at its start, so the GEMM's CTAs set up (shared memory, barriers) while it
+# finishes instead of after the launch gap, and wait for it (griddepcontrol.wait) before any
+# global access; same bits. Timed (session 38, H200, e5m2, `linear` in CUDA graphs, us, with /
+# without; benchmarks/results/persistent-pdl-h200-2026-11-28-s38/): 3-8% less time at M = 80-256
+# on 9 of 12 cells (4096 x 4096 at M = 128 13.7 / 14.2; 8192 x 8192 at M = 256 35.1 / 37.1;
+# 1024 x 4096 at M = 256 12.1 / 13.1), level at 3 (within 0.5%); at M = 512-1024 0.955-1.027,
+# 1-3% slower on 6 of 10 cells (28672 x 4096 at M = 512 138.1 / 134.4). The tma kernel (64 x 64
+# tiles on narrow weights) lost 25-29% under PDL (1024 x 4096 at M = 80 13.5 / 10.5), so it
+# launches as before; 2-CTA clusters (M >= 4096) were not tried.
+WS_PDL_MAX_M = 256
+
+
 def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
     M, K = a.shape
     N = w.shape[0]
@@ -1353,7 +1367,8 @@ def _run(a, a_scale, w, w_scale, bias, out_dtype, *, fuse_quant, plan_override):
         return gemm_hopper.gemm_ws(a, a_scale, w, w_scale, bias, out, programs=programs, block_m=p.block_m,
                                    stages=p.num_stages, group_m=p.group_m, tail_start=tail_start,
                                    tail_split=tail_split, partial=partial, arrivals=arrivals,
-                                   scales_tma=p.scales_tma, cluster=p.cluster)
+                                   scales_tma=p.scales_tma, cluster=p.cluster,
+                                   pdl=p.cluster == 1 and M <= WS_PDL_MAX_M and programmatic_launch(a.device))
     if p.kind == "tma":
         _set_tma_allocator()
         a_desc = TensorDescriptor.from_tensor(a, [p.block_m, SCALE_BLOCK])

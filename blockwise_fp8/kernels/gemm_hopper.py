@@ -66,6 +66,7 @@ import torch
 import triton
 
 from .launch import launch, prefer_l1
+from .quant import pdl_launch_options
 
 try:
     from triton.experimental import gluon
@@ -162,6 +163,17 @@ if AVAILABLE:
         addresses each CTA uses for itself (its weight scales), never a store."""
         return gl.inline_asm_elementwise("mov.u32 $0, %cluster_ctarank;", "=r,r", [gl.zeros_like(like)],
                                          dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _wait_for_previous_grid():
+        """griddepcontrol.wait in each thread of the default partition: under PDL the grid before
+        (the activation quantization) may still be running; this returns once it has finished
+        and its writes are visible to this grid. The worker partitions start only when the
+        default one reaches ``warp_specialize``, so nothing of the GEMM reads or writes global
+        memory before it."""
+        like = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        gl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r,r", [gl.zeros_like(like)],
+                                  dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _tail_unit(u, tail_start, num_m, num_n, k_blocks, GROUP_M: gl.constexpr, TAIL_SPLIT: gl.constexpr):
@@ -449,7 +461,7 @@ if AVAILABLE:
         HAS_BIAS: gl.constexpr, CONSUMERS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
         STAGES: gl.constexpr, TAIL_SPLIT: gl.constexpr, SCALES_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr, CLUSTER: gl.constexpr, MMA: gl.constexpr, BARRIERS: gl.constexpr,
-        PAIR_BARRIERS: gl.constexpr,
+        PAIR_BARRIERS: gl.constexpr, PDL: gl.constexpr,
     ):
         """Layouts as in ``kernels/gemm.py``; CONSUMERS 2 or 3; w_desc is a 128 x 128 fp8 TMA
         descriptor, a_desc 128 x 128 with two consumers, 64 x 128 with three. With SCALES_TMA
@@ -465,7 +477,11 @@ if AVAILABLE:
         A boxes to both, so each A box crosses L2 once for two CTAs: a_desc's layout broadcasts over the pair,
         w_desc is a 256 x 128 box split between them, NUM_PROGRAMS counts pairs. MMA is the
         accumulators' layout, BARRIERS the per-CTA barriers' and PAIR_BARRIERS the pair's
-        (``cluster_layouts``)."""
+        (``cluster_layouts``).
+
+        PDL: launched programmatically (``launch_pdl``) behind the grid that wrote its operands;
+        the shared memory and barriers are set up while that grid finishes, and every global
+        access comes after ``_wait_for_previous_grid``."""
         if CONSUMERS == 2:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 2 * ROWS, BLOCK], a_desc.layout)
         else:
@@ -491,6 +507,8 @@ if AVAILABLE:
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         fence_async_shared()  # the initialised barriers must be visible to the TMA engine
+        if PDL:
+            _wait_for_previous_grid()
         # (warp_specialize takes its partitions as a literal list, hence the two spellings)
         if CONSUMERS == 2:
             gl.warp_specialize([
@@ -685,7 +703,7 @@ def _rows_for_boxes(a: torch.Tensor, rows: int, block_m: int, n: int) -> torch.T
 
 def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 128, stages: int = 4,
             group_m: int = 8, tail_start: int | None = None, tail_split: int = 1, partial=None, arrivals=None,
-            scales_tma: bool = False, cluster: int = 1) -> torch.Tensor:
+            scales_tma: bool = False, cluster: int = 1, pdl: bool = False) -> torch.Tensor:
     """Launch ``programs`` persistent programs on operands that ``kernels.gemm._run`` has checked,
     into its ``out``; the split tail's buffers come from there too (``tail_start`` None: no tail).
     Tiles: 128 x 128 or 192 x 128 (``TILES``). With ``scales_tma`` (the plan's choice) the ring
@@ -693,7 +711,9 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
     the consumers read them from memory. ``cluster = 2``: 2-CTA clusters that share the A boxes
     (Triton >= 3.9, no split tail, scales from memory); ``programs`` then counts clusters. The
     plans take them for 192-row tiles only; 128-row tiles on pairs (K blocks in pairs, as on one
-    CTA) pass the GPU tests but were 3-6% slower than on one CTA at M = 1024-4096 (session 29)."""
+    CTA) pass the GPU tests but were 3-6% slower than on one CTA at M = 1024-4096 (session 29).
+    ``pdl`` (one CTA only): launched behind the grid before under programmatic dependent launch
+    (``quant.programmatic_launch``); the kernel waits for that grid before any global access."""
     M, K = a.shape
     N = w.shape[0]
     block = int(BLOCK)
@@ -705,6 +725,8 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
             "2-CTA clusters need Triton >= 3.9 (multicast TMA) and run without a split tail or staged scales; "
             f"got Triton multicast={MULTICAST}, tail_split={tail_split}, scales_tma={scales_tma}"
         )
+    if pdl and cluster > 1:
+        raise ValueError("the ws kernel waits for the grid before (pdl) on one CTA only, not on clusters")
     box = block_m if consumers == 2 else int(ROWS)  # A rows per TMA copy (see _producer)
     # The descriptors span the rows of the last tile where the storage holds them (see rows_view);
     # M stays the true row count, which masks the output
@@ -727,7 +749,8 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
         M, N, K, tail_start,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), out.stride(1),
-    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split, scales_tma, cluster))
+    ), _ws_meta(bias is not None, consumers, group_m, programs, stages, tail_split, scales_tma, cluster,
+                pdl))
     if cluster > 1 and compiled is not None:
         key = (a.device.index or 0, consumers, stages)
         if key not in _PAIRS_FIT:
@@ -737,13 +760,13 @@ def gemm_ws(a, a_scale, w, w_scale, bias, out, *, programs: int, block_m: int = 
 
 @functools.lru_cache(maxsize=1024)
 def _ws_meta(has_bias: bool, consumers: int, group_m: int, programs: int, stages: int, tail_split: int,
-             scales_tma: bool, cluster: int = 1) -> tuple:
+             scales_tma: bool, cluster: int = 1, pdl: bool = False) -> tuple:
     mma, barriers, pair_barriers = cluster_layouts(cluster)
     meta = dict(
         HAS_BIAS=has_bias, CONSUMERS=consumers, GROUP_M=group_m, NUM_PROGRAMS=programs, STAGES=stages,
         TAIL_SPLIT=tail_split, SCALES_TMA=scales_tma, CONSUMER_REGS=CONSUMER_REGS[consumers],
         PRODUCER_REGS=PRODUCER_REGS[consumers], CLUSTER=cluster, MMA=mma, BARRIERS=barriers,
-        PAIR_BARRIERS=pair_barriers, num_warps=4,
+        PAIR_BARRIERS=pair_barriers, PDL=pdl, num_warps=4, **pdl_launch_options(pdl),
     )
     if cluster > 1:
         meta["num_ctas"] = cluster
