@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The open H100 questions of sessions 34-37 (each measured on an H200 only), as one device call
+# The open H100 questions of sessions 34-38 (each measured on an H200 only), as one device call
 # per PART (each about 5-8 minutes cold), writing to ${OUT:-/tmp}:
 #   PART=1  mid M on the ws tiles: should the H100 take the "other" table's M = 65-256 rule
 #           (probe_mid_m_ws.py --wide), and auto's M = 65-256 bands with today's plans (ab_auto.py)
@@ -9,6 +9,8 @@
 #           pointer / kernel-made / host-made on the grid's four weights, M = 1-64, e5m2
 #           (ab_skinny_tma.py; M = 1: the gemv plan beside the M = 2 skinny plan), then the GPU
 #           tests that session could not run in their final form (test_launch's replay test)
+#   PART=4  the ws kernel under PDL up to M = 256 (session 38, gemm.WS_PDL_MAX_M): linear with and
+#           without, M = 80-1024 (ab_persistent_pdl.py), about 3 minutes
 # Carry .whl (torchao) and, for Triton 3.9, .t39 (benchmarks/slim_triton.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -42,6 +44,10 @@ case "${PART:-1}" in
         test/test_gemm.py -k "replayed or skinny or capture or graph"
     grep -E "passed|failed" "$out/gpu-tests.log"
     cat "$out/ab-skinny-tma.txt" ;;
+4)
+    step 300 ab-persistent-pdl python3 benchmarks/ab_persistent_pdl.py "$out/ab-persistent-pdl.txt" \
+        --cells 4096x4096,8192x8192,10240x8192,4096x14336,28672x4096 --ms 80,128,160,256,512,1024 --heat 0.3
+    cat "$out/ab-persistent-pdl.txt" ;;
 *)
-    echo "PART is 1, 2 or 3, got ${PART}" >&2; exit 2 ;;
+    echo "PART is 1, 2, 3 or 4, got ${PART}" >&2; exit 2 ;;
 esac
