@@ -7,20 +7,11 @@ M = 64, N = K = 4096. The same rows twice: with the real launchers, then with ``
 wrapper layers alone on this host), then a torch.profiler table of one eager linear. Session 12:
 results/host-layers-h100-2026-11-27-s12-{before,after}.txt (before/after kernels/launch.py).
 """
-import sys, time
+import sys
 import torch, torch.nn.functional as F
 from blockwise_fp8 import ops
 from blockwise_fp8.kernels import gemm as G, quant as Q
-from host_timing import issue_us
-
-def b2b(fn, n=300):
-    for _ in range(10): fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n): fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
+from host_timing import back_to_back_us as b2b, issue_us
 
 out = open(sys.argv[1], "w")
 def say(s=""):

@@ -19,7 +19,6 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +26,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from blockwise_fp8 import BlockwiseFP8Config, ops  # noqa: E402
 from blockwise_fp8.demo_model import LLAMA3_8B, DecoderConfig, DecoderStack, init_weights  # noqa: E402
+from host_timing import back_to_back_us  # noqa: E402
 
 
 def host_us(fn, calls: int = 200) -> float:
     """Mean wall time per call of ``calls`` back-to-back calls, after a warm-up (no sync inside)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    launch = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return launch
+    return back_to_back_us(fn, calls)
 
 
 def profile(fn, calls: int = 100, rows: int = 22) -> str:

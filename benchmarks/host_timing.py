@@ -2,6 +2,9 @@
 
     issue_us(fn, n)   median over n calls of the host time of fn(), the GPU queue emptied before
                       each (a synchronize), so the call measures its own issue cost, not a wait
+    back_to_back_us(fn, n)
+                      mean host time of n calls issued back to back (what a host-bound loop
+                      sees; keep each call's GPU work short so the host stays the bound)
 """
 import statistics, time
 import torch
@@ -19,3 +22,15 @@ def issue_us(fn, n=300):
         ts.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     return statistics.median(ts) * 1e6
+
+
+def back_to_back_us(fn, n=300):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return t

@@ -469,7 +469,11 @@ def _kernels():
 
 
 def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """The CUDA device of ``t`` made current for the kernels' launches (a no-op context where it
+    already is: entering and leaving torch.cuda.device costs a few microseconds a call)."""
+    if t.device.type != "cuda" or t.device.index == torch._C._cuda_getDevice():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -501,9 +505,49 @@ class _NoGradientFormula(torch.autograd.Function):
         )
 
 
+# Eager calls with nothing to intercept them skip the dispatcher: they call the op's body, which is
+# all its one kernel (CompositeExplicitAutograd) would run. The round trip through the dispatcher
+# into a Python kernel measured about 10 us of an eager linear's 100-150 us of host time
+# (benchmarks/NOTES.md, sessions 24 and 39). Everything that sees ops goes on through it: tracing
+# and compiling (fake tensors, torch.compile), tensor subclasses, TorchDispatchModes and
+# TorchFunctionModes, functorch transforms (vmap, grad) and the profiler, which records the op's
+# name. Set False to send every call through the dispatcher.
+DIRECT_EAGER_CALLS = True
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # a Parameter overrides nothing
+_NOT_TENSORS = (int, float, bool, str, torch.dtype, type(None))  # the ops' other argument types
+
+
+def _plain_tensors(args) -> bool:
+    for a in args:
+        kind = type(a)
+        if kind in _PLAIN_TENSOR_TYPES or kind in _NOT_TENSORS:
+            continue
+        if kind is list or kind is tuple:  # gemm_group's weights
+            if not _plain_tensors(a):
+                return False
+        else:  # a tensor subclass (fake, functional, DTensor, ...) or anything unforeseen
+            return False
+    return True
+
+
+def _nothing_intercepts(args) -> bool:
+    """Whether an eager call of one of our ops on ``args`` would reach its kernel untouched."""
+    C = torch._C
+    return (
+        C._len_torch_dispatch_stack() == 0
+        and not C._is_torch_function_mode_enabled()
+        and not C._are_functorch_transforms_active()
+        and not C._autograd._profiler_enabled()
+        and _plain_tensors(args)
+    )
+
+
 def _custom_op(name: str):
     """Define ``torch.ops.blockwise_fp8.<name>`` from the annotated function; return a caller of
-    it (the op itself is ``.op``) that refuses to be differentiated through."""
+    it (the op itself is ``.op``) that refuses to be differentiated through, and that runs the
+    function directly where nothing would intercept the op (``DIRECT_EAGER_CALLS``)."""
 
     def register(fn):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
@@ -515,6 +559,9 @@ def _custom_op(name: str):
                 for a in args:
                     if isinstance(a, torch.Tensor) and a.requires_grad:
                         return _NoGradientFormula.apply(op, *args)
+            # is_compiling first: Dynamo folds it, and never traces the checks after it
+            if not torch.compiler.is_compiling() and DIRECT_EAGER_CALLS and _nothing_intercepts(args):
+                return fn(*args)
             return op(*args)
 
         call.op = op

@@ -143,6 +143,78 @@ def test_no_gradient_is_refused_not_invented():
         assert not bf.linear(x, w_q, w_s).requires_grad
 
 
+# ----------------------------------------------------------------------------- eager calls and the dispatcher
+
+
+def _operands(M=4, K=256, N=256):
+    torch.manual_seed(0)
+    w_q, w_s = bf.quantize_weight(torch.randn(N, K))
+    return torch.randn(M, K, dtype=torch.bfloat16), w_q, w_s
+
+
+def test_direct_eager_calls_give_the_dispatchers_results(monkeypatch):
+    x, w_q, w_s = _operands()
+    w_q = torch.nn.Parameter(w_q, requires_grad=False)  # as BlockwiseFP8Linear holds it
+    a_q, a_s = bf.quantize_activation(x)
+    calls = [lambda: bf.linear(x, w_q, w_s), lambda: bf.gemm(a_q, a_s, w_q, w_s),
+             lambda: bf.quantize_activation(x), lambda: bf.dequantize(a_q, a_s, (1, 128))]
+    for call in calls:
+        direct = call()
+        monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", False)
+        through = call()
+        monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", True)
+        for d, t in zip(direct if isinstance(direct, tuple) else (direct,), through if isinstance(through, tuple) else (through,)):
+            assert d.dtype == t.dtype and torch.equal(d.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_direct_calls_only_where_nothing_intercepts_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, w_q, w_s = _operands()
+    args = (x, w_q, w_s, None, torch.float8_e4m3fn, torch.bfloat16, "reference")
+    assert ops._nothing_intercepts(args)
+    assert ops._nothing_intercepts((x, torch.nn.Parameter(w_q, requires_grad=False), [w_s, None], 3, "auto"))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not ops._nothing_intercepts((fake,) + args[1:])
+    assert not ops._nothing_intercepts((x, [w_q, fake]))
+    assert not ops._nothing_intercepts((bf.BlockwiseFP8Tensor.from_hp(torch.randn(128, 128)),))
+    assert not ops._nothing_intercepts((x, object()))  # an argument of a kind nobody foresaw
+    with TorchDispatchMode():
+        assert not ops._nothing_intercepts(args)
+    with TorchFunctionMode():
+        assert not ops._nothing_intercepts(args)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert not ops._nothing_intercepts(args)
+    seen = []
+    torch.func.vmap(lambda row: seen.append(ops._nothing_intercepts((row,))) or row)(x)
+    assert seen == [False]
+    assert ops._nothing_intercepts(args)  # and back once they are gone
+
+
+def test_modes_and_the_profiler_still_see_eager_calls():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w_q, w_s = _operands()
+    with Log() as log:
+        bf.linear(x, w_q, w_s)
+    assert "blockwise_fp8.linear.default" in log.ops
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        bf.linear(x, w_q, w_s)
+    assert any(e.key == "blockwise_fp8::linear" for e in prof.key_averages())
+
+
 # ----------------------------------------------------------------------------- shapes and values
 
 
