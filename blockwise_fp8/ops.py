@@ -509,8 +509,8 @@ class _NoGradientFormula(torch.autograd.Function):
 # all its one kernel (CompositeExplicitAutograd) would run. The round trip through the dispatcher
 # into a Python kernel measured about 10 us of an eager linear's 100-150 us of host time
 # (benchmarks/NOTES.md, sessions 24 and 39). Everything that sees ops goes on through it: tracing
-# and compiling (fake tensors, torch.compile), tensor subclasses, TorchDispatchModes and
-# TorchFunctionModes, functorch transforms (vmap, grad) and the profiler, which records the op's
+# and compiling (fake tensors, torch.compile, torch.jit.trace), tensor subclasses, TorchDispatchModes
+# and TorchFunctionModes, functorch transforms (vmap, grad) and the profiler, which records the op's
 # name. Set False to send every call through the dispatcher.
 DIRECT_EAGER_CALLS = True
 
@@ -540,6 +540,7 @@ def _nothing_intercepts(args) -> bool:
         and not C._is_torch_function_mode_enabled()
         and not C._are_functorch_transforms_active()
         and not C._autograd._profiler_enabled()
+        and C._get_tracing_state() is None  # torch.jit.trace records ops through the dispatcher
         and _plain_tensors(args)
     )
 

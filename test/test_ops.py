@@ -190,7 +190,8 @@ def test_direct_calls_only_where_nothing_intercepts_the_op():
         assert not ops._nothing_intercepts(args)
     seen = []
     torch.func.vmap(lambda row: seen.append(ops._nothing_intercepts((row,))) or row)(x)
-    assert seen == [False]
+    torch.jit.trace(lambda t: seen.append(ops._nothing_intercepts((t,))) or t * 2, (x,), check_trace=False)
+    assert seen == [False, False]
     assert ops._nothing_intercepts(args)  # and back once they are gone
 
 
