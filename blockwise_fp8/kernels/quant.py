@@ -101,8 +101,13 @@ def divide_by_block_scale(x, scale):
     r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     ax = tl.abs(x) * f
     q = ax * r
-    q = tl.fma(tl.fma(-q, s, ax), r, q)
-    q = tl.abs(tl.fma(tl.fma(-q, s, ax), r, q))
+    # fma(q, -s, ax) is fma(-q, s, ax) (negating is exact, the fma rounds once), but Triton 3.6
+    # computes a negated q apart (FFMA.RZ + FADD) instead of folding it in: written this way the
+    # quantization compiles to 744 sm_90 instructions a thread instead of 808 (3.9: 688 either
+    # way) and runs 5-7% faster under 3.6 on an H200, same bits (benchmarks/NOTES.md, session 40).
+    neg_s = -s
+    q = tl.fma(tl.fma(q, neg_s, ax), r, q)
+    q = tl.abs(tl.fma(tl.fma(q, neg_s, ax), r, q))
     sign = x.to(tl.int32, bitcast=True) & -2147483648
     return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
