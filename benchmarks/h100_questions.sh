@@ -13,7 +13,7 @@
 #           without, M = 80-1024 (ab_persistent_pdl.py), about 3 minutes
 #   PART=5  session 39: is the H100's activation quantization bound by instructions too
 #           (probe_quant_alu.py under Triton 3.9 and 3.6: the clamp's 2-3% on an H200, and the
-#           exact "negated divisor" variant, untimed), and the eager dispatcher bypass on
+#           negated divisor, 5-7% under 3.6 on an H200, adopted in session 40), and the eager dispatcher bypass on
 #           the H100 machine's slower host (ab_eager_host.py), then the GPU tests the session's
 #           last call could not confirm (test_launch, test_compile's CUDA tests); about 8 minutes
 # Carry .whl (torchao) and, for Triton 3.9, .t39 (benchmarks/slim_triton.sh).
@@ -55,7 +55,7 @@ case "${PART:-1}" in
     cat "$out/ab-persistent-pdl.txt" ;;
 5)
     step 150 probe-quant-alu python3 benchmarks/probe_quant_alu.py "$out/probe-quant-alu.txt"
-    # and under the image's Triton 3.6, where the "negated divisor" variant saves 8% of the SASS
+    # and under the image's Triton 3.6, where the negated divisor (session 40) saved 8% of the SASS
     step 150 probe-quant-alu-36 env -u TRITON_PTXAS_PATH -u TRITON_PTXAS_BLACKWELL_PATH -u TRITON_CUOBJDUMP_PATH \
         -u TRITON_NVDISASM_PATH PYTHONPATH="$PWD" python3 benchmarks/probe_quant_alu.py "$out/probe-quant-alu-36.txt"
     step 90 ab-eager-host python3 benchmarks/ab_eager_host.py "$out/ab-eager-host.txt"

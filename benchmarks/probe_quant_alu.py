@@ -31,8 +31,8 @@ VARIANTS = [
         "    if not CVT_FP8:\n        y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)\n",
         "    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)\n    if not CVT_FP8:\n")]),
     ("no fma corrections (wrong)", [(
-        "    q = tl.fma(tl.fma(-q, s, ax), r, q)\n    q = tl.abs(tl.fma(tl.fma(-q, s, ax), r, q))\n", "    q = tl.abs(q)\n")]),
-    ("one fma correction (not exact)", [("    q = tl.fma(tl.fma(-q, s, ax), r, q)\n    q = tl.abs(", "    q = tl.abs(")]),
+        "    neg_s = -s\n    q = tl.fma(tl.fma(q, neg_s, ax), r, q)\n    q = tl.abs(tl.fma(tl.fma(q, neg_s, ax), r, q))\n", "    q = tl.abs(q)\n")]),
+    ("one fma correction (not exact)", [("    q = tl.fma(tl.fma(q, neg_s, ax), r, q)\n    q = tl.abs(", "    q = tl.abs(")]),
     ("no tiny-scale rescale (wrong)", [
         ("    f = tl.where(scale < _RESCALE_BELOW, _RESCALE, 1.0)\n    s = scale * f\n", "    s = scale\n"),
         ("    ax = tl.abs(x) * f\n", "    ax = tl.abs(x)\n")]),
@@ -40,12 +40,13 @@ VARIANTS = [
         "    return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)\n", "    return q\n")]),
     ("approximate reciprocal (not exact)", [(
         "    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)\n", "    r = 1.0 / s\n")]),
-    # Exact (fma(q, -s, ax) is fma(-q, s, ax): negation is exact, the fma rounds once). Under Triton
-    # 3.6 the library's -q costs an FFMA and an FADD an element (808 -> 744 SASS instructions per
-    # 32 elements, 128 -> 96 registers, sm_90, compiled locally); under 3.9 the counts are equal.
-    ("negated divisor (exact)", [(
-        "    q = tl.fma(tl.fma(-q, s, ax), r, q)\n    q = tl.abs(tl.fma(tl.fma(-q, s, ax), r, q))\n",
-        "    neg_s = -s\n    q = tl.fma(tl.fma(q, neg_s, ax), r, q)\n    q = tl.abs(tl.fma(tl.fma(q, neg_s, ax), r, q))\n")]),
+    # Exact (fma(-q, s, ax) is fma(q, -s, ax): negation is exact, the fma rounds once): the form the
+    # library had until session 40. Under Triton 3.6 the -q costs an FFMA and an FADD an element
+    # (744 -> 808 SASS instructions per 32 elements, 96 -> 128 registers, sm_90) and 5-7% of the
+    # time on an H200 (results/quant-negdiv-h200-2026-11-28-s40/); under 3.9 the counts are equal.
+    ("negated quotient (exact, before session 40)", [(
+        "    neg_s = -s\n    q = tl.fma(tl.fma(q, neg_s, ax), r, q)\n    q = tl.abs(tl.fma(tl.fma(q, neg_s, ax), r, q))\n",
+        "    q = tl.fma(tl.fma(-q, s, ax), r, q)\n    q = tl.abs(tl.fma(tl.fma(-q, s, ax), r, q))\n")]),
 ]
 
 
