@@ -25,12 +25,24 @@ def issue_us(fn, n=300):
 
 
 def back_to_back_us(fn, n=300):
+    return _loop_us(fn, n, wait=False)
+
+
+def wall_us(fn, n=300):
+    return _loop_us(fn, n, wait=True)
+
+
+def _loop_us(fn, n, wait):
+    """Mean us per call of ``n`` calls in a loop, the clock read before (``wait``: after) the GPU
+    has finished them."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
+    if wait:
+        torch.cuda.synchronize()
     t = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
     return t
