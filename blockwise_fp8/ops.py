@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import reference
+from . import reference, replay
 from .kernels.card import card
 
 __all__ = [
@@ -533,15 +533,60 @@ def _plain_tensors(args) -> bool:
 
 
 def _nothing_intercepts(args) -> bool:
-    """Whether an eager call of one of our ops on ``args`` would reach its kernel untouched."""
+    """Whether an eager call of one of our ops on ``args`` would reach its kernel untouched (the
+    mode of a call being recorded for replay watches it without intercepting)."""
     C = torch._C
     return (
-        C._len_torch_dispatch_stack() == 0
+        (C._len_torch_dispatch_stack() == 0 or (C._len_torch_dispatch_stack() == 1 and replay.watching()))
         and not C._is_torch_function_mode_enabled()
         and not C._are_functorch_transforms_active()
         and not C._autograd._profiler_enabled()
         and C._get_tracing_state() is None  # torch.jit.trace records ops through the dispatcher
         and _plain_tensors(args)
+    )
+
+
+# Eager ``linear`` calls replay the launches recorded from earlier calls of the same key
+# (blockwise_fp8.replay): the checks, the backend table and the kernels' plans ran for that key
+# already. Set False to run every call's Python in full.
+REPLAY_EAGER_CALLS = True
+
+
+def _eager_key(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend):
+    """What an eager ``linear`` call's launches depend on, or None where the call must run in full
+    (see blockwise_fp8.replay): any tensor not plain, autograd to record, anything intercepting
+    ops, a CUDA graph being captured, another device current, the reference backend."""
+    plain = _PLAIN_TENSOR_TYPES
+    if type(x) not in plain or type(w_q) not in plain or type(w_scale) not in plain:
+        return None
+    if type(backend) is not str or backend == "reference" or type(activation_dtype) is not torch.dtype:
+        return None  # (a wrong type is for the checks to report)
+    if out_dtype is not None and type(out_dtype) is not torch.dtype:
+        return None
+    device = x.device
+    if device.type == "cuda":
+        if device.index != torch._C._cuda_getDevice() or torch.cuda.is_current_stream_capturing():
+            return None
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+    elif backend == "triton" and _interpreting():
+        stream = None
+    else:
+        return None
+    if bias is None:
+        b = None
+    elif type(bias) not in plain:
+        return None
+    else:
+        b = (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() & 15, bias.requires_grad)
+    if torch.is_grad_enabled() and (x.requires_grad or w_q.requires_grad or w_scale.requires_grad or (b and b[5])):
+        return None
+    if not _nothing_intercepts(()):
+        return None
+    return (
+        x.shape, x.stride(), x.dtype, device, x.data_ptr() & 15,
+        w_q.shape, w_q.stride(), w_q.dtype, w_q.device, w_q.data_ptr() & 15,
+        w_scale.shape, w_scale.stride(), w_scale.dtype, w_scale.device, w_scale.data_ptr() & 15,
+        b, activation_dtype, out_dtype, backend, stream, os.environ.get("BLOCKWISE_FP8_PDL"),
     )
 
 
@@ -946,7 +991,21 @@ def linear(
     """``F.linear`` with a pre-quantized weight: ``x`` (any leading shape, high precision) is
     quantized in 1 x 128 blocks to ``activation_dtype`` and multiplied by the blockwise weight.
     ``out_dtype`` defaults to ``x.dtype``.
+
+    Eager calls replay the kernel launches that earlier calls of the same shapes, strides, dtypes,
+    devices and stream made (``blockwise_fp8.replay``; ``REPLAY_EAGER_CALLS``), with the same bits.
     """
+    # is_compiling first: Dynamo folds it, and never traces the key (which would graph-break)
+    if not torch.compiler.is_compiling() and REPLAY_EAGER_CALLS:
+        key = _eager_key(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend)
+    else:
+        key = None
+    if key is not None:
+        return replay.call(key, _linear, (x, w_q, w_scale, bias), (activation_dtype, out_dtype, backend))
+    return _linear(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend)
+
+
+def _linear(x, w_q, w_scale, bias, activation_dtype, out_dtype, backend) -> torch.Tensor:
     _check_input_dtype(x, "x")
     _check_fp8_dtype(activation_dtype, "activation_dtype")
     out_dtype = x.dtype if out_dtype is None else out_dtype

@@ -32,6 +32,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _no_replay_plans_across_tests():
+    """Each test starts without the eager-call plans of the tests before it (blockwise_fp8.replay):
+    a test that patches a tunable then sees its own setting at work, not a plan recorded before."""
+    from blockwise_fp8 import replay
+
+    replay.clear()
+    yield
+
+
 @pytest.fixture
 def kernel_device() -> str:
     return KERNEL_DEVICE

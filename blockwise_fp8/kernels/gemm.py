@@ -76,7 +76,7 @@ from .quant import (
     quantize_rows,
     wait_for_previous_grid,
 )
-from .launch import launch
+from .launch import launch, persistent
 from .rounding import cast_rtne, format_constexprs, output_format_constexprs
 
 SCALE_BLOCK = 128
@@ -1118,7 +1118,7 @@ def _arrival_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
         buf = made[0] if made else torch.zeros(n, dtype=torch.int32, device=device)
     else:
         buf = _zeros_on_another_thread(n, device)
-    _ARRIVALS[key] = buf
+    _ARRIVALS[key] = persistent(buf)  # a recorded call (blockwise_fp8.replay) keeps it
     return buf
 
 

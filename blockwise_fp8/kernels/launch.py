@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import warnings
 
 import torch
@@ -138,20 +139,78 @@ def _hooks_installed() -> bool:
     )
 
 
+# Launches being recorded on this thread (blockwise_fp8.replay): a list while a recording is on.
+_RECORDING = threading.local()
+
+
+def persistent(t: torch.Tensor) -> torch.Tensor:
+    """Mark ``t`` as a buffer that outlives the calls launching kernels on it (the split-K arrival
+    counters): a recorded call then keeps it by reference instead of refusing to be replayed.
+    Returns ``t``."""
+    t._blockwise_fp8_persistent = True
+    return t
+
+
+def is_persistent(t: torch.Tensor) -> bool:
+    return getattr(t, "_blockwise_fp8_persistent", False)
+
+
+def start_recording() -> list:
+    """Record this thread's launches from now on, into the list returned: per launch ``("launch",
+    kernel, grid, args, meta, compiled, tail, allocator)`` (``compiled`` and ``tail`` None where no
+    compiled kernel and its trailing parameters are known: the interpreter, a launch hook;
+    ``allocator`` that of its global scratch, see _scratch_allocator)."""
+    launches: list = []
+    _RECORDING.launches = launches
+    return launches
+
+
+def stop_recording() -> None:
+    _RECORDING.launches = None
+
+
 def launch(kernel, grid: tuple, args: tuple, meta: tuple):
     """``kernel[grid](*args, **dict(meta))``: ``args`` are the kernel's leading parameters in order
     (pointers, sizes, strides; no None: pass a placeholder tensor), ``meta`` its constexprs and
     launch options as (name, value) pairs (hashable; build it once per configuration). Returns
     the compiled kernel it launched (None under the interpreter)."""
+    recording = getattr(_RECORDING, "launches", None)
+    if recording is None:
+        return _launch(kernel, grid, args, meta)[0]
+    # a recording runs under a TorchDispatchMode that watches for torch ops; what a launch does
+    # itself (the interpreter's copies, Triton's scratch allocations) is the launch's own business
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        compiled, tail = _launch(kernel, grid, args, meta)
+    recording.append(("launch", kernel, grid, args, meta, compiled, tail, _scratch_allocator(compiled)))
+    return compiled
+
+
+def _scratch_allocator(compiled):
+    """The allocator a compiled kernel's launches take global scratch from (device-side tensor
+    descriptors), None where it takes none. Triton reads it from a context variable at each
+    launch, which a replay on another thread would find unset."""
+    if compiled is None or not getattr(compiled.run, "global_scratch_size", 0):
+        return None
+    from triton.runtime import _allocation
+
+    return _allocation._allocator.get()
+
+
+def _launch(kernel, grid: tuple, args: tuple, meta: tuple):
+    """launch(); returns (compiled kernel, values of its parameters after ``args``), either None
+    where unknown."""
     if INTERPRETING:
         kernel[grid](*args, **dict(meta))
-        return None
+        return None, None
     device = _current_device()
     # id(kernel): our kernels live as long as the process, and a JITFunction's own hash
     # recomputes its source hash under a lock
     key = (id(kernel), device, meta, _argument_key(args))
     entry = _COMPILED.get(key)
-    if entry is None or _hooks_installed():
+    hooked = _hooks_installed()
+    if entry is None or hooked:
         options = dict(meta + COMPILE_OPTIONS)
         compiled = kernel[grid](*args, **options)
         if entry is None and hasattr(compiled, "packed_metadata"):
@@ -159,14 +218,30 @@ def launch(kernel, grid: tuple, args: tuple, meta: tuple):
             bound = binder(*args, **options)[0]
             if len(_COMPILED) >= _MAX_ENTRIES:
                 _COMPILED.clear()
-            _COMPILED[key] = (compiled, tuple(bound.values())[len(args):])
+            _COMPILED[key] = entry = (compiled, tuple(bound.values())[len(args):])
             if id(kernel) in _PREFER_L1 and compiled.function not in _L1_SET:
                 _L1_SET.add(compiled.function)  # one compiled kernel serves keys of many M
                 _set_prefer_l1(compiled.function)
-        return compiled
+        # where a hook saw this launch, a replay would bypass it: no tail, so none is made
+        return (compiled, None) if hooked or entry is None else entry
     compiled, tail = entry
+    _run_compiled(compiled, tail, grid, args, device)
+    return entry
+
+
+def _run_compiled(compiled, tail: tuple, grid: tuple, args, device: int) -> None:
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = _current_stream(device)
     compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
-    return compiled
+
+
+def relaunch(kernel, grid: tuple, args, meta: tuple, compiled, tail: tuple, allocator) -> None:
+    """Launch again what :func:`launch` recorded, on new ``args`` (same kinds, same specialization:
+    the caller's key guarantees it), without looking anything up."""
+    if INTERPRETING:
+        kernel[grid](*args, **dict(meta))
+        return
+    if allocator is not None:
+        triton.set_allocator(allocator)
+    _run_compiled(compiled, tail, grid, args, _current_device())
