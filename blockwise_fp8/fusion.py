@@ -116,7 +116,8 @@ _PASS = FuseSiblingGemms()
 
 
 def _lists_of_passes() -> bool:
-    # torch >= 2.10 runs a list (or tuple) of passes from each custom-pass setting
+    # torch runs a list (or tuple) of passes from each custom-pass setting since
+    # pytorch/pytorch#184108 (merged 2026-05-20); before, one pass
     import torch._inductor.custom_graph_pass as cgp
 
     return hasattr(cgp, "get_custom_graph_passes")
