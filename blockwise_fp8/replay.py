@@ -10,15 +10,17 @@ to can be recorded once and replayed.
 
 How: :func:`call` runs the call normally, recording what it did: every kernel launch
 (``kernels.launch``, with its compiled kernel and arguments) and every torch op, seen by a
-TorchDispatchMode. A call whose only torch ops are allocations and views, and whose launches take
-only its inputs, its allocations and views of either (as tensors, or as the bases of host-made
-tensor descriptors) and buffers marked ``launch.persistent``, becomes a plan: allocate like the call
-did, rebuild the views and descriptors, launch the same compiled kernels on the new tensors. A
-plan is kept only once two calls of one key recorded the same plan: a first call may differ from
-later ones (it loads kernels for a later CUDA-graph capture, ``ops._quantize_inside``,
-``gemm._skinny_descriptors``), and this way no such rule has to be known here. Anything else
-(cuBLAS, a copy, a launch hook) leaves the call unrecorded, and after a few tries its key is run
-normally for good.
+TorchDispatchMode. The recording becomes a plan of instructions: allocate like the call did,
+rebuild views, call the other torch ops again (cuBLAS's GEMM, copies), launch the same compiled
+kernels again, each on the new call's tensors; a tensor an op or a launch takes must be an input,
+an allocation or an op's output (or a view of one; also as the base of a host-made tensor
+descriptor), or a buffer marked ``launch.persistent``. Refused: an op whose result is not tensors
+(``.item()``, ``torch.equal``: a value may steer the Python around it), any other argument tied to
+the call, inputs sharing a storage, a launch hook. A key's first call runs unrecorded (a shape
+seen once pays no recording); a plan is kept only once two consecutive calls of one key recorded
+the same plan: a call may differ from later ones (the first of a shape loads kernels for a later
+CUDA-graph capture, ``ops._quantize_inside``, ``gemm._skinny_descriptors``), and this way no such
+rule has to be known here. After three recordings without a plan the key runs normally for good.
 
 The caller decides which calls may be replayed at all (``ops._eager_key``): plain tensors, no
 autograd, nothing that intercepts ops (tracing, compiling, modes, the profiler), not capturing a
@@ -55,7 +57,7 @@ MAX_TRIES = 3
 MAX_KEYS = 4096
 
 _NEVER = object()  # a key given up on
-_PLANS: dict = {}  # key -> Plan, _NEVER, or (signature of the last recording, tries so far)
+_PLANS: dict = {}  # key -> Plan, _NEVER, _SEEN, or (signature of the last recording, recordings so far)
 _LOCAL = threading.local()
 
 
@@ -202,7 +204,7 @@ class _PlanBuilder:
         self.is_persistent = _launch_module().is_persistent
         self.bases = list(inputs)  # slot -> the recorded tensor it stands for
         self.owners = {}  # (storage address, dtype) -> slot owning it, or an allocation not yet given one
-        self.slot_of_id = {}  # id(tensor) -> slot, for allocations and op outputs
+        self.slot_of_id = {}  # id(tensor) -> (tensor, slot): tensors met before
         self.views = {}  # view spec -> slot
         self.steps: list = []
         storages = set()
@@ -221,6 +223,14 @@ class _PlanBuilder:
         return len(self.bases) - 1
 
     def slot(self, t: torch.Tensor) -> int:
+        found = self.slot_of_id.get(id(t))
+        if found is not None and found[0] is t:  # (the tensor kept: its id is not reused meanwhile)
+            return found[1]
+        found = self._slot(t)
+        self.slot_of_id[id(t)] = (t, found)
+        return found
+
+    def _slot(self, t: torch.Tensor) -> int:
         if not t.numel():
             raise _Refused
         # by dtype too: as_strided keeps the dtype of what it views (a view to another dtype is an op)
@@ -301,8 +311,13 @@ class _PlanBuilder:
         return Plan(tuple(self.steps), out_slot)
 
 
+_SEEN = object()  # a key called once: the next call records
+
+
 def call(key, fn, inputs: tuple, rest: tuple):
-    """``fn(*inputs, *rest)``, replayed from its key's plan where there is one (see the module)."""
+    """``fn(*inputs, *rest)``, replayed from its key's plan where there is one (see the module).
+    A key's first call runs plainly (a shape seen once costs no recording: recording a call took
+    about 5 times its host time on the CI machine); its next calls record until two agree."""
     L = _launch_module()
     entry = _PLANS.get(key)
     if type(entry) is Plan:
@@ -310,6 +325,11 @@ def call(key, fn, inputs: tuple, rest: tuple):
             return entry.run(inputs)
         return fn(*inputs, *rest)
     if entry is _NEVER:
+        return fn(*inputs, *rest)
+    if len(_PLANS) >= MAX_KEYS:
+        _PLANS.clear()
+    if entry is None:
+        _PLANS[key] = _SEEN
         return fn(*inputs, *rest)
     steps = L.start_recording()
     watch = _Watch(steps)
@@ -321,13 +341,12 @@ def call(key, fn, inputs: tuple, rest: tuple):
         _LOCAL.on = False
         L.stop_recording()
     plan = _make_plan(inputs, out, watch, L.INTERPRETING)
-    signature, tries = entry if entry is not None else (None, 0)
-    if len(_PLANS) >= MAX_KEYS:
-        _PLANS.clear()
-    if plan is not None and plan.signature() == signature:
+    signature = plan.signature() if plan is not None else None
+    last, tries = entry if entry is not _SEEN else (None, 0)
+    if signature is not None and signature == last:
         _PLANS[key] = plan
     elif tries + 1 >= MAX_TRIES:
         _PLANS[key] = _NEVER
     else:
-        _PLANS[key] = (plan.signature() if plan is not None else None, tries + 1)
+        _PLANS[key] = (signature, tries + 1)
     return out

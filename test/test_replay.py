@@ -3,6 +3,8 @@ full path, and never where the recording could not stand for the call."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -111,19 +113,21 @@ def test_a_plan_waits_for_two_recordings_that_agree():
     x = torch.randn(4, 256, dtype=torch.bfloat16, device=KERNEL_DEVICE)
     calls = []
 
-    def quantize_first_call_differs(x):
+    def second_call_differs(x):
         calls.append(1)
-        block = 64 if len(calls) == 1 else 128  # the first call launches something else
+        block = 64 if len(calls) == 2 else 128  # the first recorded call launches something else
         return quant.quantize(x, 1, block, torch.float8_e4m3fn)[0]
 
     key = ("test", 1)
+    replay.call(key, second_call_differs, (x,), ())
+    assert replay._PLANS[key] is replay._SEEN  # a first call runs plainly, unrecorded
     for _ in range(2):
-        replay.call(key, quantize_first_call_differs, (x,), ())
+        replay.call(key, second_call_differs, (x,), ())
     assert type(replay._PLANS[key]) is tuple  # two recordings, not the same: on trial still
-    replay.call(key, quantize_first_call_differs, (x,), ())
+    replay.call(key, second_call_differs, (x,), ())
     assert type(replay._PLANS[key]) is replay.Plan
     n = len(calls)
-    q = replay.call(key, quantize_first_call_differs, (x * 2,), ())
+    q = replay.call(key, second_call_differs, (x * 2,), ())
     assert len(calls) == n  # replayed, not called
     assert torch.equal(q.view(torch.uint8), quant.quantize(x * 2, 1, 128, torch.float8_e4m3fn)[0].view(torch.uint8))
 
@@ -187,7 +191,7 @@ def test_inputs_sharing_storage_are_not_replayed():
         return quant.quantize(y, 1, 128, torch.float8_e4m3fn)[0]  # y is a view of x's storage
 
     key = ("test", 4)
-    for i in range(replay.MAX_TRIES):
+    for i in range(replay.MAX_TRIES + 1):  # (the first call is not recorded)
         replay.call(key, fn, (buf[0], buf[1]), ())
     assert replay._PLANS[key] is replay._NEVER
 
@@ -204,7 +208,7 @@ def test_persistent_buffers_are_kept_and_other_outside_tensors_refused():
         return torch.empty(1, device=x.device)
 
     key = ("test", 5)
-    for i in range(replay.MAX_TRIES):
+    for i in range(replay.MAX_TRIES + 1):  # (the first call is not recorded)
         replay.call(key, into_outside, (x + i,), ())
     assert replay._PLANS[key] is replay._NEVER
     L.persistent(outside)
@@ -293,3 +297,27 @@ def test_capture_runs_the_full_path():
             captured = bf.linear(x, w_q, w_s)
         graph.replay()
     assert torch.equal(captured, eager)
+
+
+def test_quantized_modules_replay_with_the_full_paths_bits(monkeypatch):
+    """The user's path: a quantize_'d model (subclass weights) and its unwrap_for_compile form
+    (BlockwiseFP8Linear), called eagerly again and again, give the bits of calls run in full."""
+    from torchao.quantization import quantize_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 384), torch.nn.GELU(), torch.nn.Linear(384, 256))
+    model = model.to(KERNEL_DEVICE, torch.bfloat16)
+    quantize_(model, bf.BlockwiseFP8Config(backend="triton", skip=()))
+    assert isinstance(model[0].weight, bf.BlockwiseFP8Tensor)
+    plain = bf.unwrap_for_compile(copy.deepcopy(model))
+    assert isinstance(plain[2], bf.BlockwiseFP8Linear)
+    xs = [torch.randn(2, 5, 256, dtype=torch.bfloat16, device=KERNEL_DEVICE) * (i + 1) for i in range(5)]
+    full = _CountFullCalls(monkeypatch)
+    with torch.no_grad():
+        got = {name: [m(x) for x in xs] for name, m in (("subclass", model), ("plain", plain))}
+    assert full.n <= 2 * 2 * 3  # two models, two Linears, three calls in full before replay
+    monkeypatch.setattr(ops, "REPLAY_EAGER_CALLS", False)
+    with torch.no_grad():
+        for name, m in (("subclass", model), ("plain", plain)):
+            for x, out in zip(xs, got[name]):
+                assert torch.equal(out, m(x))
