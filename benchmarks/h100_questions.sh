@@ -16,6 +16,10 @@
 #           negated divisor, 5-7% under 3.6 on an H200, adopted in session 40), and the eager dispatcher bypass on
 #           the H100 machine's slower host (ab_eager_host.py), then the GPU tests the session's
 #           last call could not confirm (test_launch, test_compile's CUDA tests); about 8 minutes
+#   PART=6  session 40: eager calls replayed (blockwise_fp8/replay.py) on the H100 machine's slower
+#           host: ab_eager_host.py --compare replay, eager_decode_replay.py (bf16 beside), then the
+#           GPU tests not run with replay on the H200 (test_replay, test_gemm's linear tests,
+#           test_compile's CUDA tests); about 8 minutes
 # Carry .whl (torchao) and, for Triton 3.9, .t39 (benchmarks/slim_triton.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -63,6 +67,14 @@ case "${PART:-1}" in
     step 120 gpu-tests-compile python3 -m pytest -q -p no:cacheprovider test/test_compile.py -k cuda
     grep -h -E "passed|failed" "$out/gpu-tests-launch.log" "$out/gpu-tests-compile.log"
     cat "$out/probe-quant-alu.txt" "$out/probe-quant-alu-36.txt" "$out/ab-eager-host.txt" ;;
+6)
+    step 120 ab-eager-replay python3 benchmarks/ab_eager_host.py "$out/ab-eager-replay.txt" --compare replay --rounds 4
+    step 90 eager-decode-replay python3 benchmarks/eager_decode_replay.py "$out/eager-decode-replay.txt"
+    step 200 gpu-tests-replay python3 -m pytest -q -p no:cacheprovider test/test_replay.py \
+        test/test_gemm.py -k "linear or replay"
+    step 120 gpu-tests-compile python3 -m pytest -q -p no:cacheprovider test/test_compile.py -k cuda
+    grep -h -E "passed|failed" "$out/gpu-tests-replay.log" "$out/gpu-tests-compile.log"
+    cat "$out/ab-eager-replay.txt" "$out/eager-decode-replay.txt" ;;
 *)
-    echo "PART is 1, 2, 3, 4 or 5, got ${PART}" >&2; exit 2 ;;
+    echo "PART is 1, 2, 3, 4, 5 or 6, got ${PART}" >&2; exit 2 ;;
 esac
