@@ -73,7 +73,7 @@ def test_replayed_calls_give_the_full_paths_bits(backend, lead, M, N, K, with_bi
         assert ops._gemm_backend_for_call("auto", rows, K, torch.float8_e4m3fn, w_q, out_dtype) == "cublas"
         assert full.n == len(xs)
         return
-    assert full.n <= 3  # recordings: the plan is kept once two of them agree
+    assert full.n <= 3  # the first call (unrecorded), then two recordings that agree
     monkeypatch.setattr(ops, "REPLAY_EAGER_CALLS", False)
     with torch.no_grad():
         again = [bf.linear(x, w_q, w_s, bias, out_dtype=out_dtype, backend=backend) for x in xs]
